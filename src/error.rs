@@ -1,0 +1,146 @@
+//! The one error type of the HTTP API: a stable machine-readable [`Code`] plus a
+//! readable message, mapped to an HTTP status and the MUXI error body in one place.
+//!
+//! The MUXI SDK reads `code`, then `error`, then `message` at the top level of an
+//! error body, so all three are top-level strings here; `error` also carries the
+//! same data nested as an object for clients that look there.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Stable error codes. Their string form is part of the public API: never rename one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    FormationNotFound,
+    MissingApiKey,
+    InvalidApiKey,
+    RequestNotFound,
+    RequestAlreadyFinished,
+    InvalidJson,
+    InvalidRequest,
+    MissingMessage,
+    UnknownAgent,
+    PayloadTooLarge,
+    TriggerNotFound,
+    MissingTriggerData,
+    InvalidWebhookUrl,
+    WebhookTargetRefused,
+    NotFound,
+    ShuttingDown,
+    Internal,
+}
+
+impl Code {
+    /// The wire name of the code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::FormationNotFound => "formation_not_found",
+            Code::MissingApiKey => "missing_api_key",
+            Code::InvalidApiKey => "invalid_api_key",
+            Code::RequestNotFound => "request_not_found",
+            Code::RequestAlreadyFinished => "request_already_finished",
+            Code::InvalidJson => "invalid_json",
+            Code::InvalidRequest => "invalid_request",
+            Code::MissingMessage => "missing_message",
+            Code::UnknownAgent => "unknown_agent",
+            Code::PayloadTooLarge => "payload_too_large",
+            Code::TriggerNotFound => "trigger_not_found",
+            Code::MissingTriggerData => "missing_trigger_data",
+            Code::InvalidWebhookUrl => "invalid_webhook_url",
+            Code::WebhookTargetRefused => "webhook_target_refused",
+            Code::NotFound => "not_found",
+            Code::ShuttingDown => "shutting_down",
+            Code::Internal => "internal_error",
+        }
+    }
+
+    /// The HTTP status the code is answered with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Code::FormationNotFound
+            | Code::RequestNotFound
+            | Code::TriggerNotFound
+            | Code::NotFound => StatusCode::NOT_FOUND,
+            Code::MissingApiKey => StatusCode::UNAUTHORIZED,
+            Code::InvalidApiKey => StatusCode::FORBIDDEN,
+            Code::RequestAlreadyFinished => StatusCode::CONFLICT,
+            Code::InvalidJson | Code::InvalidRequest | Code::MissingMessage => {
+                StatusCode::BAD_REQUEST
+            }
+            Code::UnknownAgent
+            | Code::MissingTriggerData
+            | Code::InvalidWebhookUrl
+            | Code::WebhookTargetRefused => StatusCode::UNPROCESSABLE_ENTITY,
+            Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+/// An error answered to an API caller.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub code: Code,
+    pub message: String,
+    /// Optional structured detail (for example the fields a trigger misses).
+    pub details: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        ApiError { code, message: message.into(), details: None }
+    }
+
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    /// An unexpected failure: logged in full, answered without internals.
+    pub fn internal(err: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %err, "internal error");
+        ApiError::new(Code::Internal, "internal server error")
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(err: crate::store::StoreError) -> Self {
+        ApiError::internal(err)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.code.status();
+        let body = json!({
+            "object": "error",
+            "success": false,
+            "code": self.code.as_str(),
+            "message": self.message,
+            "error": {
+                "code": self.code.as_str(),
+                "message": self.message,
+                "details": self.details,
+            },
+            "timestamp": crate::time::now_ms(),
+        });
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert("retry-after", HeaderValue::from_static("5"));
+        }
+        response
+    }
+}
+
+/// Result alias for API handlers.
+pub type ApiResult<T> = Result<T, ApiError>;

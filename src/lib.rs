@@ -1,0 +1,21 @@
+//! muxi-rt: a runtime for MUXI agent formations.
+//!
+//! The path of one request (see `docs/architecture.md`):
+//! `api` (keys, parsing, envelope) -> `registry` (formation id -> live snapshot)
+//! -> `overlord` (sync or async?) -> `store` (persist before answering)
+//! -> `engine` (workers, timeouts, retries, cancel) -> `agents` (the work)
+//! -> `store` (progress, result) -> `webhooks` (signed delivery from an outbox).
+
+pub mod agents;
+pub mod api;
+pub mod engine;
+pub mod error;
+pub mod formation;
+pub mod keys;
+pub mod overlord;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod time;
+pub mod triggers;
+pub mod webhooks;
