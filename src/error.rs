@@ -26,6 +26,9 @@ pub enum Code {
     MissingTriggerData,
     InvalidWebhookUrl,
     WebhookTargetRefused,
+    RequestFailed,
+    RequestTimeout,
+    RequestCancelled,
     NotFound,
     ShuttingDown,
     Internal,
@@ -49,6 +52,9 @@ impl Code {
             Code::MissingTriggerData => "missing_trigger_data",
             Code::InvalidWebhookUrl => "invalid_webhook_url",
             Code::WebhookTargetRefused => "webhook_target_refused",
+            Code::RequestFailed => "request_failed",
+            Code::RequestTimeout => "request_timeout",
+            Code::RequestCancelled => "request_cancelled",
             Code::NotFound => "not_found",
             Code::ShuttingDown => "shutting_down",
             Code::Internal => "internal_error",
@@ -64,7 +70,9 @@ impl Code {
             | Code::NotFound => StatusCode::NOT_FOUND,
             Code::MissingApiKey => StatusCode::UNAUTHORIZED,
             Code::InvalidApiKey => StatusCode::FORBIDDEN,
-            Code::RequestAlreadyFinished => StatusCode::CONFLICT,
+            Code::RequestAlreadyFinished | Code::RequestCancelled => StatusCode::CONFLICT,
+            Code::RequestFailed => StatusCode::BAD_GATEWAY,
+            Code::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             Code::InvalidJson | Code::InvalidRequest | Code::MissingMessage => {
                 StatusCode::BAD_REQUEST
             }

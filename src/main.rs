@@ -1,1 +1,115 @@
-fn main() {}
+//! The `muxi-rt` command line: `serve`, `validate`, `schema`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use muxi_rt::formation::{self, Diagnostic};
+use muxi_rt::server::{serve, ServeConfig};
+
+#[derive(Parser)]
+#[command(name = "muxi-rt", version, about = "Runs MUXI agent formations, with durable async execution")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve every formation in DIR under /api/{formation_id}/v1/..., reloading
+    /// each when its file changes.
+    Serve {
+        /// The formations folder: DIR/<name>/formation.afs and DIR/*.afs.
+        #[arg(default_value = "formations")]
+        dir: PathBuf,
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long, env = "MUXI_LISTEN", default_value = "127.0.0.1:7890")]
+        listen: String,
+        /// Where requests and generated keys are kept (SQLite).
+        #[arg(long, env = "MUXI_DATA_DIR", default_value = "./.muxi")]
+        data_dir: PathBuf,
+        /// A host webhook URLs may target even if it resolves to a loopback or
+        /// private address (local development, tests). Repeatable.
+        #[arg(long = "allow-webhook-host", env = "MUXI_ALLOW_WEBHOOK_HOSTS", value_delimiter = ',')]
+        allow_webhook_hosts: Vec<String>,
+    },
+    /// Check formation files or folders; prints FILE:LINE:COL: PATH: message per
+    /// problem and exits 1 on any error.
+    Validate {
+        /// Files or folders (default: formations).
+        paths: Vec<PathBuf>,
+    },
+    /// Print the formation JSON Schema (for editors and yaml-language-server).
+    Schema,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { dir, listen, data_dir, allow_webhook_hosts } => {
+            init_logging();
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let allow_webhook_hosts = allow_webhook_hosts.into_iter().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect();
+            match runtime.block_on(serve(ServeConfig { dir, listen, data_dir, allow_webhook_hosts })) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Validate { paths } => validate(paths),
+        Command::Schema => {
+            println!("{}", formation::schema::SCHEMA_JSON);
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MUXI_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn validate(paths: Vec<PathBuf>) -> ExitCode {
+    let paths = if paths.is_empty() { vec![PathBuf::from("formations")] } else { paths };
+    let secrets = |name: &str| std::env::var(name).ok();
+    let mut problems: Vec<Diagnostic> = Vec::new();
+    let mut valid = 0;
+    for path in &paths {
+        if path.is_dir() {
+            let report = formation::load_dir(path, &secrets);
+            valid += report.formations.len();
+            problems.extend(report.problems);
+            problems.extend(report.formations.into_iter().flat_map(|f| f.warnings));
+            problems.extend(report.failures.into_iter().flat_map(|(_, d)| d));
+        } else {
+            match formation::load_file(path, &secrets) {
+                Ok(f) => {
+                    valid += 1;
+                    problems.extend(f.warnings);
+                }
+                Err(diagnostics) => problems.extend(diagnostics),
+            }
+        }
+    }
+    for problem in &problems {
+        println!("{problem}");
+    }
+    let errors = problems.iter().filter(|p| p.is_error()).count();
+    if errors > 0 {
+        eprintln!("{errors} error(s); {valid} formation(s) valid");
+        ExitCode::FAILURE
+    } else {
+        eprintln!("{valid} formation(s) valid");
+        ExitCode::SUCCESS
+    }
+}

@@ -1,1 +1,103 @@
-//! (stub)
+//! Wires the parts together and runs the server until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::engine::Engine;
+use crate::registry::Registry;
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+
+/// How `muxi-rt serve` was asked to run.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub dir: PathBuf,
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub allow_webhook_hosts: Vec<String>,
+}
+
+/// How long in-flight HTTP calls get to finish after a shutdown signal.
+const GRACE: Duration = Duration::from_secs(10);
+
+pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data folder {}", config.data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&config.data_dir)
+            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?,
+    );
+    let registry = Arc::new(Registry::load(&config.dir, &config.data_dir));
+    let shutdown = CancellationToken::new();
+    registry
+        .watch(shutdown.clone())
+        .with_context(|| format!("cannot watch {}", config.dir.display()))?;
+
+    let deliveries = Arc::new(Notify::new());
+    let engine = Engine::new(store.clone(), registry.clone(), deliveries.clone(), shutdown.clone());
+    let dispatcher = crate::webhooks::start_dispatcher(
+        store.clone(),
+        registry.clone(),
+        deliveries,
+        config.allow_webhook_hosts.clone(),
+        shutdown.clone(),
+    );
+
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+
+    engine.recover().await.context("cannot recover unfinished requests")?;
+    engine.spawn_retention();
+
+    let state = AppState {
+        registry: registry.clone(),
+        engine,
+        allow_webhook_hosts: Arc::new(config.allow_webhook_hosts.clone()),
+        started_at: std::time::Instant::now(),
+        shutdown: shutdown.clone(),
+    };
+    let live = registry.snapshot();
+    tracing::info!(formations = live.formations.len(), failed = live.failures.len(), "formations loaded from {}", config.dir.display());
+    // Tests and scripts read this line to find the port.
+    println!("muxi-rt listening on http://{addr}");
+
+    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown({
+        let shutdown = shutdown.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        }
+    });
+    let server = tokio::spawn(async move { server.await });
+    shutdown.cancelled().await;
+    match tokio::time::timeout(GRACE, server).await {
+        Ok(result) => result??,
+        Err(_) => tracing::warn!("in-flight calls did not finish within {GRACE:?}; stopping anyway"),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), dispatcher).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

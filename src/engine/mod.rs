@@ -1,1 +1,468 @@
-//! (stub)
+//! The request engine: runs accepted requests in the background.
+//!
+//! Each request gets one task. The task waits for a slot in its formation's
+//! worker pool (FIFO, `overlord.max_concurrent_requests`), then runs attempts of
+//! its agent under the task and workflow timeouts, retrying retryable failures
+//! with backoff, until it ends. Everything it learns goes to the store first;
+//! live watchers (a waiting sync caller, SSE streams) get the same events from a
+//! broadcast channel. Cancel and timeout drop the agent's future, which stops its
+//! work (see `agents`).
+//!
+//! Requests the store holds as unfinished at start-up are run again
+//! ([`Engine::recover`]): at-least-once, and the attempt count says so.
+
+mod live;
+mod pool;
+
+pub use live::{LiveEvent, LiveRequest};
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::agents::{self, AgentContext, AgentEvent, AgentFailure, AgentRequest, Turn};
+use crate::formation::Formation;
+use crate::overlord::{backoff, estimate};
+use crate::registry::Registry;
+use crate::store::{
+    ErrorInfo, Inserted, NewDelivery, NewRequest, Outcome, Progress, RequestRecord, RequestResult,
+    Status, Store, StoreResult,
+};
+use crate::time::now_ms;
+
+use pool::Pool;
+
+/// How many recent durations per agent feed the estimate.
+const HISTORY: usize = 20;
+/// How many earlier turns of a session an agent sees.
+const SESSION_TURNS: usize = 20;
+
+/// What `submit` did.
+pub struct Submitted {
+    pub record: RequestRecord,
+    /// The running request, when it runs in this process.
+    pub live: Option<Arc<LiveRequest>>,
+    /// True when an idempotency key matched an earlier request.
+    pub replayed: bool,
+}
+
+/// Why a cancel did not happen.
+#[derive(Debug)]
+pub enum CancelError {
+    AlreadyFinished(Status),
+    Store(crate::store::StoreError),
+}
+
+/// The engine. One per process, shared by all formations.
+pub struct Engine {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    agents: AgentContext,
+    running: Mutex<HashMap<String, Arc<LiveRequest>>>,
+    pools: Mutex<HashMap<String, Arc<Pool>>>,
+    durations: Mutex<HashMap<(String, String), VecDeque<i64>>>,
+    /// Poked whenever a request ends with a webhook delivery to make.
+    deliveries: Arc<Notify>,
+    shutdown: CancellationToken,
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        deliveries: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Arc<Engine> {
+        Arc::new(Engine {
+            store,
+            registry,
+            agents: AgentContext::new(),
+            running: Mutex::new(HashMap::new()),
+            pools: Mutex::new(HashMap::new()),
+            durations: Mutex::new(HashMap::new()),
+            deliveries,
+            shutdown,
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Estimates how long `message` will take on `agent_id` of `formation`.
+    pub async fn estimate(&self, formation: &Formation, agent_id: &str, message: &str) -> estimate::Estimate {
+        let declared = formation.agent(Some(agent_id)).and_then(|a| a.estimated_seconds);
+        let history = self.history(&formation.id, agent_id).await;
+        estimate::estimate(&estimate::EstimateInput {
+            message,
+            declared_seconds: declared,
+            history: &history,
+            enable_estimation: formation.overlord.async_.enable_estimation,
+        })
+    }
+
+    /// Recent durations of an agent, newest first (cached; loaded once from the store).
+    async fn history(&self, formation_id: &str, agent_id: &str) -> Vec<i64> {
+        let key = (formation_id.to_string(), agent_id.to_string());
+        if let Some(cached) = self.durations.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return cached.iter().copied().collect();
+        }
+        let loaded = self.store.recent_durations(formation_id, agent_id, HISTORY).await.unwrap_or_default();
+        let mut map = self.durations.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map.entry(key).or_insert_with(|| loaded.into_iter().collect());
+        entry.iter().copied().collect()
+    }
+
+    fn remember_duration(&self, record: &RequestRecord) {
+        let (Status::Completed, Some(ms)) = (record.status, record.duration_ms()) else { return };
+        let key = (record.formation_id.clone(), record.agent_id.clone());
+        let mut map = self.durations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = map.get_mut(&key) {
+            entry.push_front(ms);
+            entry.truncate(HISTORY);
+        }
+    }
+
+    /// Stores a new request durably, then starts it in the background.
+    pub async fn submit(self: &Arc<Self>, formation: Arc<Formation>, request: NewRequest) -> StoreResult<Submitted> {
+        match self.store.insert(request).await? {
+            Inserted::Created(record) => {
+                let live = self.start(formation, record.clone());
+                Ok(Submitted { record, live: Some(live), replayed: false })
+            }
+            Inserted::Existing(record) => {
+                let live = self.live(&record.id);
+                Ok(Submitted { record, live, replayed: true })
+            }
+        }
+    }
+
+    /// The live handle of a request running in this process.
+    pub fn live(&self, id: &str) -> Option<Arc<LiveRequest>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
+    /// Runs every request the store holds as unfinished (after a crash or restart).
+    pub async fn recover(self: &Arc<Self>) -> StoreResult<usize> {
+        let unfinished = self.store.unfinished().await?;
+        let count = unfinished.len();
+        for record in unfinished {
+            match self.registry.get(&record.formation_id) {
+                Some(formation) => {
+                    self.start(formation, record);
+                }
+                None => {
+                    let error = ErrorInfo {
+                        kind: "formation_unavailable".into(),
+                        message: format!("formation `{}` is no longer loaded", record.formation_id),
+                        retryable: false,
+                    };
+                    self.complete(&record, None, Outcome::Failed(error)).await?;
+                }
+            }
+        }
+        if count > 0 {
+            tracing::info!(count, "recovered unfinished requests");
+        }
+        Ok(count)
+    }
+
+    fn start(self: &Arc<Self>, formation: Arc<Formation>, record: RequestRecord) -> Arc<LiveRequest> {
+        let live = Arc::new(LiveRequest::new(&record));
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(record.id.clone(), live.clone());
+        let engine = self.clone();
+        let task_live = live.clone();
+        tokio::spawn(async move {
+            let id = record.id.clone();
+            engine.drive(formation, record, &task_live).await;
+            engine.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            task_live.mark_stopped();
+        });
+        live
+    }
+
+    fn pool(&self, formation: &Formation) -> Arc<Pool> {
+        let size = formation.overlord.max_concurrent_requests.max(1);
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let pool = pools.entry(formation.id.clone()).or_insert_with(|| Arc::new(Pool::new(size)));
+        pool.resize(size);
+        pool.clone()
+    }
+
+    /// The whole life of one request in this process.
+    async fn drive(&self, formation: Arc<Formation>, record: RequestRecord, live: &LiveRequest) {
+        let pool = self.pool(&formation);
+        let _permit = tokio::select! {
+            permit = pool.acquire() => permit,
+            _ = live.cancel.cancelled() => return,
+            _ = self.shutdown.cancelled() => return,
+        };
+        let outcome = match self.attempts(&formation, &record, live).await {
+            Ok(Some(outcome)) => outcome,
+            Ok(None) => return, // cancelled (already recorded) or shutting down
+            Err(e) => {
+                tracing::error!(request = %record.id, error = %e, "store failed while running a request");
+                return;
+            }
+        };
+        if let Err(e) = self.complete(&record, Some(live), outcome).await {
+            tracing::error!(request = %record.id, error = %e, "could not record the end of a request");
+        }
+    }
+
+    /// Runs attempts until success, a final failure, cancel or shutdown (`None`).
+    async fn attempts(&self, formation: &Formation, record: &RequestRecord, live: &LiveRequest) -> StoreResult<Option<Outcome>> {
+        let Some(spec) = formation.agent(Some(&record.agent_id)) else {
+            return Ok(Some(Outcome::Failed(ErrorInfo {
+                kind: "unknown_agent".into(),
+                message: format!("agent `{}` is not in formation `{}`", record.agent_id, formation.id),
+                retryable: false,
+            })));
+        };
+        let timeouts = &formation.overlord.timeouts;
+        let policy = &formation.overlord.retry;
+        let first_start = record.started_at.unwrap_or_else(now_ms);
+        let workflow_deadline_ms = first_start + (timeouts.workflow_timeout * 1000.0) as i64;
+        let history = self.session_history(record).await;
+
+        loop {
+            let Some(attempt) = self.store.start_attempt(&record.id, now_ms()).await? else {
+                return Ok(None);
+            };
+            live.set_status(Status::Processing);
+            let remaining = Duration::from_millis((workflow_deadline_ms - now_ms()).max(0) as u64);
+            let (limit, limit_name, limit_secs) = if timeouts.task() <= remaining {
+                (timeouts.task(), "task_timeout", timeouts.task_timeout)
+            } else {
+                (remaining, "workflow_timeout", timeouts.workflow_timeout)
+            };
+            let request = AgentRequest {
+                request_id: record.id.clone(),
+                formation_id: record.formation_id.clone(),
+                agent_id: record.agent_id.clone(),
+                user_id: record.user_id.clone(),
+                session_id: record.session_id.clone(),
+                message: record.message.clone(),
+                attempt,
+                history: history.clone(),
+            };
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let work = agents::run(&self.agents, formation, spec, request, tx);
+            tokio::pin!(work);
+            let deadline = tokio::time::sleep(limit);
+            tokio::pin!(deadline);
+            let ended = loop {
+                tokio::select! {
+                    result = &mut work => break Ended::Ran(result),
+                    Some(event) = rx.recv() => self.on_event(record, live, event).await,
+                    _ = live.cancel.cancelled() => break Ended::Cancelled,
+                    _ = &mut deadline => break Ended::TimedOut,
+                    _ = self.shutdown.cancelled() => break Ended::Shutdown,
+                }
+            };
+            // Events sent just before the end still count.
+            while let Ok(event) = rx.try_recv() {
+                self.on_event(record, live, event).await;
+            }
+            match ended {
+                Ended::Ran(Ok(output)) => {
+                    return Ok(Some(Outcome::Completed(RequestResult { text: output.text, artifacts: output.artifacts })));
+                }
+                Ended::Ran(Err(failure)) => {
+                    if !failure.retryable || attempt >= policy.max_attempts {
+                        return Ok(Some(Outcome::Failed(error_info(failure, attempt))));
+                    }
+                    let delay = backoff::honour_retry_after(
+                        backoff::jittered(policy, attempt),
+                        failure.retry_after,
+                        Duration::from_secs_f64(policy.max_delay),
+                    );
+                    let note = format!(
+                        "attempt {attempt} of {} failed ({}); retrying in {:.1}s",
+                        policy.max_attempts, failure.message, delay.as_secs_f64()
+                    );
+                    tracing::warn!(request = %record.id, "{note}");
+                    self.store.record_progress(&record.id, &Progress { message: Some(note), ..Progress::default() }).await?;
+                    let until_deadline = Duration::from_millis((workflow_deadline_ms - now_ms()).max(0) as u64);
+                    if delay >= until_deadline {
+                        return Ok(Some(Outcome::Failed(timeout_error("workflow_timeout", timeouts.workflow_timeout))));
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = live.cancel.cancelled() => return Ok(None),
+                        _ = self.shutdown.cancelled() => return Ok(None),
+                    }
+                }
+                Ended::TimedOut => return Ok(Some(Outcome::Failed(timeout_error(limit_name, limit_secs)))),
+                Ended::Cancelled | Ended::Shutdown => return Ok(None),
+            }
+        }
+    }
+
+    async fn session_history(&self, record: &RequestRecord) -> Vec<Turn> {
+        let Some(session) = &record.session_id else { return Vec::new() };
+        let turns = self
+            .store
+            .session_turns(&record.formation_id, &record.user_id, session, SESSION_TURNS)
+            .await
+            .unwrap_or_default();
+        turns
+            .into_iter()
+            .flat_map(|(asked, answered)| {
+                [Turn { role: "user".into(), content: asked }, Turn { role: "assistant".into(), content: answered }]
+            })
+            .collect()
+    }
+
+    async fn on_event(&self, record: &RequestRecord, live: &LiveRequest, event: AgentEvent) {
+        match event {
+            AgentEvent::Progress(update) => {
+                let progress = Progress {
+                    progress: update.progress.map(|p| p.clamp(0.0, 100.0)),
+                    current_step: update.step,
+                    total_steps: update.total_steps,
+                    completed_steps: update.completed_steps,
+                    message: update.message,
+                };
+                if let Err(e) = self.store.record_progress(&record.id, &progress).await {
+                    tracing::warn!(request = %record.id, error = %e, "could not record progress");
+                }
+                live.publish(LiveEvent::Progress(progress));
+            }
+            AgentEvent::Content(text) => live.publish(LiveEvent::Content(text)),
+        }
+    }
+
+    /// Ends a request (first writer wins), queues its webhook, and tells watchers.
+    /// Returns whether this call ended it.
+    async fn complete(&self, record: &RequestRecord, live: Option<&LiveRequest>, outcome: Outcome) -> StoreResult<bool> {
+        let delivery = self.webhook_target(record, live).map(|url| NewDelivery {
+            id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
+            url,
+        });
+        let has_delivery = delivery.is_some();
+        if !self.store.finish(&record.id, &outcome, now_ms(), delivery).await? {
+            return Ok(false);
+        }
+        if has_delivery {
+            self.deliveries.notify_one();
+        }
+        if let Some(finished) = self.store.get(&record.id).await? {
+            self.remember_duration(&finished);
+            let running = self.live(&record.id);
+            if let Some(watchers) = running.as_deref().or(live) {
+                watchers.finish(finished);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The webhook URL a request's end is delivered to: the request's own, else
+    /// the formation's, for requests answered asynchronously.
+    fn webhook_target(&self, record: &RequestRecord, live: Option<&LiveRequest>) -> Option<String> {
+        if let Some(url) = &record.webhook_url {
+            return Some(url.clone());
+        }
+        let answered_async = record.mode == "async" || live.is_some_and(|l| l.promoted());
+        if !answered_async {
+            return None;
+        }
+        self.registry.get(&record.formation_id)?.overlord.async_.webhook_url.clone()
+    }
+
+    /// Cancels a request: a pending one never starts; a running one is stopped
+    /// (its work interrupted) before this returns, within a few seconds.
+    pub async fn cancel(&self, record: &RequestRecord) -> Result<RequestRecord, CancelError> {
+        if record.status.is_final() {
+            return Err(CancelError::AlreadyFinished(record.status));
+        }
+        let live = self.live(&record.id);
+        let outcome = Outcome::Cancelled { message: "Request cancelled by user".into() };
+        let ended = self.complete(record, live.as_deref(), outcome).await.map_err(CancelError::Store)?;
+        if !ended {
+            let now = self.store.get(&record.id).await.map_err(CancelError::Store)?;
+            return Err(CancelError::AlreadyFinished(now.map(|r| r.status).unwrap_or(record.status)));
+        }
+        if let Some(live) = live {
+            live.cancel.cancel();
+            live.stopped(Duration::from_secs(5)).await;
+        }
+        let finished = self.store.get(&record.id).await.map_err(CancelError::Store)?;
+        Ok(finished.unwrap_or_else(|| record.clone()))
+    }
+
+    /// Waits for a request to end, up to `limit` (forever with `None`).
+    /// Returns the final record, or `None` if it is still running at the limit.
+    pub async fn wait(&self, live: &LiveRequest, limit: Option<Duration>) -> Option<RequestRecord> {
+        let mut done = live.done();
+        let finished = async {
+            loop {
+                if let Some(record) = done.borrow_and_update().clone() {
+                    return Some(record);
+                }
+                if done.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        match limit {
+            Some(limit) => tokio::time::timeout(limit, finished).await.ok().flatten(),
+            None => finished.await,
+        }
+    }
+
+    /// Purges requests that ended longer ago than the longest retention of the
+    /// loaded formations (default 7 days), now and then every hour.
+    pub fn spawn_retention(self: &Arc<Self>) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = engine.shutdown.cancelled() => return,
+                }
+                let live = engine.registry.snapshot();
+                let days = live
+                    .formations
+                    .values()
+                    .map(|f| f.overlord.async_.retention_days)
+                    .fold(None, |acc: Option<f64>, d| Some(acc.map_or(d, |a| a.max(d))))
+                    .unwrap_or(7.0);
+                let cutoff = now_ms() - (days * 86_400_000.0) as i64;
+                match engine.store.purge_finished_before(cutoff).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(purged = n, retention_days = days, "purged finished requests"),
+                    Err(e) => tracing::warn!(error = %e, "retention purge failed"),
+                }
+            }
+        });
+    }
+}
+
+enum Ended {
+    Ran(Result<agents::AgentOutput, AgentFailure>),
+    Cancelled,
+    TimedOut,
+    Shutdown,
+}
+
+fn error_info(failure: AgentFailure, attempts: u32) -> ErrorInfo {
+    let message = if failure.retryable && attempts > 1 {
+        format!("{} (gave up after {attempts} attempts)", failure.message)
+    } else {
+        failure.message
+    };
+    ErrorInfo { kind: failure.kind, message, retryable: failure.retryable }
+}
+
+fn timeout_error(limit: &str, seconds: f64) -> ErrorInfo {
+    ErrorInfo {
+        kind: "timeout".into(),
+        message: format!("request exceeded {limit} ({seconds}s) and was stopped"),
+        retryable: false,
+    }
+}

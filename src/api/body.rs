@@ -1,0 +1,69 @@
+//! A JSON body extractor whose every failure is an [`ApiError`] with a stable
+//! code: malformed JSON, a wrong-typed field (named), a body over the limit.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use crate::error::{ApiError, Code};
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(Code::PayloadTooLarge, format!("the request body is larger than {MAX_BODY_BYTES} bytes"))
+            } else {
+                ApiError::new(Code::InvalidRequest, format!("cannot read the request body: {rejection}"))
+            }
+        })?;
+        parse(&bytes).map(JsonBody)
+    }
+}
+
+/// Parses a JSON body into `T`, naming the field at fault.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::new(Code::InvalidJson, "the request body is empty; send a JSON object"));
+    }
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::new(Code::InvalidJson, format!("the request body is not valid JSON: {inner}"))
+        } else if path == "." {
+            ApiError::new(Code::InvalidRequest, format!("the request body must be a JSON object: {inner}"))
+        } else {
+            ApiError::new(Code::InvalidRequest, format!("field `{path}`: {inner}"))
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Body {
+        #[allow(dead_code)]
+        message: String,
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        assert_eq!(parse::<Body>(b"").unwrap_err().code, Code::InvalidJson);
+        assert_eq!(parse::<Body>(b"{\"message\": ").unwrap_err().code, Code::InvalidJson);
+        let wrong = parse::<Body>(b"{\"message\": 5}").unwrap_err();
+        assert_eq!(wrong.code, Code::InvalidRequest);
+        assert!(wrong.message.contains("`message`"), "{}", wrong.message);
+        assert_eq!(parse::<Body>(b"[1]").unwrap_err().code, Code::InvalidRequest);
+    }
+}

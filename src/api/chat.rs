@@ -1,0 +1,179 @@
+//! `POST /api/{id}/v1/chat`: accept a message, decide sync or async, store the
+//! request durably, and answer with the result (200) or its id (202).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::auth::{self, Role};
+use super::body::JsonBody;
+use super::{envelope, views, AppState};
+use crate::engine::Submitted;
+use crate::error::{ApiError, ApiResult, Code};
+use crate::formation::Formation;
+use crate::overlord::decide::{decide, Plan};
+use crate::store::{NewRequest, RequestRecord, Status};
+
+/// The chat body. Unknown fields (the SDK sends `files`, `request_id`) are ignored.
+#[derive(Debug, Deserialize)]
+pub struct ChatBody {
+    pub message: Option<String>,
+    pub user_id: Option<String>,
+    pub agent_id: Option<String>,
+    pub session_id: Option<String>,
+    #[serde(rename = "async")]
+    pub async_: Option<bool>,
+    pub threshold_seconds: Option<f64>,
+    pub webhook_url: Option<String>,
+    #[serde(default)]
+    pub stream: bool,
+}
+
+/// A request ready to submit, with how its caller is to be answered.
+pub struct Accepted {
+    pub formation: Arc<Formation>,
+    pub request: NewRequest,
+    pub plan: Plan,
+}
+
+/// Checks a chat-like request and prepares it; nothing is stored on error.
+pub async fn accept(
+    state: &AppState,
+    formation: Arc<Formation>,
+    headers: &HeaderMap,
+    body: ChatBody,
+) -> ApiResult<Accepted> {
+    let message = body.message.unwrap_or_default();
+    if message.trim().is_empty() {
+        return Err(ApiError::new(Code::MissingMessage, "`message` is required and must not be empty"));
+    }
+    if let Some(t) = body.threshold_seconds {
+        if !(t.is_finite() && t > 0.0) {
+            return Err(ApiError::new(Code::InvalidRequest, "`threshold_seconds` must be a number above 0"));
+        }
+    }
+    let agent = formation.agent(body.agent_id.as_deref()).ok_or_else(|| {
+        let known: Vec<&str> = formation.agents.iter().map(|a| a.id.as_str()).collect();
+        match &body.agent_id {
+            Some(id) => ApiError::new(
+                Code::UnknownAgent,
+                format!("formation `{}` has no agent `{id}` (agents: {})", formation.id, known.join(", ")),
+            ),
+            None => ApiError::new(Code::UnknownAgent, format!("formation `{}` has no agents", formation.id)),
+        }
+    })?;
+    let agent_id = agent.id.clone();
+    if let Some(url) = &body.webhook_url {
+        crate::webhooks::target::check_target(url, &state.allow_webhook_hosts).await?;
+    }
+    let estimate = state.engine.estimate(&formation, &agent_id, &message).await;
+    let plan = decide(&formation.overlord.async_, body.async_, body.threshold_seconds, estimate.seconds);
+    let request = NewRequest {
+        id: format!("req_{}", uuid::Uuid::new_v4().simple()),
+        formation_id: formation.id.clone(),
+        formation_version: format!("{}+{}", formation.version, formation.revision),
+        user_id: auth::user_id(headers, body.user_id.as_deref()),
+        session_id: body.session_id.filter(|s| !s.trim().is_empty()),
+        agent_id,
+        message,
+        mode: plan.mode().to_string(),
+        estimated_seconds: estimate.seconds,
+        idempotency_key: auth::header(headers, auth::IDEMPOTENCY_KEY).map(str::to_string),
+        webhook_url: body.webhook_url,
+        created_at: crate::time::now_ms(),
+    };
+    Ok(Accepted { formation, request, plan })
+}
+
+pub async fn chat(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<ChatBody>,
+) -> ApiResult<Response> {
+    let formation = auth::authorize(&state, &id, &headers, Role::Client)?;
+    let stream = body.stream;
+    let accepted = accept(&state, formation, &headers, body).await?;
+    if stream {
+        return super::events::stream_chat(state, accepted).await;
+    }
+    run_and_answer(&state, accepted).await
+}
+
+/// Submits an accepted request and answers per its plan (shared with triggers).
+pub async fn run_and_answer(state: &AppState, accepted: Accepted) -> ApiResult<Response> {
+    let Accepted { formation, request, plan } = accepted;
+    let idempotency_key = request.idempotency_key.clone();
+    let Submitted { record, live, replayed } = state.engine.submit(formation.clone(), request).await?;
+    let key = idempotency_key.as_deref();
+    if record.status.is_final() {
+        return answer_final(&record, key);
+    }
+    let wait_limit = match plan {
+        Plan::Async => None,
+        Plan::Wait { limit } if !replayed || live.is_some() => Some(limit),
+        Plan::Wait { .. } => None,
+    };
+    if let (Some(limit), Some(live)) = (wait_limit, &live) {
+        let waited = tokio::select! {
+            finished = state.engine.wait(live, limit) => finished,
+            _ = state.shutdown.cancelled() => None,
+        };
+        if let Some(finished) = waited {
+            return answer_final(&finished, key);
+        }
+        // Still running at the threshold (or shutting down): answer with the id.
+        live.promote();
+    }
+    Ok(accepted_response(&formation.id, &record, key))
+}
+
+/// 202 with the request id, where to poll, and when.
+pub fn accepted_response(formation_id: &str, record: &RequestRecord, idempotency_key: Option<&str>) -> Response {
+    let status_url = format!("/api/{formation_id}/v1/requests/{}", record.id);
+    let poll_after = (record.estimated_seconds / 10.0).clamp(1.0, 30.0).round() as u64;
+    let data = json!({
+        "request_id": record.id,
+        "status": "processing",
+        "estimated_time": views::estimated_time(record.estimated_seconds),
+        "estimated_seconds": record.estimated_seconds,
+        "status_url": status_url,
+        "events_url": format!("{status_url}/events"),
+        "user_id": record.user_id,
+        "session_id": record.session_id,
+    });
+    let mut response =
+        (StatusCode::ACCEPTED, envelope::ok("chat.accepted", Some(&record.id), idempotency_key, data)).into_response();
+    let headers = response.headers_mut();
+    if let Ok(location) = HeaderValue::from_str(&status_url) {
+        headers.insert(header::LOCATION, location);
+    }
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(poll_after));
+    response
+}
+
+/// The answer for a request that has ended.
+pub fn answer_final(record: &RequestRecord, idempotency_key: Option<&str>) -> ApiResult<Response> {
+    let details = || json!({ "request_id": record.id, "status": record.status.as_str(), "error": record.error });
+    match record.status {
+        Status::Completed => Ok(envelope::ok("chat.completed", Some(&record.id), idempotency_key, views::chat_answer(record))
+            .into_response()),
+        Status::Failed => {
+            let (kind, message) = record
+                .error
+                .as_ref()
+                .map(|e| (e.kind.as_str(), e.message.as_str()))
+                .unwrap_or(("agent_error", "the request failed"));
+            let code = if kind == "timeout" { Code::RequestTimeout } else { Code::RequestFailed };
+            Err(ApiError::new(code, format!("request {} failed: {message}", record.id)).with_details(details()))
+        }
+        Status::Cancelled => {
+            Err(ApiError::new(Code::RequestCancelled, format!("request {} was cancelled", record.id)).with_details(details()))
+        }
+        Status::Pending | Status::Processing => Err(ApiError::internal("answer_final called on a running request")),
+    }
+}

@@ -1,0 +1,197 @@
+//! Server-Sent Events in the MUXI format: `data: {"token": {...}}` frames typed
+//! `progress`, `content`, then `completed` | `failed` | `cancelled`, then
+//! `event: done`, with keep-alive comments while idle.
+//!
+//! A streamed chat whose caller disconnects is cancelled unless it was an async
+//! request. The follow routes (`/events/{session}/{request}`,
+//! `/requests/{request}/events`) start with the request's current state and never
+//! cancel anything.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::auth::{self, Role};
+use super::chat::Accepted;
+use super::requests::find;
+use super::AppState;
+use crate::engine::{LiveEvent, LiveRequest, Submitted};
+use crate::error::ApiResult;
+use crate::overlord::decide::Plan;
+use crate::store::{RequestRecord, Status};
+
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How often a request running elsewhere (another replica) is polled.
+const POLL: Duration = Duration::from_millis(500);
+
+/// `POST /chat` with `"stream": true`.
+pub async fn stream_chat(state: AppState, accepted: Accepted) -> ApiResult<Response> {
+    let cancel_on_disconnect = !matches!(accepted.plan, Plan::Async);
+    let Submitted { record, live, .. } = state.engine.submit(accepted.formation, accepted.request).await?;
+    Ok(sse(state, record, live, cancel_on_disconnect))
+}
+
+/// `GET /api/{id}/v1/events/{session_id}/{request_id}`.
+pub async fn follow_in_session(
+    State(state): State<AppState>,
+    Path((id, session_id, request_id)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    auth::authorize(&state, &id, &headers, Role::Client)?;
+    let record = find(&state, &id, &headers, &request_id).await?;
+    if record.session_id.as_deref().is_some_and(|s| s != session_id) {
+        return Err(crate::error::ApiError::new(
+            crate::error::Code::RequestNotFound,
+            format!("request `{request_id}` not found in session `{session_id}`"),
+        ));
+    }
+    let live = state.engine.live(&record.id);
+    Ok(sse(state, record, live, false))
+}
+
+/// `GET /api/{id}/v1/requests/{request_id}/events`.
+pub async fn follow(
+    State(state): State<AppState>,
+    Path((id, request_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    auth::authorize(&state, &id, &headers, Role::Client)?;
+    let record = find(&state, &id, &headers, &request_id).await?;
+    let live = state.engine.live(&record.id);
+    Ok(sse(state, record, live, false))
+}
+
+fn sse(state: AppState, record: RequestRecord, live: Option<Arc<LiveRequest>>, cancel_on_disconnect: bool) -> Response {
+    let (tx, rx) = mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let finished = pump(&state, &record, live.as_deref(), &tx).await;
+        if !finished && cancel_on_disconnect {
+            if let Ok(Some(current)) = state.engine.store().get(&record.id).await {
+                if !current.status.is_final() {
+                    tracing::info!(request = %record.id, "stream closed by the client: cancelling");
+                    let _ = state.engine.cancel(&current).await;
+                }
+            }
+        }
+    });
+    let stream = futures::StreamExt::map(ReceiverStream::new(rx), Ok::<Event, Infallible>);
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE).text("keepalive")).into_response()
+}
+
+/// Sends the request's frames until it ends (true) or the client leaves (false).
+async fn pump(state: &AppState, record: &RequestRecord, live: Option<&LiveRequest>, tx: &mpsc::Sender<Event>) -> bool {
+    let mut events = live.map(LiveRequest::subscribe);
+    let mut done = live.map(LiveRequest::done);
+    // The current state first, so a client that comes back later catches up.
+    let opening = record.status_message.clone().or_else(|| record.current_step.clone()).unwrap_or_else(|| {
+        format!("Request {} is {}", record.id, record.status.as_str())
+    });
+    let extra = json!({ "status": record.status.as_str(), "progress": record.progress });
+    if !send(tx, token(record, "progress", &opening, extra)).await {
+        return false;
+    }
+    if record.status.is_final() {
+        return finish(tx, record).await;
+    }
+    loop {
+        let ended = done.as_ref().and_then(|rx| rx.borrow().clone());
+        if let Some(finished) = ended {
+            return finish(tx, &finished).await;
+        }
+        let next = match (&mut events, &mut done) {
+            (Some(events), Some(done)) => tokio::select! {
+                event = events.recv() => Next::Event(event),
+                _ = done.changed() => Next::Check,
+                _ = tx.closed() => return false,
+                _ = state.shutdown.cancelled() => return false,
+            },
+            _ => tokio::select! {
+                _ = tokio::time::sleep(POLL) => Next::Poll,
+                _ = tx.closed() => return false,
+                _ = state.shutdown.cancelled() => return false,
+            },
+        };
+        let frame = match next {
+            Next::Event(Ok(LiveEvent::Progress(p))) => {
+                let text = p.current_step.clone().or(p.message.clone()).unwrap_or_default();
+                token(record, "progress", &text, json!({ "progress": p.progress, "total_steps": p.total_steps, "completed_steps": p.completed_steps }))
+            }
+            Next::Event(Ok(LiveEvent::Content(text))) => token(record, "content", &text, json!({})),
+            Next::Event(Ok(LiveEvent::Finished(finished))) => return finish(tx, &finished).await,
+            Next::Event(Err(broadcast::error::RecvError::Lagged(_))) | Next::Check => continue,
+            Next::Event(Err(broadcast::error::RecvError::Closed)) => {
+                events = None;
+                done = None;
+                continue;
+            }
+            Next::Poll => match state.engine.store().get(&record.id).await {
+                Ok(Some(current)) if current.status.is_final() => return finish(tx, &current).await,
+                Ok(Some(current)) => {
+                    if let Some(live) = state.engine.live(&record.id) {
+                        events = Some(live.subscribe());
+                        done = Some(live.done());
+                    }
+                    let text = current.current_step.clone().unwrap_or_default();
+                    if text.is_empty() {
+                        continue;
+                    }
+                    token(&current, "progress", &text, json!({ "progress": current.progress }))
+                }
+                _ => continue,
+            },
+        };
+        if !send(tx, frame).await {
+            return false;
+        }
+    }
+}
+
+enum Next {
+    Event(Result<LiveEvent, broadcast::error::RecvError>),
+    Check,
+    Poll,
+}
+
+async fn finish(tx: &mpsc::Sender<Event>, record: &RequestRecord) -> bool {
+    let (kind, content) = match record.status {
+        Status::Completed => ("completed", record.result.as_ref().map(|r| r.text.clone()).unwrap_or_default()),
+        Status::Failed => ("failed", record.error.as_ref().map(|e| e.message.clone()).unwrap_or_default()),
+        _ => ("cancelled", "Request cancelled".to_string()),
+    };
+    let extra = json!({
+        "status": record.status.as_str(),
+        "processing_time_ms": record.duration_ms(),
+        "artifacts": record.result.as_ref().map(|r| r.artifacts.clone()),
+        "error": record.error,
+    });
+    send(tx, token(record, kind, &content, extra)).await
+        && send(tx, Event::default().event("done").data(json!({ "finished": true }).to_string())).await
+}
+
+async fn send(tx: &mpsc::Sender<Event>, event: Event) -> bool {
+    tx.send(event).await.is_ok()
+}
+
+fn token(record: &RequestRecord, kind: &str, content: &str, extra: Value) -> Event {
+    let mut token = json!({
+        "request_id": record.id,
+        "user_id": record.user_id,
+        "session_id": record.session_id,
+        "agent_id": record.agent_id,
+        "type": kind,
+        "content": content,
+        "timestamp": crate::time::now_ms() as f64 / 1000.0,
+    });
+    if let (Value::Object(token), Value::Object(extra)) = (&mut token, extra) {
+        token.extend(extra);
+    }
+    Event::default().data(json!({ "token": token }).to_string())
+}

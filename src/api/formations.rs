@@ -1,0 +1,104 @@
+//! Formation-level routes: health, status, async settings, description; and the
+//! server-wide health that also reports files that failed to load.
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::auth::{self, Role};
+use super::{envelope, AppState};
+use crate::error::ApiResult;
+
+/// `GET /health`: what is loaded, and what failed to load.
+pub async fn server_health(State(state): State<AppState>) -> Json<Value> {
+    let live = state.registry.snapshot();
+    let formations: Vec<Value> = live
+        .formations
+        .values()
+        .map(|f| json!({ "id": f.id, "version": f.version, "revision": f.revision, "file": f.source }))
+        .collect();
+    let healthy = live.failures.is_empty() && live.problems.is_empty();
+    envelope::ok(
+        "health",
+        None,
+        None,
+        json!({
+            "status": if healthy { "healthy" } else { "degraded" },
+            "version": env!("CARGO_PKG_VERSION"),
+            "formations": formations,
+            "failures": live.failures,
+            "problems": live.problems,
+        }),
+    )
+}
+
+/// `GET /api/{id}/v1/health` (no key).
+pub async fn health(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let formation = auth::formation(&state, &id)?;
+    Ok(envelope::ok(
+        "health",
+        None,
+        None,
+        json!({ "status": "healthy", "formation_id": formation.id, "version": formation.version }),
+    ))
+}
+
+/// `GET /api/{id}/v1/status` (admin key).
+pub async fn status(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let formation = auth::authorize(&state, &id, &headers, Role::Admin)?;
+    Ok(envelope::ok(
+        "status",
+        None,
+        None,
+        json!({
+            "status": "running",
+            "formation_id": formation.id,
+            "version": formation.version,
+            "revision": formation.revision,
+            "agents": formation.agents.len(),
+            "uptime_seconds": state.started_at.elapsed().as_secs(),
+            "runtime": { "name": "muxi-rt", "version": env!("CARGO_PKG_VERSION") },
+        }),
+    ))
+}
+
+/// `GET /api/{id}/v1/async` (admin key): the effective settings, defaults filled in.
+pub async fn async_settings(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let formation = auth::authorize(&state, &id, &headers, Role::Admin)?;
+    let overlord = &formation.overlord;
+    let mut data = serde_json::to_value(&overlord.async_).unwrap_or_default();
+    if let Value::Object(map) = &mut data {
+        map.insert("webhook_secret_set".into(), json!(overlord.async_.webhook_secret.is_some()));
+        map.insert("retry".into(), json!(overlord.retry));
+        map.insert("timeouts".into(), json!(overlord.timeouts));
+        map.insert("max_concurrent_requests".into(), json!(overlord.max_concurrent_requests));
+        map.insert("formation_id".into(), json!(formation.id));
+    }
+    Ok(envelope::ok("async.config", None, None, data))
+}
+
+/// `GET /api/{id}/v1/formation` (admin key).
+pub async fn describe(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let formation = auth::authorize(&state, &id, &headers, Role::Admin)?;
+    let agents: Vec<Value> = formation
+        .agents
+        .iter()
+        .map(|a| {
+            let kind = serde_json::to_value(&a.kind).ok().and_then(|k| k.get("kind").cloned());
+            json!({ "id": a.id, "name": a.name, "description": a.description, "default": a.default, "kind": kind })
+        })
+        .collect();
+    Ok(envelope::ok(
+        "formation",
+        None,
+        None,
+        json!({
+            "id": formation.id,
+            "version": formation.version,
+            "revision": formation.revision,
+            "description": formation.description,
+            "agents": agents,
+        }),
+    ))
+}

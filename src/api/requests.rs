@@ -1,0 +1,102 @@
+//! The caller's requests: status, list, cancel. Scoped to the caller's user id:
+//! another user's request answers 404, as if it did not exist.
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::auth::{self, Role};
+use super::{envelope, views, AppState};
+use crate::engine::CancelError;
+use crate::error::{ApiError, ApiResult, Code};
+use crate::store::{ListQuery, RequestRecord, Status};
+
+const DEFAULT_LIMIT: usize = 50;
+const MAX_LIMIT: usize = 500;
+
+/// The caller's request, or 404.
+pub async fn find(state: &AppState, formation_id: &str, headers: &HeaderMap, request_id: &str) -> ApiResult<RequestRecord> {
+    let user = auth::user_id(headers, None);
+    let record = state.engine.store().get(request_id).await?;
+    record
+        .filter(|r| r.formation_id == formation_id && r.user_id == user)
+        .ok_or_else(|| ApiError::new(Code::RequestNotFound, format!("request `{request_id}` not found")))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path((id, request_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    auth::authorize(&state, &id, &headers, Role::Client)?;
+    let record = find(&state, &id, &headers, &request_id).await?;
+    Ok(envelope::ok("request.status", Some(&record.id), None, views::request_status(&record)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListParams {
+    limit: Option<String>,
+    status: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
+) -> ApiResult<Json<Value>> {
+    auth::authorize(&state, &id, &headers, Role::Client)?;
+    let limit = match params.limit.as_deref() {
+        None => DEFAULT_LIMIT,
+        Some(text) => text.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            ApiError::new(Code::InvalidRequest, format!("`limit` must be a positive integer, got `{text}`"))
+        })?,
+    }
+    .min(MAX_LIMIT);
+    let status = match params.status.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(Status::parse(text).ok_or_else(|| {
+            ApiError::new(
+                Code::InvalidRequest,
+                format!("`status` must be one of pending, processing, completed, failed, cancelled; got `{text}`"),
+            )
+        })?),
+    };
+    let query = ListQuery { formation_id: id, user_id: auth::user_id(&headers, None), status, limit };
+    let records = state.engine.store().list(&query).await?;
+    let requests: Vec<Value> = records.iter().map(views::request_status).collect();
+    Ok(envelope::ok("request.list", None, None, json!({ "requests": requests, "count": requests.len() })))
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path((id, request_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    auth::authorize(&state, &id, &headers, Role::Client)?;
+    let record = find(&state, &id, &headers, &request_id).await?;
+    match state.engine.cancel(&record).await {
+        Ok(cancelled) => Ok(envelope::ok(
+            "request.cancelled",
+            Some(&cancelled.id),
+            None,
+            json!({ "request_id": cancelled.id, "status": cancelled.status.as_str(), "message": "Request cancelled by user" }),
+        )),
+        Err(CancelError::AlreadyFinished(status)) => Err(ApiError::new(
+            Code::RequestAlreadyFinished,
+            format!("request `{request_id}` has already {}; only pending or processing requests can be cancelled", finished_verb(status)),
+        )),
+        Err(CancelError::Store(e)) => Err(e.into()),
+    }
+}
+
+fn finished_verb(status: Status) -> &'static str {
+    match status {
+        Status::Completed => "completed",
+        Status::Failed => "failed",
+        Status::Cancelled => "been cancelled",
+        Status::Pending | Status::Processing => "ended",
+    }
+}

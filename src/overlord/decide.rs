@@ -1,0 +1,86 @@
+//! The sync-or-async decision for one request: pure, so it is unit-tested alone.
+
+use std::time::Duration;
+
+use crate::formation::{AsyncMode, AsyncSettings};
+
+/// How the caller is answered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Plan {
+    /// Answer 202 with the request id at once.
+    Async,
+    /// Wait for the result. `limit` is auto mode's promise: a request judged quick
+    /// that is still running at the threshold is answered 202 then.
+    Wait { limit: Option<Duration> },
+}
+
+impl Plan {
+    /// The mode recorded with the request: `sync` or `async`.
+    pub fn mode(self) -> &'static str {
+        match self {
+            Plan::Async => "async",
+            Plan::Wait { .. } => "sync",
+        }
+    }
+}
+
+/// Decides how to answer. A per-request `async` field overrides the formation's
+/// mode; a per-request `threshold_seconds` overrides its threshold.
+pub fn decide(
+    settings: &AsyncSettings,
+    async_override: Option<bool>,
+    threshold_override: Option<f64>,
+    estimated_seconds: f64,
+) -> Plan {
+    let mode = match async_override {
+        Some(true) => AsyncMode::Async,
+        Some(false) => AsyncMode::Sync,
+        None => settings.mode,
+    };
+    match mode {
+        AsyncMode::Async => Plan::Async,
+        AsyncMode::Sync => Plan::Wait { limit: None },
+        AsyncMode::Auto => {
+            let threshold = threshold_override.unwrap_or(settings.threshold_seconds).max(0.0);
+            if estimated_seconds >= threshold {
+                Plan::Async
+            } else {
+                Plan::Wait { limit: Some(Duration::from_secs_f64(threshold)) }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(mode: AsyncMode, threshold: f64) -> AsyncSettings {
+        AsyncSettings { mode, threshold_seconds: threshold, ..AsyncSettings::default() }
+    }
+
+    #[test]
+    fn auto_goes_async_at_or_above_the_threshold() {
+        let s = settings(AsyncMode::Auto, 30.0);
+        assert_eq!(decide(&s, None, None, 30.0), Plan::Async);
+        assert_eq!(decide(&s, None, None, 31.0), Plan::Async);
+        assert_eq!(decide(&s, None, None, 29.9), Plan::Wait { limit: Some(Duration::from_secs(30)) });
+    }
+
+    #[test]
+    fn fixed_modes_ignore_the_estimate() {
+        assert_eq!(decide(&settings(AsyncMode::Sync, 1.0), None, None, 500.0), Plan::Wait { limit: None });
+        assert_eq!(decide(&settings(AsyncMode::Async, 100.0), None, None, 0.0), Plan::Async);
+    }
+
+    #[test]
+    fn the_request_overrides_the_formation() {
+        let s = settings(AsyncMode::Sync, 30.0);
+        assert_eq!(decide(&s, Some(true), None, 0.0), Plan::Async);
+        let s = settings(AsyncMode::Async, 30.0);
+        assert_eq!(decide(&s, Some(false), None, 500.0), Plan::Wait { limit: None });
+        let s = settings(AsyncMode::Auto, 30.0);
+        assert_eq!(decide(&s, None, Some(5.0), 10.0), Plan::Async);
+        assert_eq!(decide(&s, None, Some(60.0), 10.0), Plan::Wait { limit: Some(Duration::from_secs(60)) });
+    }
+}

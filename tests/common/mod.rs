@@ -1,0 +1,242 @@
+//! The one test-server helper every integration test goes through: it starts the
+//! real `muxi-rt` binary on 127.0.0.1:0 against temporary folders, finds its
+//! port, and speaks to it over real HTTP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A folder of formations and a data folder, kept for the test's life.
+pub struct Fixture {
+    _root: tempfile::TempDir,
+    pub formations: PathBuf,
+    pub data: PathBuf,
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        let root = tempfile::tempdir().expect("temp dir");
+        let formations = root.path().join("formations");
+        let data = root.path().join("data");
+        std::fs::create_dir_all(&formations).unwrap();
+        Fixture { _root: root, formations, data }
+    }
+
+    /// Writes a file below the formations folder, creating folders as needed.
+    pub fn write(&self, relative: &str, content: &str) -> PathBuf {
+        let path = self.formations.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        // Write then rename, as editors do, so the watcher never sees half a file.
+        let tmp = path.with_extension("tmp-write");
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+
+    /// Writes an executable Python script (agents in test formations).
+    pub fn script(&self, relative: &str, body: &str) -> PathBuf {
+        let path = self.write(relative, body);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    pub fn remove(&self, relative: &str) {
+        std::fs::remove_file(self.formations.join(relative)).unwrap();
+    }
+
+    pub fn start(&self) -> Server {
+        Server::start(self, &[], &[])
+    }
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A running `muxi-rt serve`.
+pub struct Server {
+    child: Child,
+    pub base: String,
+    stderr: Arc<Mutex<String>>,
+    pub http: reqwest::Client,
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_muxi-rt");
+
+impl Server {
+    pub fn start(fixture: &Fixture, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut command = Command::new(BIN);
+        command
+            .arg("serve")
+            .arg(&fixture.formations)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&fixture.data)
+            .args(args)
+            .env("MUXI_LOG", "info,muxi_rt=debug")
+            .env_remove("MUXI_LISTEN")
+            .env_remove("MUXI_DATA_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("muxi-rt starts");
+        let stdout = child.stdout.take().unwrap();
+        let stderr_pipe = child.stderr.take().unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+                if std::env::var_os("MUXI_TEST_ECHO").is_some() {
+                    eprintln!("[muxi-rt] {line}");
+                }
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("muxi-rt listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let base = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(base) => base,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("muxi-rt did not start; stderr:\n{}", stderr.lock().unwrap());
+            }
+        };
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
+        Server { child, base, stderr, http }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Everything the server wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit status code.
+    pub fn terminate(mut self) -> Option<i32> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A request builder with the given key header set.
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.get(self.url(path))
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.post(self.url(path))
+    }
+
+    pub fn delete(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.delete(self.url(path))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Status and JSON body of a response.
+pub async fn json(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, value)
+}
+
+/// Polls `check` until it returns Some, or panics after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `muxi-rt ARGS...` to completion: (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], cwd: &Path) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).current_dir(cwd).output().expect("muxi-rt runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Whether a process id is alive (and not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.split_whitespace().nth(2).is_some_and(|state| state == "Z"),
+        Err(_) => false,
+    }
+}
+
+/// A minimal formation document with fixed keys.
+pub fn formation_yaml(id: &str, extra: &str) -> String {
+    format!(
+        "schema: \"1.0.0\"\nid: {id}\ndescription: test formation {id}\nversion: \"1.0.0\"\nserver:\n  api_keys:\n    admin_key: admin-{id}\n    client_key: client-{id}\n{extra}"
+    )
+}
+
+/// The client-key header for a formation made by [`formation_yaml`].
+pub fn client_key(id: &str) -> (&'static str, String) {
+    ("X-Muxi-Client-Key", format!("client-{id}"))
+}
+
+pub fn admin_key(id: &str) -> (&'static str, String) {
+    ("X-Muxi-Admin-Key", format!("admin-{id}"))
+}
