@@ -23,12 +23,15 @@ pub struct Found {
 
 /// Lists the formation files of `dir`, sorted by path.
 pub fn discover(dir: &Path) -> Result<Vec<Found>, Diagnostic> {
-    let entries = fs::read_dir(dir)
-        .map_err(|e| Diagnostic::error(dir, "(root)", format!("cannot read formations folder {}: {e}", dir.display())))?;
+    let entries = fs::read_dir(dir).map_err(|e| {
+        Diagnostic::error(dir, "(root)", format!("cannot read formations folder {}: {e}", dir.display()))
+    })?;
     let mut found = Vec::new();
     for entry in entries {
         let path = entry
-            .map_err(|e| Diagnostic::error(dir, "(root)", format!("cannot read formations folder {}: {e}", dir.display())))?
+            .map_err(|e| {
+                Diagnostic::error(dir, "(root)", format!("cannot read formations folder {}: {e}", dir.display()))
+            })?
             .path();
         if path.is_dir() {
             found.extend(folder_formation(&path));
@@ -52,11 +55,11 @@ pub fn discover(dir: &Path) -> Result<Vec<Found>, Diagnostic> {
 
 /// The main file of a modular formation folder, if it has one.
 fn folder_formation(folder: &Path) -> Option<Found> {
-    FORMATION_FILE_NAMES
-        .iter()
-        .map(|name| folder.join(name))
-        .find(|file| file.is_file())
-        .map(|file| Found { file, dir: folder.to_path_buf(), folder_layout: true })
+    FORMATION_FILE_NAMES.iter().map(|name| folder.join(name)).find(|file| file.is_file()).map(|file| Found {
+        file,
+        dir: folder.to_path_buf(),
+        folder_layout: true,
+    })
 }
 
 #[cfg(test)]

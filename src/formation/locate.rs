@@ -53,10 +53,7 @@ pub fn pointer_push(pointer: &str, segment: &str) -> String {
 
 /// The segments of a JSON pointer, unescaped.
 pub fn pointer_segments(pointer: &str) -> impl Iterator<Item = String> + '_ {
-    pointer
-        .split('/')
-        .skip(1)
-        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+    pointer.split('/').skip(1).map(|s| s.replace("~1", "/").replace("~0", "~"))
 }
 
 /// The dotted display path of a pointer: `/agents/1/command` -> `agents[1].command`,
@@ -85,8 +82,14 @@ pub fn display_path(pointer: &str) -> String {
 /// What the parser is inside of.
 enum Frame {
     /// A mapping at `ptr` (`None`: inside a complex key, positions not recorded).
-    Map { ptr: Option<String>, state: MapState },
-    Seq { ptr: Option<String>, next: usize },
+    Map {
+        ptr: Option<String>,
+        state: MapState,
+    },
+    Seq {
+        ptr: Option<String>,
+        next: usize,
+    },
 }
 
 enum MapState {

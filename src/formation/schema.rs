@@ -169,7 +169,11 @@ fn article(json_type: &str) -> String {
 
 fn list(options: &Value) -> String {
     match options {
-        Value::Array(items) => items.iter().map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)).collect::<Vec<_>>().join(", "),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+            .collect::<Vec<_>>()
+            .join(", "),
         other => other.to_string(),
     }
 }
@@ -216,7 +220,9 @@ mod tests {
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert_eq!(errors[0].pointer, "/async/threshhold_seconds");
         assert!(
-            errors[0].message.starts_with("unknown key `threshhold_seconds` (expected one of: enable_estimation, mode,"),
+            errors[0]
+                .message
+                .starts_with("unknown key `threshhold_seconds` (expected one of: enable_estimation, mode,"),
             "{}",
             errors[0].message
         );

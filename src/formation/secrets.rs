@@ -28,7 +28,9 @@ fn walk(value: &mut Value, pointer: String, secrets: Secrets<'_>, missing: &mut 
     match value {
         Value::String(s) => match resolve_str(s, secrets) {
             Ok(resolved) => *s = resolved,
-            Err(names) => missing.extend(names.into_iter().map(|name| MissingSecret { name, pointer: pointer.clone() })),
+            Err(names) => {
+                missing.extend(names.into_iter().map(|name| MissingSecret { name, pointer: pointer.clone() }))
+            }
         },
         Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -104,7 +106,10 @@ mod tests {
     #[test]
     fn other_expressions_are_left_alone() {
         assert_eq!(resolve_str("hi ${{ data.name }}", &source), Ok("hi ${{ data.name }}".into()));
-        assert_eq!(resolve_str("${{ secrets. }} and ${{ unclosed", &source), Ok("${{ secrets. }} and ${{ unclosed".into()));
+        assert_eq!(
+            resolve_str("${{ secrets. }} and ${{ unclosed", &source),
+            Ok("${{ secrets. }} and ${{ unclosed".into())
+        );
     }
 
     #[test]
