@@ -279,7 +279,9 @@ fn schema_command_prints_the_embedded_schema() {
     assert_eq!(code, 0);
     let schema: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(schema["$schema"], "https://json-schema.org/draft/2020-12/schema");
-    let threshold = &schema["properties"]["async"]["properties"]["threshold_seconds"];
+    let reference = schema["properties"]["async"]["$ref"].as_str().unwrap();
+    let name = reference.strip_prefix("#/$defs/").unwrap();
+    let threshold = &schema["$defs"][name]["properties"]["threshold_seconds"];
     assert_eq!(threshold["default"], 30);
     assert!(threshold["description"].is_string());
 }
