@@ -178,10 +178,7 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// Reads at most `limit` bytes of a body as (lossy) UTF-8; `true` when cut short.
-pub(crate) async fn read_limited(
-    response: reqwest::Response,
-    limit: usize,
-) -> Result<(String, bool), reqwest::Error> {
+pub(crate) async fn read_limited(response: reqwest::Response, limit: usize) -> Result<(String, bool), reqwest::Error> {
     let mut body = Vec::new();
     let mut truncated = false;
     let mut chunks = response.bytes_stream();

@@ -126,11 +126,8 @@ impl FakeLlm {
     /// When the loopback socket cannot be bound (a test environment problem).
     pub async fn start() -> FakeLlm {
         let shared = Arc::new(Shared::default());
-        let app = Router::new()
-            .route("/v1/chat/completions", post(chat_completions))
-            .with_state(shared.clone());
-        let listener =
-            tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0 for the fake LLM");
+        let app = Router::new().route("/v1/chat/completions", post(chat_completions)).with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0 for the fake LLM");
         let addr = listener.local_addr().expect("local address of the fake LLM");
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -175,11 +172,7 @@ impl Drop for FakeLlm {
     }
 }
 
-async fn chat_completions(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
+async fn chat_completions(State(shared): State<Arc<Shared>>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
     let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     lock(&shared.authorizations).push(auth);
     lock(&shared.requests).push(body.clone());
@@ -196,8 +189,9 @@ async fn chat_completions(
     match reply {
         Reply::Error { status, message, retry_after } => error_response(status, &message, retry_after),
         Reply::Text(text) if stream => sse(&shared, text_chunks(&model, &text), false),
-        Reply::Text(text) => Json(completion(&model, json!({"role": "assistant", "content": text}), "stop"))
-            .into_response(),
+        Reply::Text(text) => {
+            Json(completion(&model, json!({"role": "assistant", "content": text}), "stop")).into_response()
+        }
         Reply::ToolCalls(calls) if stream => sse(&shared, tool_call_chunks(&model, &calls), false),
         Reply::ToolCalls(calls) => {
             let message = json!({"role": "assistant", "content": null, "tool_calls": tool_calls_json(&calls)});
