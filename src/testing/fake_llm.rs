@@ -324,3 +324,41 @@ fn sse(shared: &Arc<Shared>, chunks: Vec<Value>, hang: bool) -> Response {
         .body(Body::from_stream(body.map(Ok::<_, Infallible>)))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn post(llm: &FakeLlm, body: Value) -> (u16, Option<String>, Value) {
+        let response = reqwest::Client::new()
+            .post(format!("{}/chat/completions", llm.base_url()))
+            .json(&body)
+            .send()
+            .await
+            .expect("fake answers");
+        let status = response.status().as_u16();
+        let retry = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
+        (status, retry, response.json().await.expect("json"))
+    }
+
+    #[tokio::test]
+    async fn non_streamed_replies_and_echo() {
+        let llm = FakeLlm::start().await;
+        llm.push(Reply::tool_call("f", json!({"a": 1})));
+        llm.push(Reply::error_retry_after(429, "slow", "2").after(Duration::from_millis(10)));
+        let msgs = json!({"messages": [{"role": "user", "content": "ping"}]});
+
+        let (status, _, body) = post(&llm, msgs.clone()).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], r#"{"a":1}"#);
+
+        let (status, retry, body) = post(&llm, msgs.clone()).await;
+        assert_eq!((status, retry.as_deref()), (429, Some("2")));
+        assert_eq!(body["error"]["message"], "slow");
+
+        let (_, _, body) = post(&llm, msgs.clone()).await;
+        assert_eq!(body["choices"][0]["message"]["content"], "ping");
+        assert_eq!(llm.requests().len(), 3);
+    }
+}
