@@ -16,6 +16,7 @@ pub mod overlord;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod testing;
 pub mod time;
 pub mod triggers;
 pub mod webhooks;

@@ -1,0 +1,64 @@
+//! Helpers for tests, unit and integration alike: a fake OpenAI-compatible model
+//! server ([`FakeLlm`]) and builders of formations and agents with every other
+//! setting at its default.
+
+pub mod fake_llm;
+
+pub use fake_llm::{FakeLlm, Reply, ScriptedToolCall};
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::formation::{AgentKind, AgentSpec, ApiKeys, Formation, LlmSettings, OverlordSettings, ToolSpec};
+
+/// A formation `test` holding `agents` (the first is the default unless one is
+/// marked `default`), every other setting at its default.
+pub fn formation_with_agents(agents: Vec<AgentSpec>) -> Formation {
+    Formation {
+        id: "test".to_string(),
+        version: "0.0.0".to_string(),
+        revision: "test".to_string(),
+        description: "A formation built by a test".to_string(),
+        source: PathBuf::from("formation.afs"),
+        dir: PathBuf::from("."),
+        keys: ApiKeys::default(),
+        overlord: OverlordSettings::default(),
+        llm: LlmSettings::default(),
+        agents,
+        triggers: BTreeMap::new(),
+        warnings: Vec::new(),
+    }
+}
+
+/// An agent `id` of `kind`, with no system message.
+pub fn agent(id: &str, kind: AgentKind) -> AgentSpec {
+    AgentSpec {
+        id: id.to_string(),
+        name: id.to_string(),
+        description: format!("Test agent {id}"),
+        system_message: None,
+        default: false,
+        estimated_seconds: None,
+        kind,
+    }
+}
+
+/// An LLM agent on `api_base` (e.g. [`FakeLlm::base_url`]) with model
+/// `openai/fake-model`, no key, no tools and at most 5 tool rounds.
+pub fn llm_agent(id: &str, api_base: &str) -> AgentSpec {
+    agent(
+        id,
+        AgentKind::Llm {
+            model: "openai/fake-model".to_string(),
+            api_base: api_base.to_string(),
+            api_key: None,
+            tools: Vec::<ToolSpec>::new(),
+            max_tool_rounds: 5,
+        },
+    )
+}
+
+/// An HTTP agent posting to `url`.
+pub fn http_agent(id: &str, url: &str) -> AgentSpec {
+    agent(id, AgentKind::Http { url: url.to_string() })
+}
