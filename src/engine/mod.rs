@@ -98,7 +98,7 @@ impl Engine {
         let history = self.history(&formation.id, agent_id).await;
         estimate::estimate(&estimate::EstimateInput {
             message,
-            declared_seconds: declared,
+            estimated_seconds: declared,
             history: &history,
             enable_estimation: formation.overlord.async_.enable_estimation,
         })
