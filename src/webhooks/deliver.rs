@@ -243,7 +243,10 @@ mod tests {
         assert_eq!(header(headers, "webhook-timestamp"), t);
         let key = BASE64.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("key");
         let signed = [format!("wh_42.{t}.").as_bytes(), raw.as_ref()].concat();
-        assert_eq!(header(headers, "webhook-signature"), format!("v1,{}", BASE64.encode(hmac(&key, &signed))));
+        assert_eq!(
+            header(headers, "webhook-signature"),
+            format!("v1,{}", BASE64.encode(hmac(&key, &signed)))
+        );
     }
 
     #[tokio::test]
@@ -261,7 +264,8 @@ mod tests {
 
     #[tokio::test]
     async fn server_error_then_success() {
-        let (url, rx) = receiver(vec![Answer::StatusWith(503, "retry-after", "7"), Answer::Status(500)]).await;
+        let (url, rx) =
+            receiver(vec![Answer::StatusWith(503, "retry-after", "7"), Answer::Status(500)]).await;
         let c = client();
         assert_eq!(
             attempt(&c, &url, "wh", b"{}", None, TIMEOUT).await,
@@ -287,7 +291,8 @@ mod tests {
 
     #[tokio::test]
     async fn redirects_are_not_followed() {
-        let (url, rx) = receiver(vec![Answer::StatusWith(302, "location", "http://169.254.169.254/latest")]).await;
+        let (url, rx) =
+            receiver(vec![Answer::StatusWith(302, "location", "http://169.254.169.254/latest")]).await;
         let result = attempt(&client(), &url, "wh", b"{}", None, TIMEOUT).await;
         assert_eq!(
             result,

@@ -131,7 +131,10 @@ impl Dispatcher {
             })
             .await;
             if drained.is_err() {
-                tracing::info!(running = tasks.len(), "webhook dispatcher stopping: unfinished attempts will be retried after restart");
+                tracing::info!(
+                    running = tasks.len(),
+                    "webhook dispatcher stopping: unfinished attempts will be retried after restart"
+                );
                 tasks.abort_all();
             }
         })
@@ -205,7 +208,12 @@ impl Dispatcher {
             Ok(Some(record)) => record,
             Ok(None) => return failed("request no longer exists".into()),
             Err(err) => {
-                return retry_update(delivery.attempts, u32::MAX, format!("cannot read the request: {err}"), None)
+                return retry_update(
+                    delivery.attempts,
+                    u32::MAX,
+                    format!("cannot read the request: {err}"),
+                    None,
+                )
             }
         };
         let Some(formation) = (self.lookup)(&delivery.formation_id) else {
@@ -263,7 +271,12 @@ impl Drop for InFlight<'_> {
 
 /// The update after a retryable failure, `attempts_before` attempts having been made
 /// before this one and `retries` more allowed after the first.
-fn retry_update(attempts_before: u32, retries: u32, error: String, retry_after: Option<Duration>) -> DeliveryUpdate {
+fn retry_update(
+    attempts_before: u32,
+    retries: u32,
+    error: String,
+    retry_after: Option<Duration>,
+) -> DeliveryUpdate {
     let made = attempts_before.saturating_add(1);
     if made > retries {
         return DeliveryUpdate::Failed { error: format!("gave up after {made} attempts: {error}") };
@@ -292,8 +305,8 @@ mod tests {
     use axum::http::StatusCode as AxStatus;
 
     use crate::store::{
-        Inserted, ListQuery, NewDelivery, NewRequest, Outcome, Progress, RequestRecord, RequestResult, Status,
-        StoreError, StoreResult,
+        Inserted, ListQuery, NewDelivery, NewRequest, Outcome, Progress, RequestRecord, RequestResult,
+        Status, StoreError, StoreResult,
     };
 
     #[test]
@@ -390,7 +403,13 @@ mod tests {
         async fn recent_durations(&self, _: &str, _: &str, _: usize) -> StoreResult<Vec<i64>> {
             unused()
         }
-        async fn session_turns(&self, _: &str, _: &str, _: &str, _: usize) -> StoreResult<Vec<(String, String)>> {
+        async fn session_turns(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: usize,
+        ) -> StoreResult<Vec<(String, String)>> {
             unused()
         }
         async fn due_deliveries(&self, now: i64, limit: usize) -> StoreResult<Vec<Delivery>> {
@@ -452,12 +471,24 @@ mod tests {
     async fn receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = seen.clone();
+        let flaky = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let app = axum::Router::new()
             .route(
                 "/ok",
                 axum::routing::post(move |body: axum::Json<serde_json::Value>| async move {
                     sink.lock().expect("lock").push(body.0);
                     AxStatus::NO_CONTENT
+                }),
+            )
+            .route(
+                "/flaky",
+                axum::routing::post(move || async move {
+                    // 500 on the first call, 200 after.
+                    if flaky.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                        AxStatus::INTERNAL_SERVER_ERROR
+                    } else {
+                        AxStatus::OK
+                    }
                 }),
             )
             .route(
@@ -496,7 +527,8 @@ mod tests {
         f.overlord.async_.webhook_timeout = 30.0;
         let f = Arc::new(f);
         let lookup: FormationLookup = Arc::new(move |id: &str| (id == "f").then(|| f.clone()));
-        let dispatcher = Dispatcher::new(store.clone(), lookup, vec!["127.0.0.1".into()]).expect("dispatcher");
+        let dispatcher =
+            Dispatcher::new(store.clone(), lookup, vec!["127.0.0.1".into()]).expect("dispatcher");
         let dispatcher = Arc::new(dispatcher.with_shutdown_grace(Duration::from_millis(100)));
         let shutdown = CancellationToken::new();
         let handle = dispatcher.clone().spawn(shutdown.clone());
@@ -519,6 +551,31 @@ mod tests {
 
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), handle).await.expect("stops").expect("joins");
+    }
+
+    #[tokio::test]
+    async fn retries_after_a_server_error() {
+        let (base, _seen) = receiver().await;
+        let store = Arc::new(MemStore::default());
+        store.add("req_1", "f", &format!("{base}/flaky"));
+        let f = Arc::new(formation("f"));
+        let lookup: FormationLookup = Arc::new(move |_: &str| Some(f.clone()));
+        let dispatcher =
+            Arc::new(Dispatcher::new(store.clone(), lookup, vec!["127.0.0.1".into()]).expect("dispatcher"));
+        let shutdown = CancellationToken::new();
+        let handle = dispatcher.clone().spawn(shutdown.clone());
+
+        wait_until(|| store.delivery("req_1").attempts == 1).await;
+        let first = store.delivery("req_1");
+        assert_eq!((first.status.as_str(), first.last_error.as_deref()), ("pending", Some("HTTP 500")));
+        // Backoff after the first failure: 1 s +/- 25 %.
+        let wait = first.next_attempt_at - crate::time::now_ms();
+        assert!(wait <= 1250, "{wait}");
+
+        wait_until(|| store.delivery("req_1").status == "delivered").await;
+        assert_eq!(store.delivery("req_1").attempts, 2);
+        shutdown.cancel();
+        let _ = handle.await;
     }
 
     #[tokio::test]

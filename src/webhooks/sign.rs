@@ -69,17 +69,17 @@ pub fn signature_headers(
     timestamp_secs: i64,
     body: &[u8],
 ) -> Vec<(&'static str, String)> {
-    let mut headers = vec![
-        (WEBHOOK_ID, webhook_id.to_string()),
-        (WEBHOOK_TIMESTAMP, timestamp_secs.to_string()),
-    ];
+    let mut headers =
+        vec![(WEBHOOK_ID, webhook_id.to_string()), (WEBHOOK_TIMESTAMP, timestamp_secs.to_string())];
     if let Some(secret) = secret.filter(|s| !s.is_empty()) {
         headers.push((MUXI_SIGNATURE, muxi_signature(secret, timestamp_secs, body)));
         if let Some(signature) = standard_signature(secret, webhook_id, timestamp_secs, body) {
             headers.push((WEBHOOK_SIGNATURE, signature));
         } else if secret.starts_with(WHSEC_PREFIX) {
             // Say so without ever printing the secret itself.
-            tracing::warn!("webhook secret starts with whsec_ but is not valid base64: sending only X-Muxi-Signature");
+            tracing::warn!(
+                "webhook secret starts with whsec_ but is not valid base64: sending only X-Muxi-Signature"
+            );
         }
     }
     headers
@@ -105,10 +105,7 @@ mod tests {
     #[test]
     fn hmac_primitive_matches_rfc4231() {
         let mac = hmac_sha256(b"Jefe", &[b"what do ya want ", b"for nothing?"]);
-        assert_eq!(
-            hex::encode(mac),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
+        assert_eq!(hex::encode(mac), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
     }
 
     #[test]
