@@ -87,6 +87,7 @@ pub async fn attempt(
 
 /// A transport failure as an attempt result; never includes the URL (it may carry tokens).
 fn send_error(err: reqwest::Error, timeout: Duration) -> AttemptResult {
+    let err = err.without_url();
     let mut source = err.source();
     while let Some(cause) = source {
         if let Some(refused) = cause.downcast_ref::<RefusedAddress>() {
