@@ -3,7 +3,7 @@
 a running muxi-rt serving the formation written by scripts/sdk-check.sh.
 
 Prints `ok - NAME` or `FAIL - NAME: reason` per check, keeps going after a
-failure, ends with `sdk check: N passed, N failed` and exits 1 if any failed.
+failure, ends with `sdk-check: N passed, N failed[, N skipped]` and exits 1 if any failed.
 
 Formation agents it relies on: `echo` (default; result `echo: <message>`),
 `worker` (3 quick steps, a `part I. ` content line after each, result
@@ -280,6 +280,43 @@ class Checks:
         else:
             raise AssertionError(f"get_request_status({missing!r}) did not raise")
 
+    # --- known server mismatches (run with --pending) ------------------------
+
+    def stream_errors(self, call, code: str, what: str):
+        """An error on a stream must reach the caller: the SDK never looks at the
+        HTTP status of a stream (formation.py:354-361, stream_sse) and raises only
+        for an `event: error` frame (formation.py:154-155, built from the frame's
+        `type`/`error` keys at formation.py:109-129)."""
+        try:
+            events = list(call())
+        except MuxiError as e:
+            assert e.code == code, f"raised {type(e).__name__} with code {e.code!r}, expected {code!r}: {e.message!r}"
+            readable(e)
+        else:
+            raise AssertionError(f"{what}: the stream ended without raising; events: {events!r}")
+
+    def stream_error_wrong_key(self):
+        bad = FormationClient(
+            server_url=self.args.server_url,
+            formation_id=self.args.formation_id,
+            client_key="fmc_wrong_key",
+        )
+        self.stream_errors(lambda: bad.chat_stream({"message": "hi"}, user_id=self.user), "invalid_api_key", "chat_stream with a wrong key")
+
+    def stream_error_unknown_agent(self):
+        self.stream_errors(
+            lambda: self.client.chat_stream({"message": "hi", "agent_id": "no-such-agent"}, user_id=self.user),
+            "unknown_agent",
+            "chat_stream naming an unknown agent",
+        )
+
+    def stream_error_unknown_request(self):
+        self.stream_errors(
+            lambda: self.client.stream_request(self.user, self.stream_session_id, "req_" + uuid.uuid4().hex),
+            "request_not_found",
+            "stream_request of an unknown request",
+        )
+
     def error_conflict(self):
         rid = self.need(self.sync_request_id, "the completed sync request id")
         try:
@@ -314,10 +351,15 @@ def main() -> int:
     parser.add_argument("--client-key", required=True)
     parser.add_argument("--admin-key", required=True)
     parser.add_argument("--expect-sdk-version", default="1.20260713.0")
+    parser.add_argument(
+        "--pending",
+        action="store_true",
+        help="also run the checks of known server mismatches (skipped otherwise)",
+    )
     args = parser.parse_args()
 
     c = Checks(args)
-    print(f"sdk check: muxi {muxi.__version__} against {args.server_url} (formation {args.formation_id}, user {c.user})", flush=True)
+    print(f"sdk-check: muxi {muxi.__version__} against {args.server_url} (formation {args.formation_id}, user {c.user})", flush=True)
     c.run("sdk version", c.sdk_version)
     c.run("health", c.health)
     c.run("get_status", c.get_status)
@@ -332,7 +374,22 @@ def main() -> int:
     c.run("error: wrong key -> AuthenticationError/AuthorizationError", c.error_wrong_key)
     c.run("error: unknown request id -> NotFoundError", c.error_not_found)
     c.run("error: cancel a finished request -> ConflictError (409)", c.error_conflict)
-    print(f"sdk check: {c.passed} passed, {c.failed} failed", flush=True)
+    # Known server mismatches, reported to be fixed on the server: skipped unless
+    # --pending (SDK_CHECK_PENDING=1), so they do not hold CI red meanwhile.
+    pending = [
+        ("error: chat_stream with a wrong key raises", c.stream_error_wrong_key),
+        ("error: chat_stream with an unknown agent raises", c.stream_error_unknown_agent),
+        ("error: stream_request of an unknown request raises", c.stream_error_unknown_request),
+    ]
+    skipped = 0
+    for name, fn in pending:
+        if args.pending:
+            c.run(name, fn)
+        else:
+            skipped += 1
+            print(f"skip - {name}: known server mismatch (stream errors are not `event: error` frames); SDK_CHECK_PENDING=1 runs it", flush=True)
+    tail = f", {skipped} skipped" if skipped else ""
+    print(f"sdk-check: {c.passed} passed, {c.failed} failed{tail}", flush=True)
     return 1 if c.failed else 0
 
 
