@@ -48,10 +48,7 @@ fn fixture(rx: &Receiver) -> Fixture {
     let f = format!(
         "async:\n  mode: async\n  webhook_retries: 3\n  webhook_timeout: 3\n  webhook_secret: {WHSEC}\n{agents}"
     );
-    let g = format!(
-        "async:\n  mode: auto\n  threshold_seconds: 1\n  webhook_url: {}\n{agents}",
-        rx.url("/g-default")
-    );
+    let g = format!("async:\n  mode: auto\n  threshold_seconds: 1\n  webhook_url: {}\n{agents}", rx.url("/g-default"));
     let h = format!("async:\n  mode: async\n  webhook_retries: 1\n  webhook_timeout: 3\n{agents}");
     fx.write("f/formation.afs", &formation_yaml("f", &f));
     fx.write("g/formation.afs", &formation_yaml("g", &g));
@@ -88,7 +85,8 @@ async fn status(server: &Server, formation: &str, id: &str) -> Value {
 
 /// Sends an async chat with a webhook URL; returns the request id.
 async fn submit(server: &Server, formation: &str, message: &str, webhook_url: &str) -> String {
-    let (code, body) = chat(server, formation, json!({"message": message, "webhook_url": webhook_url, "async": true})).await;
+    let (code, body) =
+        chat(server, formation, json!({"message": message, "webhook_url": webhook_url, "async": true})).await;
     assert_eq!(code, 202, "{body}");
     body["data"]["request_id"].as_str().unwrap().to_string()
 }

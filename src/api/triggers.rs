@@ -53,11 +53,7 @@ fn find<'f>(formation: &'f Formation, name: &str) -> ApiResult<&'f Trigger> {
 }
 
 /// `GET /triggers`.
-pub async fn list(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+pub async fn list(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     let formation = auth::authorize(&state, &id, &headers, Role::Client)?;
     let triggers: Vec<Value> = formation.triggers.values().map(summary).collect();
     Ok(envelope::ok("trigger.list", None, None, json!({ "triggers": triggers, "count": triggers.len() })))
@@ -201,8 +197,8 @@ mod tests {
         assert_eq!(c.data, json!({"issue": {"title": "x"}}));
         assert_eq!(c.use_async, None);
 
-        let c = Call::parse(br#"{"data": {"a": 1}, "use_async": false, "session_id": "s", "extra": 1}"#)
-            .expect("wrapper");
+        let c =
+            Call::parse(br#"{"data": {"a": 1}, "use_async": false, "session_id": "s", "extra": 1}"#).expect("wrapper");
         assert_eq!(c.data, json!({"a": 1}));
         assert_eq!((c.use_async, c.session_id.as_deref()), (Some(false), Some("s")));
         assert_eq!(Call::parse(br#"{"data": 1, "async": true}"#).expect("async").use_async, Some(true));
