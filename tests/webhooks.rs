@@ -38,7 +38,7 @@ const ALLOW: &[&str] = &["--allow-webhook-host", "localhost", "--allow-webhook-h
 /// - `f`: always async, `whsec_` secret (both signature schemes), 3 retries;
 /// - `g`: auto mode (threshold 1 s), no secret (the admin key signs), a default
 ///   `async.webhook_url` on the receiver;
-/// - `h`: 1 retry, 3 s per attempt: for receivers that misbehave.
+/// - `h`: 1 retry, 5 s per attempt: for receivers that misbehave.
 fn fixture(rx: &Receiver) -> Fixture {
     let fx = Fixture::new();
     let agents = "agents:\n  - id: worker\n    default: true\n    estimated_seconds: 0.2\n    command: [\"python3\", \"agent.py\"]\n";
@@ -49,7 +49,7 @@ fn fixture(rx: &Receiver) -> Fixture {
         "async:\n  mode: async\n  webhook_retries: 3\n  webhook_timeout: 3\n  webhook_secret: {WHSEC}\n{agents}"
     );
     let g = format!("async:\n  mode: auto\n  threshold_seconds: 1\n  webhook_url: {}\n{agents}", rx.url("/g-default"));
-    let h = format!("async:\n  mode: async\n  webhook_retries: 1\n  webhook_timeout: 3\n{agents}");
+    let h = format!("async:\n  mode: async\n  webhook_retries: 1\n  webhook_timeout: 5\n{agents}");
     fx.write("f/formation.afs", &formation_yaml("f", &f));
     fx.write("g/formation.afs", &formation_yaml("g", &g));
     fx.write("h/formation.afs", &formation_yaml("h", &h));
@@ -284,13 +284,13 @@ async fn misbehaving_receivers_never_block_other_deliveries() {
     let error = submit(&server, "h", "hello", &rx.url("/error")).await;
     let refused = submit(&server, "h", "hello", &closed).await;
     rx.wait_for("/hang", 1, Duration::from_secs(30)).await;
-    let hang_started = std::time::Instant::now();
     let good = submit(&server, "h", "hello", &rx.url("/good")).await;
 
     let hit = rx.wait_for("/good", 1, Duration::from_secs(30)).await.remove(0);
     assert_eq!(hit.json()["id"], good.as_str());
-    assert!(hang_started.elapsed() < Duration::from_secs(3), "delivered while the hanging receiver still hangs");
-    assert_eq!(status(&server, "h", &hang).await["webhook"]["status"], "pending");
+    // Delivered while the first attempt at the hanging receiver is still waiting.
+    let webhook = status(&server, "h", &hang).await["webhook"].clone();
+    assert_eq!((webhook["status"].as_str(), webhook["attempts"].as_u64()), (Some("pending"), Some(0)), "{webhook}");
 
     let webhook = webhook_settled(&server, "h", &redirect, Duration::from_secs(20)).await;
     assert_eq!((webhook["status"].as_str(), webhook["attempts"].as_u64()), (Some("failed"), Some(2)));
