@@ -8,6 +8,7 @@ pub mod envelope;
 pub mod events;
 pub mod formations;
 pub mod requests;
+pub mod triggers;
 pub mod views;
 
 use std::sync::Arc;
@@ -48,7 +49,9 @@ pub fn router(state: AppState) -> Router {
         .route("/requests", get(requests::list))
         .route("/requests/{request_id}", get(requests::get).delete(requests::cancel))
         .route("/requests/{request_id}/events", get(events::follow))
-        .route("/events/{session_id}/{request_id}", get(events::follow_in_session));
+        .route("/events/{session_id}/{request_id}", get(events::follow_in_session))
+        .route("/triggers", get(triggers::list))
+        .route("/triggers/{name}", get(triggers::show).post(triggers::fire));
     Router::new()
         .route("/health", get(formations::server_health))
         .nest("/api/{formation_id}/v1", formation)
