@@ -2,7 +2,8 @@
 # Proves the public MUXI Python SDK, unmodified and pinned, works against a real
 # muxi-rt: builds the server, serves a small offline formation from a temp dir,
 # and runs scripts/sdk_check.py (one `ok - NAME` / `FAIL - NAME: reason` line per
-# check, then `sdk-check: N passed, N failed`). Exits non-zero on any failure.
+# check, then `sdk-check: N passed, N failed`), then scripts/webhook_check.py (a
+# delivery verified with muxi.webhook.verify_signature). Exits non-zero on any failure.
 #
 # Environment: SDK_CHECK_VENV (default .venv-sdk); SDK_CHECK_KEEP=1 keeps the temp
 # dir (formation, data, server logs) for inspection.
@@ -15,6 +16,8 @@ FORMATION_ID="sdk-check"
 # Fixed keys, declared in the formation below, so the check knows them.
 ADMIN_KEY="fma_sdk_check_admin_key"
 CLIENT_KEY="fmc_sdk_check_client_key"
+# A Standard Webhooks secret, so deliveries carry both signatures.
+WEBHOOK_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 log() { printf 'sdk-check: %s\n' "$*" >&2; }
 
@@ -79,6 +82,7 @@ async:
   threshold_seconds: 7
   webhook_retries: 2
   webhook_timeout: 5
+  webhook_secret: "$WEBHOOK_SECRET"
 
 agents:
   - id: echo
@@ -171,3 +175,7 @@ log "muxi-rt at $URL"
 CHECK_ARGS=(--server-url "$URL" --formation-id "$FORMATION_ID"
     --client-key "$CLIENT_KEY" --admin-key "$ADMIN_KEY" --expect-sdk-version "$SDK_VERSION")
 MUXI_SDK_VERSION_NOTIFICATION=0 "$VENV/bin/python" scripts/sdk_check.py "${CHECK_ARGS[@]}"
+
+# A webhook delivery verified with the SDK's muxi.webhook.verify_signature.
+MUXI_SDK_VERSION_NOTIFICATION=0 "$VENV/bin/python" scripts/webhook_check.py --server-url "$URL" \
+    --formation-id "$FORMATION_ID" --client-key "$CLIENT_KEY" --secret "$WEBHOOK_SECRET"

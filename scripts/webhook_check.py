@@ -15,7 +15,7 @@ the message with a result.
     python scripts/webhook_check.py --server-url http://127.0.0.1:7890 \
         --formation-id demo --client-key <client key> --secret <secret>
 
-Prints `webhook check: N passed, M failed`; exits 1 on any failure.
+Prints `webhook-check: N passed, M failed`; exits 1 on any failure.
 """
 
 import argparse
@@ -148,7 +148,7 @@ def main():
 def finish(results):
     passed = sum(1 for r in results if r)
     failed = len(results) - passed
-    print("webhook check: %d passed, %d failed" % (passed, failed))
+    print("webhook-check: %d passed, %d failed" % (passed, failed))
     return 1 if failed else 0
 
 
