@@ -19,7 +19,8 @@ use serde_json::{json, Value};
 const WAIT: Duration = Duration::from_secs(30);
 
 /// Retry quickly, but let a provider's `Retry-After` of a second or so count.
-const RETRY: &str = "overlord:\n  workflow:\n    retry: {max_attempts: 3, initial_delay: 0.1, max_delay: 5, backoff_factor: 2.0}\n";
+const RETRY: &str =
+    "overlord:\n  workflow:\n    retry: {max_attempts: 3, initial_delay: 0.1, max_delay: 5, backoff_factor: 2.0}\n";
 
 /// Formation `f`: LLM agents on `api_base`, plus `extra` top-level settings.
 fn write_formation(fx: &Fixture, api_base: &str, extra: &str, agents: &str) {
@@ -31,15 +32,26 @@ const ONE_AGENT: &str = "  - id: main\n    model: openai/fake-model\n    system_
 
 async fn chat(server: &Server, user: &str, body: Value) -> (u16, Value) {
     let (name, key) = client_key("f");
-    let response =
-        server.post("/api/f/v1/chat").header(name, key).header("X-Muxi-User-ID", user).json(&body).send().await.unwrap();
+    let response = server
+        .post("/api/f/v1/chat")
+        .header(name, key)
+        .header("X-Muxi-User-ID", user)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     json(response).await
 }
 
 async fn status(server: &Server, user: &str, id: &str) -> Value {
     let (name, key) = client_key("f");
-    let response =
-        server.get(&format!("/api/f/v1/requests/{id}")).header(name, key).header("X-Muxi-User-ID", user).send().await.unwrap();
+    let response = server
+        .get(&format!("/api/f/v1/requests/{id}"))
+        .header(name, key)
+        .header("X-Muxi-User-ID", user)
+        .send()
+        .await
+        .unwrap();
     let (code, body) = json(response).await;
     assert_eq!(code, 200, "{body}");
     body["data"].clone()
@@ -278,8 +290,12 @@ async fn tool_loop_with_http_and_agent_tools_reports_progress() {
         requests[2]["messages"],
         json!([{"role": "system", "content": "You summarise."}, {"role": "user", "content": "Summarise: sunny, 21 C"}])
     );
-    assert_eq!(last_message(&requests[3]), json!({"role": "tool", "tool_call_id": "call_helper", "content": "Nice weather."}));
-    let roles: Vec<&str> = requests[3]["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(
+        last_message(&requests[3]),
+        json!({"role": "tool", "tool_call_id": "call_helper", "content": "Nice weather."})
+    );
+    let roles: Vec<&str> =
+        requests[3]["messages"].as_array().unwrap().iter().map(|m| m["role"].as_str().unwrap()).collect();
     assert_eq!(roles, ["user", "assistant", "tool", "assistant", "tool"]);
 }
 
@@ -312,7 +328,10 @@ async fn a_streamed_chat_sends_progress_content_completed_then_done() {
     let kinds: Vec<&str> = middle.iter().map(|t| t["type"].as_str().unwrap()).collect();
     assert!(kinds.iter().all(|k| *k == "progress" || *k == "content"), "{kinds:?}");
     let first_content = kinds.iter().position(|k| *k == "content").expect("content tokens");
-    assert!(kinds[first_content..].iter().filter(|k| **k == "content").count() > 1, "the answer came in pieces: {kinds:?}");
+    assert!(
+        kinds[first_content..].iter().filter(|k| **k == "content").count() > 1,
+        "the answer came in pieces: {kinds:?}"
+    );
     let text: String =
         middle.iter().filter(|t| t["type"] == "content").map(|t| t["content"].as_str().unwrap()).collect();
     assert_eq!(text, answer);
@@ -501,7 +520,11 @@ async fn the_events_routes_replay_the_current_state_then_follow() {
         let frames = Sse::new(follow(&server, "u1", &path).await).rest().await;
         assert_eq!(frames.len(), 3, "{path}: {frames:?}");
         let first = frames[0].token();
-        assert_eq!((first["type"].as_str(), first["status"].as_str()), (Some("progress"), Some("completed")), "{first}");
+        assert_eq!(
+            (first["type"].as_str(), first["status"].as_str()),
+            (Some("progress"), Some("completed")),
+            "{first}"
+        );
         assert_completed_then_done(&frames, answer);
     }
 
@@ -544,12 +567,14 @@ async fn later_turns_of_a_session_carry_the_earlier_ones() {
     let server = fx.start();
 
     llm.push(Reply::text("Nice to meet you, Ada."));
-    let (code, body) = chat(&server, "u1", json!({"message": "My name is Ada.", "session_id": "s1", "async": false})).await;
+    let (code, body) =
+        chat(&server, "u1", json!({"message": "My name is Ada.", "session_id": "s1", "async": false})).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["data"]["message"]["content"], "Nice to meet you, Ada.");
 
     llm.push(Reply::text("Your name is Ada."));
-    let (code, body) = chat(&server, "u1", json!({"message": "What is my name?", "session_id": "s1", "async": false})).await;
+    let (code, body) =
+        chat(&server, "u1", json!({"message": "What is my name?", "session_id": "s1", "async": false})).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["data"]["message"]["content"], "Your name is Ada.");
 
@@ -603,10 +628,8 @@ async fn requests_go_to_the_default_agent_unless_they_name_one() {
 #[tokio::test]
 async fn an_openai_agent_without_a_key_does_not_load() {
     let fx = Fixture::new();
-    let path = fx.write(
-        "f/formation.afs",
-        &formation_yaml("f", "agents:\n  - id: writer\n    model: openai/gpt-4o-mini\n"),
-    );
+    let path =
+        fx.write("f/formation.afs", &formation_yaml("f", "agents:\n  - id: writer\n    model: openai/gpt-4o-mini\n"));
     let (code, stdout, stderr) = run_cli(&["validate", path.to_str().unwrap()], &fx.formations);
     assert_eq!(code, 1, "stdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("`writer`") && stdout.contains("llm.api_keys.openai"), "{stdout}");
