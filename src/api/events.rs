@@ -73,7 +73,9 @@ fn sse(state: AppState, record: RequestRecord, live: Option<Arc<LiveRequest>>, c
     let (tx, rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
         let finished = pump(&state, &record, live.as_deref(), &tx).await;
-        if !finished && cancel_on_disconnect {
+        // A server shutting down is not a client going away: the request stays
+        // unfinished and is run again after the restart.
+        if !finished && cancel_on_disconnect && !state.shutdown.is_cancelled() {
             if let Ok(Some(current)) = state.engine.store().get(&record.id).await {
                 if !current.status.is_final() {
                     tracing::info!(request = %record.id, "stream closed by the client: cancelling");
