@@ -460,6 +460,28 @@ async fn a_sync_stream_is_cancelled_when_its_client_goes_away() {
 }
 
 #[tokio::test]
+async fn a_server_shutdown_is_not_a_client_disconnect() {
+    let llm = FakeLlm::start().await;
+    let fx = Fixture::new();
+    write_formation(&fx, &llm.base_url(), "", ONE_AGENT);
+    let server = fx.start();
+    llm.push(Reply::Hang { partial: "Let me think".into() });
+
+    let mut sse = open_stream(&server, "u1", json!({"message": "survive this", "stream": true, "async": false})).await;
+    let id = sse.next().await.expect("a first frame").token()["request_id"].as_str().unwrap().to_string();
+    while sse.next().await.expect("frames until the content").token()["type"] != "content" {}
+    assert_eq!(server.terminate(), Some(0));
+    drop(sse);
+
+    // The accepted request was not cancelled by the shutdown: it runs again.
+    let server = fx.start();
+    let data = finished(&server, "u1", &id).await;
+    assert_eq!(data["status"], "completed", "{data}");
+    assert_eq!(data["result"]["text"], "survive this");
+    assert_eq!(data["attempts"], 2);
+}
+
+#[tokio::test]
 async fn an_async_stream_goes_on_after_its_client_goes_away() {
     let llm = FakeLlm::start().await;
     let fx = Fixture::new();
