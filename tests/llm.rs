@@ -113,7 +113,8 @@ impl Frame {
 /// Reads SSE frames as they arrive; comment frames (keep-alives) are skipped.
 struct Sse {
     body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
-    buffer: String,
+    /// Bytes not yet parsed (a chunk may end inside a UTF-8 character).
+    buffer: Vec<u8>,
 }
 
 impl Sse {
@@ -121,14 +122,15 @@ impl Sse {
         assert_eq!(response.status(), 200);
         let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
         assert!(content_type.starts_with("text/event-stream"), "{content_type}");
-        Sse { body: Box::pin(response.bytes_stream()), buffer: String::new() }
+        Sse { body: Box::pin(response.bytes_stream()), buffer: Vec::new() }
     }
 
     /// The next frame with an event or data; `None` at the end of the body.
     async fn next(&mut self) -> Option<Frame> {
         loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                let block = String::from_utf8(block).expect("UTF-8 frames");
                 let mut frame = Frame { event: None, data: String::new() };
                 let mut has_data = false;
                 for line in block.lines() {
@@ -150,8 +152,7 @@ impl Sse {
                 continue; // a keep-alive comment
             }
             let chunk = tokio::time::timeout(WAIT, self.body.next()).await.expect("an SSE frame in time")?;
-            self.buffer.push_str(&String::from_utf8(chunk.expect("SSE body").to_vec()).unwrap());
-            self.buffer = self.buffer.replace("\r\n", "\n");
+            self.buffer.extend(chunk.expect("SSE body").iter().copied().filter(|b| *b != b'\r'));
         }
     }
 
