@@ -35,8 +35,8 @@ const POLL: Duration = Duration::from_millis(500);
 /// `POST /chat` with `"stream": true`.
 pub async fn stream_chat(state: AppState, accepted: Accepted) -> ApiResult<Response> {
     let cancel_on_disconnect = !matches!(accepted.plan, Plan::Async);
-    let Submitted { record, live, .. } = state.engine.submit(accepted.formation, accepted.request).await?;
-    Ok(sse(state, record, live, cancel_on_disconnect))
+    let Submitted { record, live, events, .. } = state.engine.submit(accepted.formation, accepted.request).await?;
+    Ok(sse(state, record, live, events, cancel_on_disconnect))
 }
 
 /// `GET /api/{id}/v1/events/{session_id}/{request_id}`.
@@ -54,7 +54,8 @@ pub async fn follow_in_session(
         ));
     }
     let live = state.engine.live(&record.id);
-    Ok(sse(state, record, live, false))
+    let events = live.as_deref().map(LiveRequest::subscribe);
+    Ok(sse(state, record, live, events, false))
 }
 
 /// `GET /api/{id}/v1/requests/{request_id}/events`.
@@ -66,14 +67,23 @@ pub async fn follow(
     auth::authorize(&state, &id, &headers, Role::Client)?;
     let record = find(&state, &id, &headers, &request_id).await?;
     let live = state.engine.live(&record.id);
-    Ok(sse(state, record, live, false))
+    let events = live.as_deref().map(LiveRequest::subscribe);
+    Ok(sse(state, record, live, events, false))
 }
 
-fn sse(state: AppState, record: RequestRecord, live: Option<Arc<LiveRequest>>, cancel_on_disconnect: bool) -> Response {
+fn sse(
+    state: AppState,
+    record: RequestRecord,
+    live: Option<Arc<LiveRequest>>,
+    events: Option<broadcast::Receiver<LiveEvent>>,
+    cancel_on_disconnect: bool,
+) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
-        let finished = pump(&state, &record, live.as_deref(), &tx).await;
-        if !finished && cancel_on_disconnect {
+        let finished = pump(&state, &record, live.as_deref(), events, &tx).await;
+        // A server shutting down is not a client going away: the request stays
+        // unfinished and is run again after the restart.
+        if !finished && cancel_on_disconnect && !state.shutdown.is_cancelled() {
             if let Ok(Some(current)) = state.engine.store().get(&record.id).await {
                 if !current.status.is_final() {
                     tracing::info!(request = %record.id, "stream closed by the client: cancelling");
@@ -87,8 +97,14 @@ fn sse(state: AppState, record: RequestRecord, live: Option<Arc<LiveRequest>>, c
 }
 
 /// Sends the request's frames until it ends (true) or the client leaves (false).
-async fn pump(state: &AppState, record: &RequestRecord, live: Option<&LiveRequest>, tx: &mpsc::Sender<Event>) -> bool {
-    let mut events = live.map(LiveRequest::subscribe);
+async fn pump(
+    state: &AppState,
+    record: &RequestRecord,
+    live: Option<&LiveRequest>,
+    events: Option<broadcast::Receiver<LiveEvent>>,
+    tx: &mpsc::Sender<Event>,
+) -> bool {
+    let mut events = events;
     let mut done = live.map(LiveRequest::done);
     // The current state first, so a client that comes back later catches up.
     let opening = record.status_message.clone().or_else(|| record.current_step.clone()).unwrap_or_else(|| {

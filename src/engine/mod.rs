@@ -48,6 +48,9 @@ pub struct Submitted {
     pub live: Option<Arc<LiveRequest>>,
     /// True when an idempotency key matched an earlier request.
     pub replayed: bool,
+    /// The live request's events, subscribed before its work could publish any
+    /// (so a stream opened with the request misses nothing).
+    pub events: Option<tokio::sync::broadcast::Receiver<LiveEvent>>,
 }
 
 /// Why a cancel did not happen.
@@ -131,12 +134,13 @@ impl Engine {
     pub async fn submit(self: &Arc<Self>, formation: Arc<Formation>, request: NewRequest) -> StoreResult<Submitted> {
         match self.store.insert(request).await? {
             Inserted::Created(record) => {
-                let live = self.start(formation, record.clone());
-                Ok(Submitted { record, live: Some(live), replayed: false })
+                let (live, events) = self.start(formation, record.clone());
+                Ok(Submitted { record, live: Some(live), replayed: false, events: Some(events) })
             }
             Inserted::Existing(record) => {
                 let live = self.live(&record.id);
-                Ok(Submitted { record, live, replayed: true })
+                let events = live.as_deref().map(LiveRequest::subscribe);
+                Ok(Submitted { record, live, replayed: true, events })
             }
         }
     }
@@ -171,8 +175,15 @@ impl Engine {
         Ok(count)
     }
 
-    fn start(self: &Arc<Self>, formation: Arc<Formation>, record: RequestRecord) -> Arc<LiveRequest> {
+    /// Starts a request's task; returns its live handle and a subscription to
+    /// its events made before the task runs.
+    fn start(
+        self: &Arc<Self>,
+        formation: Arc<Formation>,
+        record: RequestRecord,
+    ) -> (Arc<LiveRequest>, tokio::sync::broadcast::Receiver<LiveEvent>) {
         let live = Arc::new(LiveRequest::new(&record));
+        let events = live.subscribe();
         self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(record.id.clone(), live.clone());
         let engine = self.clone();
         let task_live = live.clone();
@@ -182,7 +193,7 @@ impl Engine {
             engine.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             task_live.mark_stopped();
         });
-        live
+        (live, events)
     }
 
     fn pool(&self, formation: &Formation) -> Arc<Pool> {
