@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
@@ -13,6 +12,7 @@ use crate::engine::Engine;
 use crate::registry::Registry;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
+use crate::webhooks::{Dispatcher, FormationLookup};
 
 /// How `muxi-rt serve` was asked to run.
 #[derive(Debug, Clone)]
@@ -39,15 +39,16 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .watch(shutdown.clone())
         .with_context(|| format!("cannot watch {}", config.dir.display()))?;
 
-    let deliveries = Arc::new(Notify::new());
-    let engine = Engine::new(store.clone(), registry.clone(), deliveries.clone(), shutdown.clone());
-    let dispatcher = crate::webhooks::start_dispatcher(
-        store.clone(),
-        registry.clone(),
-        deliveries,
-        config.allow_webhook_hosts.clone(),
-        shutdown.clone(),
+    let lookup: FormationLookup = {
+        let registry = registry.clone();
+        Arc::new(move |id: &str| registry.get(id))
+    };
+    let dispatcher = Arc::new(
+        Dispatcher::new(store.clone(), lookup, config.allow_webhook_hosts.clone())
+            .context("cannot build the webhook client")?,
     );
+    let engine = Engine::new(store.clone(), registry.clone(), dispatcher.clone(), shutdown.clone());
+    let dispatcher = dispatcher.spawn(shutdown.clone());
 
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await

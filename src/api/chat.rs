@@ -16,6 +16,7 @@ use crate::engine::Submitted;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::formation::Formation;
 use crate::overlord::decide::{decide, Plan};
+use crate::overlord::estimate::{Basis, Estimate};
 use crate::store::{NewRequest, RequestRecord, Status};
 
 /// The chat body. Unknown fields (the SDK sends `files`, `request_id`) are ignored.
@@ -139,7 +140,7 @@ pub fn accepted_response(formation_id: &str, record: &RequestRecord, idempotency
     let data = json!({
         "request_id": record.id,
         "status": "processing",
-        "estimated_time": views::estimated_time(record.estimated_seconds),
+        "estimated_time": Estimate { seconds: record.estimated_seconds, basis: Basis::Declared }.range(),
         "estimated_seconds": record.estimated_seconds,
         "status_url": status_url,
         "events_url": format!("{status_url}/events"),

@@ -55,10 +55,3 @@ pub fn chat_answer(record: &RequestRecord) -> Value {
         "duration_ms": record.duration_ms(),
     })
 }
-
-/// A human range for an estimate, e.g. `45-60 seconds`.
-pub fn estimated_time(seconds: f64) -> String {
-    let low = seconds.max(1.0).round() as u64;
-    let high = (seconds * 1.33).max(2.0).round() as u64;
-    format!("{low}-{high} seconds")
-}

@@ -20,7 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::{self, AgentContext, AgentEvent, AgentFailure, AgentRequest, Turn};
@@ -32,6 +32,7 @@ use crate::store::{
     Status, Store, StoreResult,
 };
 use crate::time::now_ms;
+use crate::webhooks::Dispatcher;
 
 use pool::Pool;
 
@@ -64,8 +65,8 @@ pub struct Engine {
     running: Mutex<HashMap<String, Arc<LiveRequest>>>,
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     durations: Mutex<HashMap<(String, String), VecDeque<i64>>>,
-    /// Poked whenever a request ends with a webhook delivery to make.
-    deliveries: Arc<Notify>,
+    /// Woken whenever a request ends with a webhook delivery to make.
+    deliveries: Arc<Dispatcher>,
     shutdown: CancellationToken,
 }
 
@@ -73,7 +74,7 @@ impl Engine {
     pub fn new(
         store: Arc<dyn Store>,
         registry: Arc<Registry>,
-        deliveries: Arc<Notify>,
+        deliveries: Arc<Dispatcher>,
         shutdown: CancellationToken,
     ) -> Arc<Engine> {
         Arc::new(Engine {
@@ -98,7 +99,7 @@ impl Engine {
         let history = self.history(&formation.id, agent_id).await;
         estimate::estimate(&estimate::EstimateInput {
             message,
-            declared_seconds: declared,
+            estimated_seconds: declared,
             history: &history,
             enable_estimation: formation.overlord.async_.enable_estimation,
         })
@@ -348,7 +349,7 @@ impl Engine {
             return Ok(false);
         }
         if has_delivery {
-            self.deliveries.notify_one();
+            self.deliveries.notify();
         }
         if let Some(finished) = self.store.get(&record.id).await? {
             self.remember_duration(&finished);
