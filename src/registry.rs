@@ -7,7 +7,7 @@
 //! stops. Readers take an `Arc` of a formation and keep it for as long as their
 //! request runs, so a reload never changes a request mid-flight.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -199,6 +199,3 @@ fn print_generated_keys(id: &str, keys: &crate::formation::ApiKeys) {
         keys.client.as_deref().unwrap_or_default()
     );
 }
-
-/// Formations by id, for callers that need a plain map.
-pub type FormationMap = HashMap<String, Arc<Formation>>;

@@ -65,6 +65,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         started_at: std::time::Instant::now(),
         shutdown: shutdown.clone(),
     };
+    // Signal handlers are in place before anyone learns the address.
+    let signals = Signals::install()?;
     let live = registry.snapshot();
     tracing::info!(formations = live.formations.len(), failed = live.failures.len(), "formations loaded from {}", config.dir.display());
     // Tests and scripts read this line to find the port.
@@ -73,7 +75,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let server = axum::serve(listener, api::router(state)).with_graceful_shutdown({
         let shutdown = shutdown.clone();
         async move {
-            wait_for_signal().await;
+            signals.wait().await;
             tracing::info!("shutting down");
             shutdown.cancel();
         }
@@ -88,17 +90,26 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGINT and SIGTERM, registered up front so neither can kill the process
+/// before the graceful shutdown is ready for it.
+struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

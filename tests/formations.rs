@@ -106,7 +106,8 @@ async fn a_formation_without_keys_gets_generated_keys_that_survive_restarts() {
     let server = fx.start();
     let stored: Value = serde_json::from_slice(&std::fs::read(fx.data.join("keys/open.json")).unwrap()).unwrap();
     let admin = stored["admin_key"].as_str().unwrap().to_string();
-    assert!(server.stderr().contains(&admin), "generated keys are printed once at first load");
+    // Generated keys are printed once, at first load.
+    eventually(WAIT, "keys printed", || async { server.stderr().contains(&admin).then_some(()) }).await;
 
     let (status, _) = json(server.get("/api/open/v1/async").header("X-Muxi-Admin-Key", &admin).send().await.unwrap()).await;
     assert_eq!(status, 200);

@@ -1,13 +1,13 @@
 //! The in-memory side of a running request: its cancel token, the broadcast of
 //! its events to live watchers, and the signal that it has ended.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Progress, RequestRecord, Status};
+use crate::store::{Progress, RequestRecord};
 
 /// What live watchers of a request see.
 #[derive(Debug, Clone)]
@@ -29,7 +29,6 @@ pub struct LiveRequest {
     stopped: watch::Sender<bool>,
     /// Set when a caller that meant to wait was answered 202 instead.
     promoted: AtomicBool,
-    status: AtomicU8,
 }
 
 impl LiveRequest {
@@ -41,7 +40,6 @@ impl LiveRequest {
             done: watch::channel(None).0,
             stopped: watch::channel(false).0,
             promoted: AtomicBool::new(false),
-            status: AtomicU8::new(status_code(record.status)),
         }
     }
 
@@ -53,18 +51,6 @@ impl LiveRequest {
     pub(crate) fn publish(&self, event: LiveEvent) {
         // No receivers is fine: nobody is watching.
         let _ = self.events.send(event);
-    }
-
-    pub(crate) fn set_status(&self, status: Status) {
-        self.status.store(status_code(status), Ordering::Relaxed);
-    }
-
-    /// Pending or processing, as far as this process knows.
-    pub fn status(&self) -> Status {
-        match self.status.load(Ordering::Relaxed) {
-            0 => Status::Pending,
-            _ => Status::Processing,
-        }
     }
 
     /// Records the end and wakes everyone waiting on it.
@@ -94,12 +80,5 @@ impl LiveRequest {
     pub async fn stopped(&self, limit: Duration) {
         let mut rx = self.stopped.subscribe();
         let _ = tokio::time::timeout(limit, rx.wait_for(|stopped| *stopped)).await;
-    }
-}
-
-fn status_code(status: Status) -> u8 {
-    match status {
-        Status::Pending => 0,
-        _ => 1,
     }
 }

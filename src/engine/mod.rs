@@ -233,7 +233,6 @@ impl Engine {
             let Some(attempt) = self.store.start_attempt(&record.id, now_ms()).await? else {
                 return Ok(None);
             };
-            live.set_status(Status::Processing);
             let remaining = Duration::from_millis((workflow_deadline_ms - now_ms()).max(0) as u64);
             let (limit, limit_name, limit_secs) = if timeouts.task() <= remaining {
                 (timeouts.task(), "task_timeout", timeouts.task_timeout)

@@ -1,17 +1,1686 @@
-pub struct SqliteStore;
-impl SqliteStore { pub fn open(_p: &std::path::Path) -> super::StoreResult<SqliteStore> { Err(super::StoreError("stub".into())) } }
-#[async_trait::async_trait]
-impl super::Store for SqliteStore {
-    async fn insert(&self, _r: super::NewRequest) -> super::StoreResult<super::Inserted> { todo!() }
-    async fn get(&self, _id: &str) -> super::StoreResult<Option<super::RequestRecord>> { todo!() }
-    async fn list(&self, _q: &super::ListQuery) -> super::StoreResult<Vec<super::RequestRecord>> { todo!() }
-    async fn start_attempt(&self, _id: &str, _n: i64) -> super::StoreResult<Option<u32>> { todo!() }
-    async fn record_progress(&self, _id: &str, _p: &super::Progress) -> super::StoreResult<()> { todo!() }
-    async fn finish(&self, _id: &str, _o: &super::Outcome, _n: i64, _d: Option<super::NewDelivery>) -> super::StoreResult<bool> { todo!() }
-    async fn unfinished(&self) -> super::StoreResult<Vec<super::RequestRecord>> { todo!() }
-    async fn purge_finished_before(&self, _c: i64) -> super::StoreResult<u64> { todo!() }
-    async fn recent_durations(&self, _f: &str, _a: &str, _l: usize) -> super::StoreResult<Vec<i64>> { todo!() }
-    async fn session_turns(&self, _f: &str, _u: &str, _s: &str, _l: usize) -> super::StoreResult<Vec<(String, String)>> { todo!() }
-    async fn due_deliveries(&self, _n: i64, _l: usize) -> super::StoreResult<Vec<super::Delivery>> { todo!() }
-    async fn record_delivery(&self, _id: &str, _u: &super::DeliveryUpdate) -> super::StoreResult<()> { todo!() }
+//! The SQLite store: one file, `DATA_DIR/muxi.db`, in WAL mode with
+//! `synchronous=FULL`, so a write has reached the disk when its call returns.
+//!
+//! # Group commit
+//! Every write goes to ONE writer thread that owns the only read-write
+//! connection. The thread takes one command from its channel, then drains
+//! whatever else is already queued (up to [`MAX_BATCH`]), runs them all in ONE
+//! transaction and commits once: one fsync pays for the whole batch. Only then
+//! does it answer each caller through its oneshot. Each command runs inside its
+//! own SAVEPOINT, so a command that fails is rolled back alone and fails only its
+//! own caller. Under load the batches grow by themselves (while one commit
+//! fsyncs, the next batch queues up); alone, a write costs one transaction as
+//! usual. The single writer also makes idempotent inserts race-free.
+//!
+//! Reads run on tokio's blocking pool over a small pool of read-only
+//! connections with cached statements; WAL lets them run beside the writer.
+//!
+//! Dropping the store (or [`SqliteStore::close`]) closes the channel; the writer
+//! finishes everything already queued, then stops.
+//!
+//! The schema is versioned with `PRAGMA user_version`: [`MIGRATIONS`] are applied
+//! in order, in one transaction, when the store opens.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::types::Type;
+use rusqlite::{
+    params, Connection, DropBehavior, OpenFlags, OptionalExtension, Row, TransactionBehavior,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+
+use super::{
+    Delivery, DeliveryUpdate, ErrorInfo, Inserted, ListQuery, NewDelivery, NewRequest, Outcome,
+    Progress, RequestRecord, RequestResult, Status, Store, StoreError, StoreResult, WebhookState,
+};
+
+/// The most commands one transaction carries.
+const MAX_BATCH: usize = 512;
+/// Idle read-only connections kept for reuse.
+const MAX_IDLE_READERS: usize = 4;
+/// How long a connection waits on a lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The database file inside the data folder.
+const DB_FILE: &str = "muxi.db";
+
+/// Schema migrations; `PRAGMA user_version` is the number applied so far.
+/// Append only: never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE requests (
+    id                TEXT PRIMARY KEY,
+    formation_id      TEXT NOT NULL,
+    formation_version TEXT NOT NULL,
+    user_id           TEXT NOT NULL,
+    session_id        TEXT,
+    agent_id          TEXT NOT NULL,
+    message           TEXT NOT NULL,
+    mode              TEXT NOT NULL,
+    estimated_seconds REAL NOT NULL,
+    idempotency_key   TEXT,
+    webhook_url       TEXT,
+    status            TEXT NOT NULL
+        CHECK (status IN ('pending', 'processing', 'completed', 'failed', 'cancelled')),
+    progress          REAL NOT NULL DEFAULT 0,
+    current_step      TEXT,
+    total_steps       INTEGER,
+    completed_steps   INTEGER,
+    status_message    TEXT,
+    result_text       TEXT,            -- set iff the request completed
+    artifacts         TEXT,            -- JSON array, set with result_text
+    error             TEXT,            -- JSON ErrorInfo
+    attempts          INTEGER NOT NULL DEFAULT 0,
+    created_at        INTEGER NOT NULL,
+    started_at        INTEGER,
+    completed_at      INTEGER
+);
+CREATE INDEX requests_by_user ON requests (formation_id, user_id, created_at);
+CREATE INDEX requests_by_status ON requests (status, created_at);
+CREATE INDEX requests_by_agent ON requests (formation_id, agent_id, completed_at);
+CREATE INDEX requests_by_session ON requests (formation_id, user_id, session_id, created_at)
+    WHERE session_id IS NOT NULL;
+CREATE UNIQUE INDEX requests_idempotency ON requests (formation_id, user_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+
+CREATE TABLE deliveries (
+    id              TEXT PRIMARY KEY,
+    request_id      TEXT NOT NULL UNIQUE REFERENCES requests (id) ON DELETE CASCADE,
+    formation_id    TEXT NOT NULL,
+    url             TEXT NOT NULL,
+    status          TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    last_error      TEXT,
+    created_at      INTEGER NOT NULL
+);
+CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
+"#];
+
+/// `SELECT <every record column> FROM requests r LEFT JOIN deliveries d <tail>`.
+macro_rules! select_records {
+    ($tail:literal) => {
+        concat!(
+            "SELECT r.*, d.status AS webhook_status, d.attempts AS webhook_attempts, \
+             d.last_error AS webhook_last_error \
+             FROM requests r LEFT JOIN deliveries d ON d.request_id = r.id ",
+            $tail
+        )
+    };
+}
+
+/// The SQLite implementation of [`Store`].
+pub struct SqliteStore {
+    path: PathBuf,
+    /// `None` once closed.
+    writer: Mutex<Option<mpsc::Sender<Box<dyn Job>>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    readers: Arc<ReadPool>,
+    commits: Arc<AtomicU64>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `data_dir/muxi.db`, migrates its schema and
+    /// starts the writer thread.
+    pub fn open(data_dir: &Path) -> StoreResult<SqliteStore> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError(format!(
+                "cannot create data folder {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let path = data_dir.join(DB_FILE);
+        let opening = |e: rusqlite::Error| StoreError(format!("open {}: {e}", path.display()));
+
+        let mut conn = Connection::open(&path).map_err(opening)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(opening)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .map_err(opening)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError(format!(
+                "open {}: cannot switch to WAL mode (journal_mode is {mode})",
+                path.display()
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(opening)?;
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(opening)?;
+        migrate(&mut conn)
+            .map_err(|e| StoreError(format!("migrate {}: {}", path.display(), e.0)))?;
+
+        let readers = Arc::new(ReadPool {
+            path: path.clone(),
+            idle: Mutex::new(Vec::new()),
+        });
+        // Open one reader now so a database readers cannot open fails here, not later.
+        let first = readers.connect().map_err(opening)?;
+        readers.put(first);
+
+        let commits = Arc::new(AtomicU64::new(0));
+        let (sender, receiver) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("muxi-store-writer".into())
+            .spawn({
+                let commits = commits.clone();
+                move || writer_loop(conn, receiver, commits)
+            })
+            .map_err(|e| StoreError(format!("cannot start the writer thread: {e}")))?;
+
+        tracing::debug!(path = %path.display(), "sqlite store open");
+        Ok(SqliteStore {
+            path,
+            writer: Mutex::new(Some(sender)),
+            thread: Mutex::new(Some(thread)),
+            readers,
+            commits,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Transactions committed by the writer so far. With group commit this is
+    /// usually far fewer than the writes made.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Stops taking writes, lets the writer finish everything already queued,
+    /// and waits for it. Writes after this fail; reads still work. Idempotent.
+    pub fn close(&self) {
+        drop(
+            self.writer
+                .lock()
+                .expect("store writer mutex poisoned")
+                .take(),
+        );
+        let thread = self
+            .thread
+            .lock()
+            .expect("store thread mutex poisoned")
+            .take();
+        if let Some(thread) = thread {
+            if thread.join().is_err() {
+                tracing::error!("the store writer thread panicked");
+            }
+        }
+    }
+
+    /// Runs `op` in the writer's next batch and waits for that batch's commit.
+    async fn write<T, F>(&self, name: &'static str, op: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Box::new(Write {
+            name,
+            op: Some(op),
+            out: None,
+            reply,
+        });
+        {
+            let writer = self.writer.lock().expect("store writer mutex poisoned");
+            let sender = writer
+                .as_ref()
+                .ok_or_else(|| StoreError(format!("{name}: the store is closed")))?;
+            sender
+                .send(job)
+                .map_err(|_| StoreError(format!("{name}: the store writer has stopped")))?;
+        }
+        answer
+            .await
+            .map_err(|_| StoreError(format!("{name}: the store writer stopped before answering")))?
+    }
+
+    /// Runs `op` on a read-only connection on tokio's blocking pool.
+    async fn read<T, F>(&self, name: &'static str, op: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.get()?;
+            let out = op(&conn);
+            readers.put(conn);
+            out
+        })
+        .await
+        .map_err(|e| StoreError(format!("{name}: read task failed: {e}")))?
+        .map_err(|e| StoreError(format!("{name}: {e}")))
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Applies the migrations the database has not seen yet, in one transaction.
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let sql = |e: rusqlite::Error| StoreError(e.to_string());
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql)?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(sql)?;
+    let known = MIGRATIONS.len() as i64;
+    if !(0..=known).contains(&version) {
+        return Err(StoreError(format!(
+            "schema version {version} is not one this build knows (0..={known})"
+        )));
+    }
+    for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(migration).map_err(sql)?;
+        tracing::info!(version = i + 1, "applied store migration");
+    }
+    if version < known {
+        tx.pragma_update(None, "user_version", known).map_err(sql)?;
+    }
+    tx.commit().map_err(sql)
+}
+
+// ---------------------------------------------------------------------------
+// The writer
+
+/// A queued write, type-erased so one channel carries them all.
+trait Job: Send {
+    /// Runs inside the batch transaction and keeps its own result; true if it succeeded.
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Answers the caller once the fate of the batch is known.
+    fn answer(self: Box<Self>, batch: Result<(), &StoreError>);
+}
+
+struct Write<T, F> {
+    name: &'static str,
+    op: Option<F>,
+    out: Option<rusqlite::Result<T>>,
+    reply: oneshot::Sender<StoreResult<T>>,
+}
+
+impl<T, F> Job for Write<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> rusqlite::Result<T> + Send,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        let out = match self.op.take() {
+            Some(op) => op(conn),
+            None => return false,
+        };
+        let ok = out.is_ok();
+        self.out = Some(out);
+        ok
+    }
+
+    fn answer(self: Box<Self>, batch: Result<(), &StoreError>) {
+        let name = self.name;
+        let result = match (self.out, batch) {
+            (Some(Err(e)), _) => Err(StoreError(format!("{name}: {e}"))),
+            (Some(Ok(value)), Ok(())) => Ok(value),
+            (_, Err(e)) => Err(StoreError(format!("{name}: transaction failed: {}", e.0))),
+            (None, Ok(())) => Err(StoreError(format!("{name}: was not run"))),
+        };
+        // The caller may have gone away (its future dropped); the write stands.
+        let _ = self.reply.send(result);
+    }
+}
+
+fn writer_loop(mut conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>, commits: Arc<AtomicU64>) {
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
+    // `recv` fails only once every sender is gone and the queue is empty.
+    while let Ok(first) = queue.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let outcome = run_batch(&mut conn, &mut batch);
+        match &outcome {
+            Ok(()) => {
+                commits.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(writes = batch.len(), "store batch committed");
+            }
+            Err(e) => tracing::error!(writes = batch.len(), error = %e, "store batch failed"),
+        }
+        for job in batch.drain(..) {
+            job.answer(outcome.as_ref().map(|_| ()));
+        }
+    }
+    tracing::debug!("store writer stopped");
+}
+
+/// One transaction for the whole batch, one savepoint per job.
+fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn Job>]) -> StoreResult<()> {
+    let failed = |e: rusqlite::Error| StoreError(e.to_string());
+    let mut tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(failed)?;
+    for job in batch.iter_mut() {
+        let mut savepoint = tx.savepoint().map_err(failed)?;
+        if job.run(&savepoint) {
+            savepoint.commit().map_err(failed)?;
+        } else {
+            // Roll back to the savepoint and release it: only this job is undone.
+            savepoint.set_drop_behavior(DropBehavior::Rollback);
+            savepoint.finish().map_err(failed)?;
+        }
+    }
+    // On any error above, dropping `tx` rolls the whole batch back.
+    tx.commit().map_err(failed)
+}
+
+// ---------------------------------------------------------------------------
+// The readers
+
+struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReadPool {
+    fn connect(&self) -> rusqlite::Result<Connection> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        Ok(conn)
+    }
+
+    fn get(&self) -> rusqlite::Result<Connection> {
+        let idle = self.idle.lock().expect("store reader pool poisoned").pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => self.connect(),
+        }
+    }
+
+    fn put(&self, conn: Connection) {
+        let mut idle = self.idle.lock().expect("store reader pool poisoned");
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Rows
+
+fn conversion_error(
+    row: &Row,
+    column: &str,
+    err: impl std::error::Error + Send + Sync + 'static,
+) -> rusqlite::Error {
+    let index = row.as_ref().column_index(column).unwrap_or(0);
+    rusqlite::Error::FromSqlConversionFailure(index, Type::Text, Box::new(err))
+}
+
+fn json_column<T: DeserializeOwned>(row: &Row, column: &str) -> rusqlite::Result<Option<T>> {
+    let text: Option<String> = row.get(column)?;
+    text.map(|text| serde_json::from_str(&text).map_err(|e| conversion_error(row, column, e)))
+        .transpose()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown status {0:?}")]
+struct UnknownStatus(String);
+
+fn status_column(row: &Row, column: &str) -> rusqlite::Result<Status> {
+    let text: String = row.get(column)?;
+    Status::parse(&text).ok_or_else(|| conversion_error(row, column, UnknownStatus(text)))
+}
+
+/// A row of [`select_records!`].
+fn record_from_row(row: &Row) -> rusqlite::Result<RequestRecord> {
+    let result = match row.get::<_, Option<String>>("result_text")? {
+        Some(text) => Some(RequestResult {
+            text,
+            artifacts: json_column(row, "artifacts")?.unwrap_or_default(),
+        }),
+        None => None,
+    };
+    let webhook = match row.get::<_, Option<String>>("webhook_status")? {
+        Some(status) => Some(WebhookState {
+            status,
+            attempts: row.get("webhook_attempts")?,
+            last_error: row.get("webhook_last_error")?,
+        }),
+        None => None,
+    };
+    Ok(RequestRecord {
+        id: row.get("id")?,
+        formation_id: row.get("formation_id")?,
+        formation_version: row.get("formation_version")?,
+        user_id: row.get("user_id")?,
+        session_id: row.get("session_id")?,
+        agent_id: row.get("agent_id")?,
+        message: row.get("message")?,
+        mode: row.get("mode")?,
+        estimated_seconds: row.get("estimated_seconds")?,
+        idempotency_key: row.get("idempotency_key")?,
+        webhook_url: row.get("webhook_url")?,
+        status: status_column(row, "status")?,
+        progress: row.get("progress")?,
+        current_step: row.get("current_step")?,
+        total_steps: row.get("total_steps")?,
+        completed_steps: row.get("completed_steps")?,
+        status_message: row.get("status_message")?,
+        result,
+        error: json_column::<ErrorInfo>(row, "error")?,
+        attempts: row.get("attempts")?,
+        created_at: row.get("created_at")?,
+        started_at: row.get("started_at")?,
+        completed_at: row.get("completed_at")?,
+        webhook,
+    })
+}
+
+fn delivery_from_row(row: &Row) -> rusqlite::Result<Delivery> {
+    Ok(Delivery {
+        id: row.get("id")?,
+        request_id: row.get("request_id")?,
+        formation_id: row.get("formation_id")?,
+        url: row.get("url")?,
+        attempts: row.get("attempts")?,
+        next_attempt_at: row.get("next_attempt_at")?,
+        status: row.get("status")?,
+        last_error: row.get("last_error")?,
+    })
+}
+
+/// What a freshly inserted request looks like.
+fn new_record(request: NewRequest) -> RequestRecord {
+    RequestRecord {
+        id: request.id,
+        formation_id: request.formation_id,
+        formation_version: request.formation_version,
+        user_id: request.user_id,
+        session_id: request.session_id,
+        agent_id: request.agent_id,
+        message: request.message,
+        mode: request.mode,
+        estimated_seconds: request.estimated_seconds,
+        idempotency_key: request.idempotency_key,
+        webhook_url: request.webhook_url,
+        status: Status::Pending,
+        progress: 0.0,
+        current_step: None,
+        total_steps: None,
+        completed_steps: None,
+        status_message: None,
+        result: None,
+        error: None,
+        attempts: 0,
+        created_at: request.created_at,
+        started_at: None,
+        completed_at: None,
+        webhook: None,
+    }
+}
+
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn to_json(name: &str, value: &impl serde::Serialize) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(|e| StoreError(format!("{name}: cannot encode JSON: {e}")))
+}
+
+// ---------------------------------------------------------------------------
+// The trait
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert(&self, request: NewRequest) -> StoreResult<Inserted> {
+        self.write("insert", move |conn| {
+            if let Some(key) = &request.idempotency_key {
+                let existing = conn
+                    .prepare_cached(select_records!(
+                        "WHERE r.formation_id = ?1 AND r.user_id = ?2 AND r.idempotency_key = ?3"
+                    ))?
+                    .query_row(
+                        params![request.formation_id, request.user_id, key],
+                        record_from_row,
+                    )
+                    .optional()?;
+                if let Some(existing) = existing {
+                    return Ok(Inserted::Existing(existing));
+                }
+            }
+            conn.prepare_cached(
+                "INSERT INTO requests (id, formation_id, formation_version, user_id, session_id, \
+                 agent_id, message, mode, estimated_seconds, idempotency_key, webhook_url, status, \
+                 created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', ?12)",
+            )?
+            .execute(params![
+                request.id,
+                request.formation_id,
+                request.formation_version,
+                request.user_id,
+                request.session_id,
+                request.agent_id,
+                request.message,
+                request.mode,
+                request.estimated_seconds,
+                request.idempotency_key,
+                request.webhook_url,
+                request.created_at,
+            ])?;
+            Ok(Inserted::Created(new_record(request)))
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
+        let id = id.to_owned();
+        self.read("get", move |conn| {
+            conn.prepare_cached(select_records!("WHERE r.id = ?1"))?
+                .query_row([id], record_from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<RequestRecord>> {
+        let query = query.clone();
+        self.read("list", move |conn| {
+            conn.prepare_cached(select_records!(
+                "WHERE r.formation_id = ?1 AND r.user_id = ?2 AND (?3 IS NULL OR r.status = ?3) \
+                 ORDER BY r.created_at DESC, r.id DESC LIMIT ?4"
+            ))?
+            .query_map(
+                params![
+                    query.formation_id,
+                    query.user_id,
+                    query.status.map(Status::as_str),
+                    sql_limit(query.limit)
+                ],
+                record_from_row,
+            )?
+            .collect()
+        })
+        .await
+    }
+
+    async fn start_attempt(&self, id: &str, now: i64) -> StoreResult<Option<u32>> {
+        let id = id.to_owned();
+        self.write("start_attempt", move |conn| {
+            conn.prepare_cached(
+                "UPDATE requests SET status = 'processing', attempts = attempts + 1, \
+                 started_at = COALESCE(started_at, ?2) \
+                 WHERE id = ?1 AND status IN ('pending', 'processing') RETURNING attempts",
+            )?
+            .query_row(params![id, now], |row| row.get(0))
+            .optional()
+        })
+        .await
+    }
+
+    async fn record_progress(&self, id: &str, progress: &Progress) -> StoreResult<()> {
+        let id = id.to_owned();
+        let progress = progress.clone();
+        self.write("record_progress", move |conn| {
+            conn.prepare_cached(
+                "UPDATE requests SET progress = COALESCE(?2, progress), \
+                 current_step = COALESCE(?3, current_step), \
+                 total_steps = COALESCE(?4, total_steps), \
+                 completed_steps = COALESCE(?5, completed_steps), \
+                 status_message = COALESCE(?6, status_message) \
+                 WHERE id = ?1 AND status IN ('pending', 'processing')",
+            )?
+            .execute(params![
+                id,
+                progress.progress,
+                progress.current_step,
+                progress.total_steps,
+                progress.completed_steps,
+                progress.message,
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn finish(
+        &self,
+        id: &str,
+        outcome: &Outcome,
+        now: i64,
+        delivery: Option<NewDelivery>,
+    ) -> StoreResult<bool> {
+        let id = id.to_owned();
+        let status = outcome.status().as_str();
+        let (result_text, artifacts, error, message) = match outcome {
+            Outcome::Completed(result) => (
+                Some(result.text.clone()),
+                Some(to_json("finish", &result.artifacts)?),
+                None,
+                None,
+            ),
+            Outcome::Failed(error) => (None, None, Some(to_json("finish", error)?), None),
+            Outcome::Cancelled { message } => (None, None, None, Some(message.clone())),
+        };
+        self.write("finish", move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE requests SET status = ?2, result_text = ?3, artifacts = ?4, error = ?5, \
+                     status_message = COALESCE(?6, status_message), completed_at = ?7, \
+                     progress = CASE WHEN ?2 = 'completed' THEN 100 ELSE progress END \
+                     WHERE id = ?1 AND status IN ('pending', 'processing')",
+                )?
+                .execute(params![id, status, result_text, artifacts, error, message, now])?;
+            if changed == 0 {
+                return Ok(false);
+            }
+            if let Some(delivery) = delivery {
+                conn.prepare_cached(
+                    "INSERT INTO deliveries (id, request_id, formation_id, url, status, attempts, \
+                     next_attempt_at, created_at) \
+                     SELECT ?1, id, formation_id, ?2, 'pending', 0, ?3, ?3 FROM requests WHERE id = ?4",
+                )?
+                .execute(params![delivery.id, delivery.url, now, id])?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn unfinished(&self) -> StoreResult<Vec<RequestRecord>> {
+        self.read("unfinished", |conn| {
+            conn.prepare_cached(select_records!(
+                "WHERE r.status IN ('pending', 'processing') ORDER BY r.created_at, r.id"
+            ))?
+            .query_map([], record_from_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn purge_finished_before(&self, cutoff: i64) -> StoreResult<u64> {
+        self.write("purge_finished_before", move |conn| {
+            const FINISHED: &str =
+                "status IN ('completed', 'failed', 'cancelled') AND completed_at < ?1";
+            conn.prepare_cached(&format!(
+                "DELETE FROM deliveries WHERE request_id IN (SELECT id FROM requests WHERE {FINISHED})"
+            ))?
+            .execute([cutoff])?;
+            let deleted = conn
+                .prepare_cached(&format!("DELETE FROM requests WHERE {FINISHED}"))?
+                .execute([cutoff])?;
+            Ok(deleted as u64)
+        })
+        .await
+    }
+
+    async fn recent_durations(
+        &self,
+        formation_id: &str,
+        agent_id: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<i64>> {
+        let (formation_id, agent_id) = (formation_id.to_owned(), agent_id.to_owned());
+        self.read("recent_durations", move |conn| {
+            conn.prepare_cached(
+                "SELECT completed_at - COALESCE(started_at, created_at) FROM requests \
+                 WHERE formation_id = ?1 AND agent_id = ?2 AND status = 'completed' \
+                 ORDER BY completed_at DESC, id DESC LIMIT ?3",
+            )?
+            .query_map(params![formation_id, agent_id, sql_limit(limit)], |row| {
+                row.get(0)
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn session_turns(
+        &self,
+        formation_id: &str,
+        user_id: &str,
+        session_id: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, String)>> {
+        let (formation_id, user_id, session_id) = (
+            formation_id.to_owned(),
+            user_id.to_owned(),
+            session_id.to_owned(),
+        );
+        self.read("session_turns", move |conn| {
+            // The latest `limit` turns, newest first; reversed below.
+            let mut turns = conn
+                .prepare_cached(
+                    "SELECT message, result_text FROM requests \
+                     WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 \
+                     AND status = 'completed' \
+                     ORDER BY created_at DESC, id DESC LIMIT ?4",
+                )?
+                .query_map(
+                    params![formation_id, user_id, session_id, sql_limit(limit)],
+                    |row| {
+                        Ok((
+                            row.get(0)?,
+                            row.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                        ))
+                    },
+                )?
+                .collect::<rusqlite::Result<Vec<(String, String)>>>()?;
+            turns.reverse();
+            Ok(turns)
+        })
+        .await
+    }
+
+    async fn due_deliveries(&self, now: i64, limit: usize) -> StoreResult<Vec<Delivery>> {
+        self.read("due_deliveries", move |conn| {
+            conn.prepare_cached(
+                "SELECT * FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?1 \
+                 ORDER BY created_at, id LIMIT ?2",
+            )?
+            .query_map(params![now, sql_limit(limit)], delivery_from_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn record_delivery(&self, id: &str, update: &DeliveryUpdate) -> StoreResult<()> {
+        let id = id.to_owned();
+        let (status, error, next_attempt_at) = match update.clone() {
+            DeliveryUpdate::Delivered => ("delivered", None, None),
+            DeliveryUpdate::Retry {
+                error,
+                next_attempt_at,
+            } => ("pending", Some(error), Some(next_attempt_at)),
+            DeliveryUpdate::Failed { error } => ("failed", Some(error), None),
+        };
+        self.write("record_delivery", move |conn| {
+            // Only a pending delivery moves: delivered and failed are final.
+            conn.prepare_cached(
+                "UPDATE deliveries SET attempts = attempts + 1, status = ?2, last_error = ?3, \
+                 next_attempt_at = COALESCE(?4, next_attempt_at) \
+                 WHERE id = ?1 AND status = 'pending'",
+            )?
+            .execute(params![id, status, error, next_attempt_at])?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn open() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("data")).expect("open store");
+        (dir, store)
+    }
+
+    fn request(id: &str, created_at: i64) -> NewRequest {
+        NewRequest {
+            id: id.into(),
+            formation_id: "f1".into(),
+            formation_version: "1.0.0".into(),
+            user_id: "alice".into(),
+            session_id: None,
+            agent_id: "researcher".into(),
+            message: format!("message of {id}"),
+            mode: "async".into(),
+            estimated_seconds: 42.5,
+            idempotency_key: None,
+            webhook_url: None,
+            created_at,
+        }
+    }
+
+    fn created(inserted: Inserted) -> RequestRecord {
+        match inserted {
+            Inserted::Created(record) => record,
+            Inserted::Existing(record) => {
+                panic!("expected a new request, got existing {}", record.id)
+            }
+        }
+    }
+
+    fn completed(text: &str) -> Outcome {
+        Outcome::Completed(RequestResult {
+            text: text.into(),
+            artifacts: vec![],
+        })
+    }
+
+    fn delivery(id: &str) -> Option<NewDelivery> {
+        Some(NewDelivery {
+            id: id.into(),
+            url: "https://example.com/hook".into(),
+        })
+    }
+
+    async fn get(store: &SqliteStore, id: &str) -> RequestRecord {
+        store.get(id).await.expect("get").expect("request exists")
+    }
+
+    #[tokio::test]
+    async fn every_field_round_trips() {
+        let (_dir, store) = open();
+        let new = NewRequest {
+            session_id: Some("s1".into()),
+            idempotency_key: Some("key-1".into()),
+            webhook_url: Some("https://example.com/hook".into()),
+            ..request("req_1", 1_000)
+        };
+        let inserted = created(store.insert(new.clone()).await.expect("insert"));
+        assert_eq!(inserted, get(&store, "req_1").await);
+        assert_eq!(inserted.status, Status::Pending);
+        assert_eq!((inserted.attempts, inserted.progress), (0, 0.0));
+
+        assert_eq!(
+            store.start_attempt("req_1", 2_000).await.expect("start"),
+            Some(1)
+        );
+        let progress = Progress {
+            progress: Some(60.0),
+            current_step: Some("step 3".into()),
+            total_steps: Some(5),
+            completed_steps: Some(3),
+            message: Some("Analyzing third source".into()),
+        };
+        store
+            .record_progress("req_1", &progress)
+            .await
+            .expect("progress");
+        let result = RequestResult {
+            text: "the report".into(),
+            artifacts: vec![
+                serde_json::json!("report.pdf"),
+                serde_json::json!({"name": "x"}),
+            ],
+        };
+        let finished = store
+            .finish(
+                "req_1",
+                &Outcome::Completed(result.clone()),
+                5_000,
+                delivery("wh_1"),
+            )
+            .await
+            .expect("finish");
+        assert!(finished);
+
+        let expected = RequestRecord {
+            id: new.id,
+            formation_id: new.formation_id,
+            formation_version: new.formation_version,
+            user_id: new.user_id,
+            session_id: new.session_id,
+            agent_id: new.agent_id,
+            message: new.message,
+            mode: new.mode,
+            estimated_seconds: new.estimated_seconds,
+            idempotency_key: new.idempotency_key,
+            webhook_url: new.webhook_url,
+            status: Status::Completed,
+            progress: 100.0,
+            current_step: Some("step 3".into()),
+            total_steps: Some(5),
+            completed_steps: Some(3),
+            status_message: Some("Analyzing third source".into()),
+            result: Some(result),
+            error: None,
+            attempts: 1,
+            created_at: 1_000,
+            started_at: Some(2_000),
+            completed_at: Some(5_000),
+            webhook: Some(WebhookState {
+                status: "pending".into(),
+                attempts: 0,
+                last_error: None,
+            }),
+        };
+        assert_eq!(get(&store, "req_1").await, expected);
+        assert_eq!(expected.duration_ms(), Some(3_000));
+
+        // A failure keeps its error info.
+        store.insert(request("req_2", 1_100)).await.expect("insert");
+        let error = ErrorInfo {
+            kind: "tool_error".into(),
+            message: "boom".into(),
+            retryable: true,
+        };
+        assert!(store
+            .finish("req_2", &Outcome::Failed(error.clone()), 6_000, None)
+            .await
+            .expect("finish"));
+        let failed = get(&store, "req_2").await;
+        assert_eq!(
+            (failed.status, failed.error, failed.result),
+            (Status::Failed, Some(error), None)
+        );
+        assert_eq!(failed.progress, 0.0);
+        assert_eq!(failed.webhook, None);
+        assert_eq!(store.get("nope").await.expect("get"), None);
+    }
+
+    #[tokio::test]
+    async fn idempotency_key_is_per_formation_and_user() {
+        let (_dir, store) = open();
+        let keyed = |id: &str, user: &str| NewRequest {
+            user_id: user.into(),
+            idempotency_key: Some("same-key".into()),
+            ..request(id, 1_000)
+        };
+        let first = created(store.insert(keyed("req_a", "alice")).await.expect("insert"));
+        match store.insert(keyed("req_b", "alice")).await.expect("insert") {
+            Inserted::Existing(existing) => assert_eq!(existing, first),
+            other => panic!("expected the existing request, got {other:?}"),
+        }
+        assert_eq!(store.get("req_b").await.expect("get"), None);
+        created(store.insert(keyed("req_c", "bob")).await.expect("insert"));
+        let other_formation = NewRequest {
+            formation_id: "f2".into(),
+            ..keyed("req_d", "alice")
+        };
+        created(store.insert(other_formation).await.expect("insert"));
+        // No key: never deduplicated.
+        created(store.insert(request("req_e", 1_000)).await.expect("insert"));
+        created(store.insert(request("req_f", 1_000)).await.expect("insert"));
+    }
+
+    #[tokio::test]
+    async fn concurrent_same_key_inserts_create_exactly_one() {
+        let (_dir, store) = open();
+        let store = Arc::new(store);
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let new = NewRequest {
+                        idempotency_key: Some("k".into()),
+                        ..request(&format!("req_{i}"), 1_000)
+                    };
+                    store.insert(new).await.expect("insert")
+                })
+            })
+            .collect();
+        let mut ids = std::collections::HashSet::new();
+        let mut created_count = 0;
+        for task in tasks {
+            match task.await.expect("task") {
+                Inserted::Created(r) => {
+                    created_count += 1;
+                    ids.insert(r.id);
+                }
+                Inserted::Existing(r) => {
+                    ids.insert(r.id);
+                }
+            }
+        }
+        assert_eq!(created_count, 1);
+        assert_eq!(ids.len(), 1, "every caller sees the same request");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_inserts_all_land_and_are_group_committed() {
+        const TASKS: usize = 50;
+        const PER_TASK: usize = 10;
+        let (_dir, store) = open();
+        let store = Arc::new(store);
+        let before = store.commits();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let inserts = (0..PER_TASK).map(|i| {
+                        let store = store.clone();
+                        async move {
+                            let n = (t * PER_TASK + i) as i64;
+                            store.insert(request(&format!("req_{t}_{i}"), n)).await
+                        }
+                    });
+                    for inserted in futures::future::join_all(inserts).await {
+                        created(inserted.expect("insert"));
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("task");
+        }
+        let inserts = (TASKS * PER_TASK) as u64;
+        let commits = store.commits() - before;
+        eprintln!("{inserts} concurrent inserts in {commits} commits");
+        assert!(
+            commits < inserts,
+            "writes were not batched: {commits} commits for {inserts} inserts"
+        );
+
+        for t in 0..TASKS {
+            for i in 0..PER_TASK {
+                let id = format!("req_{t}_{i}");
+                assert_eq!(get(&store, &id).await.id, id);
+            }
+        }
+        let all = store
+            .list(&ListQuery {
+                formation_id: "f1".into(),
+                user_id: "alice".into(),
+                status: None,
+                limit: 10_000,
+            })
+            .await
+            .expect("list");
+        assert_eq!(all.len(), TASKS * PER_TASK);
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_fails_only_its_caller() {
+        let (_dir, store) = open();
+        store.insert(request("dup", 1)).await.expect("insert");
+        // Queue many writes at once so they share batches with the failing ones.
+        let before = store.commits();
+        let writes = (0..100).map(|i| {
+            let id = if i % 10 == 0 {
+                "dup".to_owned()
+            } else {
+                format!("ok_{i}")
+            };
+            store.insert(request(&id, 2))
+        });
+        let results = futures::future::join_all(writes).await;
+        let commits = store.commits() - before;
+        assert!(commits < 100, "failing writes shared batches: {commits} commits");
+        for (i, result) in results.into_iter().enumerate() {
+            if i % 10 == 0 {
+                let err = result.expect_err("duplicate id must fail");
+                assert!(err.to_string().contains("insert"), "{err}");
+            } else {
+                created(result.expect("insert"));
+                assert!(store.get(&format!("ok_{i}")).await.expect("get").is_some());
+            }
+        }
+        assert_eq!(
+            get(&store, "dup").await.created_at,
+            1,
+            "the original is untouched"
+        );
+    }
+
+    #[tokio::test]
+    async fn finish_happens_exactly_once() {
+        let (_dir, store) = open();
+        store.insert(request("req_1", 1)).await.expect("insert");
+        store.start_attempt("req_1", 2).await.expect("start");
+        assert!(store
+            .finish("req_1", &completed("first"), 3, delivery("wh_1"))
+            .await
+            .expect("finish"));
+        let after_first = get(&store, "req_1").await;
+
+        let cancel = Outcome::Cancelled {
+            message: "too late".into(),
+        };
+        assert!(!store
+            .finish("req_1", &cancel, 4, delivery("wh_2"))
+            .await
+            .expect("finish"));
+        assert!(!store
+            .finish("req_1", &completed("second"), 5, None)
+            .await
+            .expect("finish"));
+        assert_eq!(store.start_attempt("req_1", 6).await.expect("start"), None);
+        store
+            .record_progress(
+                "req_1",
+                &Progress {
+                    progress: Some(5.0),
+                    ..Progress::default()
+                },
+            )
+            .await
+            .expect("progress");
+        assert_eq!(get(&store, "req_1").await, after_first);
+        let due = store.due_deliveries(i64::MAX, 10).await.expect("due");
+        assert_eq!(due.len(), 1, "only the first finish wrote an outbox row");
+        assert_eq!(due[0].id, "wh_1");
+        // Unknown requests are not finished either.
+        assert!(!store
+            .finish("nope", &completed("x"), 7, delivery("wh_3"))
+            .await
+            .expect("finish"));
+    }
+
+    #[tokio::test]
+    async fn cancel_before_start() {
+        let (_dir, store) = open();
+        store.insert(request("req_1", 1)).await.expect("insert");
+        let cancel = Outcome::Cancelled {
+            message: "Request cancelled by user".into(),
+        };
+        assert!(store
+            .finish("req_1", &cancel, 2, None)
+            .await
+            .expect("finish"));
+        assert_eq!(store.start_attempt("req_1", 3).await.expect("start"), None);
+        let record = get(&store, "req_1").await;
+        assert_eq!(record.status, Status::Cancelled);
+        assert_eq!(
+            record.status_message.as_deref(),
+            Some("Request cancelled by user")
+        );
+        assert_eq!(
+            (record.attempts, record.started_at, record.completed_at),
+            (0, None, Some(2))
+        );
+        assert_eq!(record.duration_ms(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn attempts_count_and_started_at_sticks() {
+        let (_dir, store) = open();
+        store.insert(request("req_1", 1)).await.expect("insert");
+        assert_eq!(
+            store.start_attempt("req_1", 10).await.expect("start"),
+            Some(1)
+        );
+        assert_eq!(
+            store.start_attempt("req_1", 20).await.expect("start"),
+            Some(2)
+        );
+        let record = get(&store, "req_1").await;
+        assert_eq!(
+            (record.status, record.attempts, record.started_at),
+            (Status::Processing, 2, Some(10))
+        );
+        assert_eq!(store.start_attempt("nope", 10).await.expect("start"), None);
+    }
+
+    #[tokio::test]
+    async fn progress_keeps_fields_it_does_not_name() {
+        let (_dir, store) = open();
+        store.insert(request("req_1", 1)).await.expect("insert");
+        let full = Progress {
+            progress: Some(20.0),
+            current_step: Some("one".into()),
+            total_steps: Some(4),
+            completed_steps: Some(1),
+            message: Some("started".into()),
+        };
+        store
+            .record_progress("req_1", &full)
+            .await
+            .expect("progress");
+        let partial = Progress {
+            progress: Some(45.0),
+            completed_steps: Some(2),
+            ..Progress::default()
+        };
+        store
+            .record_progress("req_1", &partial)
+            .await
+            .expect("progress");
+        store
+            .record_progress("req_1", &Progress::default())
+            .await
+            .expect("progress");
+        let record = get(&store, "req_1").await;
+        assert_eq!(record.progress, 45.0);
+        assert_eq!(record.current_step.as_deref(), Some("one"));
+        assert_eq!(record.total_steps, Some(4));
+        assert_eq!(record.completed_steps, Some(2));
+        assert_eq!(record.status_message.as_deref(), Some("started"));
+        // Progress on an unknown request is ignored.
+        store
+            .record_progress("nope", &full)
+            .await
+            .expect("progress");
+    }
+
+    #[tokio::test]
+    async fn outbox_row_comes_only_with_finish() {
+        let (_dir, store) = open();
+        store.insert(request("req_1", 1)).await.expect("insert");
+        store.insert(request("req_2", 2)).await.expect("insert");
+        assert!(store
+            .due_deliveries(i64::MAX, 10)
+            .await
+            .expect("due")
+            .is_empty());
+        assert_eq!(get(&store, "req_1").await.webhook, None);
+
+        store
+            .finish("req_1", &completed("a"), 100, delivery("wh_1"))
+            .await
+            .expect("finish");
+        store
+            .finish("req_2", &completed("b"), 50, delivery("wh_2"))
+            .await
+            .expect("finish");
+        assert!(store.due_deliveries(49, 10).await.expect("due").is_empty());
+        let due = store.due_deliveries(100, 10).await.expect("due");
+        assert_eq!(
+            due,
+            vec![
+                Delivery {
+                    id: "wh_2".into(),
+                    request_id: "req_2".into(),
+                    formation_id: "f1".into(),
+                    url: "https://example.com/hook".into(),
+                    attempts: 0,
+                    next_attempt_at: 50,
+                    status: "pending".into(),
+                    last_error: None,
+                },
+                Delivery {
+                    id: "wh_1".into(),
+                    request_id: "req_1".into(),
+                    formation_id: "f1".into(),
+                    url: "https://example.com/hook".into(),
+                    attempts: 0,
+                    next_attempt_at: 100,
+                    status: "pending".into(),
+                    last_error: None,
+                },
+            ]
+        );
+        assert_eq!(store.due_deliveries(100, 1).await.expect("due").len(), 1);
+        assert_eq!(
+            get(&store, "req_1").await.webhook,
+            Some(WebhookState {
+                status: "pending".into(),
+                attempts: 0,
+                last_error: None
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn delivery_updates() {
+        let (_dir, store) = open();
+        for id in ["req_1", "req_2"] {
+            store.insert(request(id, 1)).await.expect("insert");
+        }
+        store
+            .finish("req_1", &completed("a"), 10, delivery("wh_1"))
+            .await
+            .expect("finish");
+        store
+            .finish("req_2", &completed("b"), 10, delivery("wh_2"))
+            .await
+            .expect("finish");
+
+        let retry = DeliveryUpdate::Retry {
+            error: "HTTP 503".into(),
+            next_attempt_at: 1_000,
+        };
+        store.record_delivery("wh_1", &retry).await.expect("record");
+        let due: Vec<String> = store
+            .due_deliveries(999, 10)
+            .await
+            .expect("due")
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(due, ["wh_2"]);
+        let due = store.due_deliveries(1_000, 10).await.expect("due");
+        assert_eq!(due.len(), 2);
+        let wh_1 = due.iter().find(|d| d.id == "wh_1").expect("wh_1 due");
+        assert_eq!(
+            (wh_1.attempts, wh_1.last_error.as_deref()),
+            (1, Some("HTTP 503"))
+        );
+        assert_eq!(
+            get(&store, "req_1").await.webhook,
+            Some(WebhookState {
+                status: "pending".into(),
+                attempts: 1,
+                last_error: Some("HTTP 503".into())
+            })
+        );
+
+        store
+            .record_delivery("wh_1", &DeliveryUpdate::Delivered)
+            .await
+            .expect("record");
+        assert_eq!(
+            get(&store, "req_1").await.webhook,
+            Some(WebhookState {
+                status: "delivered".into(),
+                attempts: 2,
+                last_error: None
+            })
+        );
+
+        store
+            .record_delivery(
+                "wh_2",
+                &DeliveryUpdate::Failed {
+                    error: "gone".into(),
+                },
+            )
+            .await
+            .expect("record");
+        assert_eq!(
+            get(&store, "req_2").await.webhook,
+            Some(WebhookState {
+                status: "failed".into(),
+                attempts: 1,
+                last_error: Some("gone".into())
+            })
+        );
+        assert!(store
+            .due_deliveries(i64::MAX, 10)
+            .await
+            .expect("due")
+            .is_empty());
+
+        // Delivered and failed are final.
+        store
+            .record_delivery("wh_2", &DeliveryUpdate::Delivered)
+            .await
+            .expect("record");
+        assert_eq!(
+            get(&store, "req_2").await.webhook.expect("webhook").status,
+            "failed"
+        );
+    }
+
+    #[tokio::test]
+    async fn everything_survives_a_restart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (done, running, waiting) = {
+            let store = SqliteStore::open(dir.path()).expect("open");
+            store.insert(request("req_done", 1)).await.expect("insert");
+            store
+                .insert(request("req_running", 2))
+                .await
+                .expect("insert");
+            store
+                .insert(request("req_waiting", 3))
+                .await
+                .expect("insert");
+            store.start_attempt("req_running", 5).await.expect("start");
+            store.start_attempt("req_done", 5).await.expect("start");
+            store
+                .finish("req_done", &completed("ok"), 9, delivery("wh_1"))
+                .await
+                .expect("finish");
+            let records = (
+                get(&store, "req_done").await,
+                get(&store, "req_running").await,
+                get(&store, "req_waiting").await,
+            );
+            store.close();
+            assert!(
+                store.insert(request("late", 10)).await.is_err(),
+                "writes fail once closed"
+            );
+            records
+        };
+        let store = SqliteStore::open(dir.path()).expect("reopen");
+        assert_eq!(get(&store, "req_done").await, done);
+        let unfinished = store.unfinished().await.expect("unfinished");
+        assert_eq!(unfinished, vec![running, waiting]);
+        assert_eq!(
+            store.due_deliveries(i64::MAX, 10).await.expect("due").len(),
+            1
+        );
+        // And it still takes writes.
+        created(store.insert(request("req_new", 11)).await.expect("insert"));
+    }
+
+    #[tokio::test]
+    async fn purge_removes_old_finished_requests_and_their_deliveries() {
+        let (_dir, store) = open();
+        for (id, created_at) in [("old", 1), ("recent", 2), ("running", 3), ("waiting", 4)] {
+            store.insert(request(id, created_at)).await.expect("insert");
+        }
+        store
+            .finish("old", &completed("a"), 100, delivery("wh_old"))
+            .await
+            .expect("finish");
+        store
+            .finish("recent", &completed("b"), 200, delivery("wh_recent"))
+            .await
+            .expect("finish");
+        store.start_attempt("running", 10).await.expect("start");
+
+        assert_eq!(store.purge_finished_before(200).await.expect("purge"), 1);
+        assert_eq!(store.get("old").await.expect("get"), None);
+        for id in ["recent", "running", "waiting"] {
+            assert!(store.get(id).await.expect("get").is_some(), "{id} kept");
+        }
+        let due: Vec<String> = store
+            .due_deliveries(i64::MAX, 10)
+            .await
+            .expect("due")
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(due, ["wh_recent"]);
+        assert_eq!(
+            store.purge_finished_before(i64::MAX).await.expect("purge"),
+            1
+        );
+        assert_eq!(store.unfinished().await.expect("unfinished").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn list_is_newest_first_filtered_and_limited() {
+        let (_dir, store) = open();
+        for (id, created_at) in [("a", 1), ("b", 3), ("c", 2), ("d", 3)] {
+            store.insert(request(id, created_at)).await.expect("insert");
+        }
+        store
+            .insert(NewRequest {
+                user_id: "bob".into(),
+                ..request("bob_1", 5)
+            })
+            .await
+            .expect("insert");
+        store
+            .insert(NewRequest {
+                formation_id: "f2".into(),
+                ..request("f2_1", 5)
+            })
+            .await
+            .expect("insert");
+        store
+            .finish("c", &completed("x"), 10, None)
+            .await
+            .expect("finish");
+
+        let list = |status: Option<Status>, limit: usize| {
+            let store = &store;
+            async move {
+                let query = ListQuery {
+                    formation_id: "f1".into(),
+                    user_id: "alice".into(),
+                    status,
+                    limit,
+                };
+                store
+                    .list(&query)
+                    .await
+                    .expect("list")
+                    .into_iter()
+                    .map(|r| r.id)
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(list(None, 10).await, ["d", "b", "c", "a"]);
+        assert_eq!(list(None, 2).await, ["d", "b"]);
+        assert_eq!(list(Some(Status::Pending), 10).await, ["d", "b", "a"]);
+        assert_eq!(list(Some(Status::Completed), 10).await, ["c"]);
+        assert!(list(Some(Status::Failed), 10).await.is_empty());
+        assert!(list(None, 0).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn recent_durations_are_newest_first_for_one_agent() {
+        let (_dir, store) = open();
+        // (id, agent, started, completed)
+        let runs = [
+            ("r1", "researcher", 10, 110),
+            ("r2", "researcher", 20, 320),
+            ("r3", "writer", 0, 5),
+            ("r4", "researcher", 30, 60),
+        ];
+        for (id, agent, started, done) in runs {
+            store
+                .insert(NewRequest {
+                    agent_id: agent.into(),
+                    ..request(id, 1)
+                })
+                .await
+                .expect("insert");
+            store.start_attempt(id, started).await.expect("start");
+            store
+                .finish(id, &completed("ok"), done, None)
+                .await
+                .expect("finish");
+        }
+        // Failed and unfinished requests do not count.
+        store.insert(request("failed", 1)).await.expect("insert");
+        store.start_attempt("failed", 1).await.expect("start");
+        let error = ErrorInfo {
+            kind: "x".into(),
+            message: "y".into(),
+            retryable: false,
+        };
+        store
+            .finish("failed", &Outcome::Failed(error), 1_000, None)
+            .await
+            .expect("finish");
+        store.insert(request("running", 1)).await.expect("insert");
+        store.start_attempt("running", 1).await.expect("start");
+
+        assert_eq!(
+            store
+                .recent_durations("f1", "researcher", 10)
+                .await
+                .expect("durations"),
+            [300, 100, 30]
+        );
+        assert_eq!(
+            store
+                .recent_durations("f1", "researcher", 2)
+                .await
+                .expect("durations"),
+            [300, 100]
+        );
+        assert_eq!(
+            store
+                .recent_durations("f1", "writer", 10)
+                .await
+                .expect("durations"),
+            [5]
+        );
+        assert!(store
+            .recent_durations("f2", "researcher", 10)
+            .await
+            .expect("durations")
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn session_turns_are_the_latest_completed_oldest_first() {
+        let (_dir, store) = open();
+        let turn = |id: &str, created_at: i64, session: &str| NewRequest {
+            session_id: Some(session.into()),
+            ..request(id, created_at)
+        };
+        for (id, created_at) in [("t1", 1), ("t2", 2), ("t3", 3), ("t4", 4)] {
+            store
+                .insert(turn(id, created_at, "s1"))
+                .await
+                .expect("insert");
+            store
+                .finish(id, &completed(&format!("answer {id}")), 10, None)
+                .await
+                .expect("finish");
+        }
+        store
+            .insert(turn("pending", 5, "s1"))
+            .await
+            .expect("insert");
+        store.insert(turn("other", 6, "s2")).await.expect("insert");
+        store
+            .finish("other", &completed("other"), 10, None)
+            .await
+            .expect("finish");
+        store
+            .insert(NewRequest {
+                user_id: "bob".into(),
+                ..turn("bob", 7, "s1")
+            })
+            .await
+            .expect("insert");
+        store
+            .finish("bob", &completed("bob"), 10, None)
+            .await
+            .expect("finish");
+
+        let turns = store
+            .session_turns("f1", "alice", "s1", 3)
+            .await
+            .expect("turns");
+        let expected: Vec<(String, String)> = ["t2", "t3", "t4"]
+            .iter()
+            .map(|id| (format!("message of {id}"), format!("answer {id}")))
+            .collect();
+        assert_eq!(turns, expected);
+        assert_eq!(
+            store
+                .session_turns("f1", "alice", "s1", 10)
+                .await
+                .expect("turns")
+                .len(),
+            4
+        );
+        assert!(store
+            .session_turns("f1", "alice", "none", 10)
+            .await
+            .expect("turns")
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn open_rejects_a_newer_schema() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        drop(SqliteStore::open(dir.path()).expect("open"));
+        let conn = Connection::open(dir.path().join(DB_FILE)).expect("raw open");
+        conn.pragma_update(None, "user_version", 99)
+            .expect("bump version");
+        drop(conn);
+        let err = SqliteStore::open(dir.path()).expect_err("newer schema must be refused");
+        assert!(err.to_string().contains("schema version 99"), "{err}");
+        // Reopening an up-to-date database applies nothing and works.
+        let dir = tempfile::tempdir().expect("temp dir");
+        drop(SqliteStore::open(dir.path()).expect("open"));
+        SqliteStore::open(dir.path()).expect("reopen");
+    }
 }

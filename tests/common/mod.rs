@@ -220,7 +220,7 @@ pub fn run_cli(args: &[&str], cwd: &Path) -> (i32, String, String) {
 /// Whether a process id is alive (and not a zombie).
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.split_whitespace().nth(2).is_some_and(|state| state == "Z"),
+        Ok(stat) => stat.split_whitespace().nth(2).is_none_or(|state| state != "Z"),
         Err(_) => false,
     }
 }
