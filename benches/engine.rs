@@ -27,6 +27,10 @@
 //!   is N / wall time; p50/p99 are over all N latencies. Each measured phase
 //!   is preceded by a short warm-up against the same server. A baseline phase
 //!   uses the same client, concurrency, N, method and body as its target.
+//!   Target and baseline are measured in alternating rounds (B T, T B, ...;
+//!   `MUXI_BENCH_ROUNDS`, default 4) so that load from other processes on a
+//!   shared machine falls on both sides alike; each side's figures are over
+//!   all its rounds.
 //! * **Phases.** (1) accept: `POST /api/bench/v1/chat` with
 //!   `{"message": ..., "async": true}` vs the baseline POST; (2) status polls:
 //!   `GET /api/bench/v1/requests/{id}` cycling over the ids accepted in (1),
@@ -68,11 +72,16 @@ fn main() {
         .map(|v| v.parse::<usize>().expect("MUXI_BENCH_REQUESTS must be a number"))
         .unwrap_or(20_000)
         .max(CONCURRENCY);
+    let rounds = std::env::var("MUXI_BENCH_ROUNDS")
+        .ok()
+        .map(|v| v.parse::<usize>().expect("MUXI_BENCH_ROUNDS must be a number"))
+        .unwrap_or(4)
+        .clamp(1, requests / CONCURRENCY);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    runtime.block_on(run(requests));
+    runtime.block_on(run(requests, rounds));
 }
 
-async fn run(n: usize) {
+async fn run(n: usize, rounds: usize) {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(CONCURRENCY)
         .tcp_nodelay(true)
@@ -81,7 +90,7 @@ async fn run(n: usize) {
         .expect("http client");
     let warmup = (n / 20).clamp(CONCURRENCY, 1_000);
     let load_before = loadavg();
-    eprintln!("engine bench: {n} requests per phase, {CONCURRENCY} clients, warm-up {warmup}");
+    eprintln!("engine bench: {n} requests per phase in {rounds} rounds, {CONCURRENCY} clients, warm-up {warmup}");
 
     // -- Phases 1 and 2: one muxi-rt server, one baseline server. -------------
     let baseline = ServerProcess::start_baseline();
@@ -89,7 +98,7 @@ async fn run(n: usize) {
     let muxi = ServerProcess::start_muxi(&fixture);
     let chat_path = format!("/api/{FORMATION}/v1/chat");
 
-    eprintln!("phase 1: accept (baseline, then muxi-rt)");
+    eprintln!("phase 1: accept (alternating baseline and muxi-rt)");
     let post = |base: &str| {
         let url = format!("{base}{chat_path}");
         let client = client.clone();
@@ -103,12 +112,11 @@ async fn run(n: usize) {
         }
     };
     load(warmup, 200, post(&baseline.base)).await;
-    let base_post = load(n, 200, post(&baseline.base)).await;
     let warm_ids = load(warmup, 202, post(&muxi.base)).await.ids;
-    let accept = load(n, 202, post(&muxi.base)).await;
+    let (base_post, accept) = compare(n, rounds, (200, post(&baseline.base)), (202, post(&muxi.base))).await;
     let accepted_a = warm_ids.len() + accept.ids.len();
 
-    eprintln!("phase 2: status polls (baseline, then muxi-rt)");
+    eprintln!("phase 2: status polls (alternating baseline and muxi-rt)");
     let ids: Arc<Vec<String>> = Arc::new(accept.ids.clone());
     assert!(!ids.is_empty(), "no request was accepted; cannot poll");
     let get = |base: &str| {
@@ -123,9 +131,8 @@ async fn run(n: usize) {
         }
     };
     load(warmup, 200, get(&baseline.base)).await;
-    let base_get = load(n, 200, get(&baseline.base)).await;
     load(warmup, 200, get(&muxi.base)).await;
-    let polls = load(n, 200, get(&muxi.base)).await;
+    let (base_get, polls) = compare(n, rounds, (200, get(&baseline.base)), (200, get(&muxi.base))).await;
     let rss_a = rss(muxi.pid());
     drop(muxi); // SIGKILL, then its agents
     drop(baseline);
@@ -151,6 +158,7 @@ async fn run(n: usize) {
 
     report(Report {
         n,
+        rounds,
         warmup,
         load_before,
         load_after: loadavg(),
@@ -185,6 +193,21 @@ struct Phase {
 }
 
 impl Phase {
+    fn empty() -> Phase {
+        Phase { n: 0, errors: 0, first_error: None, wall: Duration::ZERO, latencies: Vec::new(), ids: Vec::new() }
+    }
+
+    /// Adds another round of the same phase.
+    fn absorb(&mut self, other: Phase) {
+        self.n += other.n;
+        self.errors += other.errors;
+        self.first_error = self.first_error.take().or(other.first_error);
+        self.wall += other.wall;
+        self.latencies.extend(other.latencies);
+        self.latencies.sort_unstable();
+        self.ids.extend(other.ids);
+    }
+
     fn throughput(&self) -> f64 {
         self.n as f64 / self.wall.as_secs_f64()
     }
@@ -196,6 +219,34 @@ impl Phase {
         let rank = ((p * self.latencies.len() as f64).ceil() as usize).clamp(1, self.latencies.len());
         self.latencies[rank - 1].as_secs_f64() * 1e3
     }
+}
+
+/// Measures a target against its baseline in `rounds` alternating rounds
+/// (baseline then target, target then baseline, ...) of about `n / rounds`
+/// requests each, so that a burst of load from elsewhere on a shared machine
+/// hits both sides alike. Each side's figures are over all its rounds:
+/// throughput = its `n` requests / the sum of its rounds' wall times.
+async fn compare<B, T>(n: usize, rounds: usize, baseline: (u16, B), target: (u16, T)) -> (Phase, Phase)
+where
+    B: Fn(usize) -> reqwest::RequestBuilder + Clone + Send + Sync + 'static,
+    T: Fn(usize) -> reqwest::RequestBuilder + Clone + Send + Sync + 'static,
+{
+    let (mut base_total, mut target_total) = (Phase::empty(), Phase::empty());
+    for round in 0..rounds {
+        let offset = round * (n / rounds);
+        let count = if round + 1 == rounds { n - offset } else { n / rounds };
+        let (b, t) = (baseline.1.clone(), target.1.clone());
+        let run_base = || load(count, baseline.0, move |i| b(offset + i));
+        let run_target = || load(count, target.0, move |i| t(offset + i));
+        if round % 2 == 0 {
+            base_total.absorb(run_base().await);
+            target_total.absorb(run_target().await);
+        } else {
+            target_total.absorb(run_target().await);
+            base_total.absorb(run_base().await);
+        }
+    }
+    (base_total, target_total)
 }
 
 /// Sends `n` requests from [`CONCURRENCY`] tasks; request `i` is built by
@@ -246,8 +297,7 @@ where
             })
         })
         .collect();
-    let mut phase =
-        Phase { n, errors: 0, first_error: None, wall: Duration::ZERO, latencies: Vec::with_capacity(n), ids: Vec::new() };
+    let mut phase = Phase { n, latencies: Vec::with_capacity(n), ..Phase::empty() };
     for task in tasks {
         let (latencies, ids, errors, first_error) = task.await.expect("load task");
         phase.latencies.extend(latencies);
@@ -483,6 +533,7 @@ fn fs_kind(path: &Path) -> &'static str {
 
 struct Report {
     n: usize,
+    rounds: usize,
     warmup: usize,
     load_before: String,
     load_after: String,
@@ -506,9 +557,10 @@ fn report(r: Report) {
     println!();
     println!("muxi-rt engine benchmark");
     println!(
-        "  {CONCURRENCY} concurrent clients (keep-alive), N = {} requests per phase after {} warm-up; {cpus} CPUs; load average {} -> {}",
-        r.n, r.warmup, r.load_before, r.load_after
+        "  {CONCURRENCY} concurrent clients (keep-alive); N = {} requests per phase, in {} rounds alternating with the baseline,",
+        r.n, r.rounds
     );
+    println!("  after {} warm-up; {cpus} CPUs; load average {} -> {}", r.warmup, r.load_before, r.load_after);
     println!("  data folder on {}; SQLite WAL, synchronous=FULL, group commit (the real server)", r.data_fs);
     println!();
     println!("  {:<44} {:>10} {:>9} {:>9} {:>7}", "phase", "req/s", "p50 ms", "p99 ms", "errors");
@@ -531,7 +583,7 @@ fn report(r: Report) {
     let accept_ratio = r.accept.throughput() / r.base_post.throughput();
     let poll_ratio = r.polls.throughput() / r.base_get.throughput();
     let per_request = r.loaded.saturating_sub(r.idle) as f64 / r.fill.ids.len().max(1) as f64;
-    println!("  {:<44} {:>16} {:>12}  {}", "target (issue 3)", "measured", "target", "");
+    println!("  {:<44} {:>16} {:>12}", "target (issue 3)", "measured", "target");
     println!(
         "  {:<44} {:>15.1}% {:>12}  {}",
         "accept throughput / baseline",
@@ -554,18 +606,19 @@ fn report(r: Report) {
         verdict(r.loaded < RSS_TARGET_BYTES && r.fill.ids.len() >= IN_FLIGHT_TARGET)
     );
     println!();
-    println!("  RSS (fresh server): idle {:.1} MB; after accepting {} async requests {:.1} MB", mb(r.idle), r.fill.ids.len(), mb(r.loaded));
+    println!(
+        "  RSS (fresh server): idle {:.1} MB; after accepting {} async requests {:.1} MB",
+        mb(r.idle),
+        r.fill.ids.len(),
+        mb(r.loaded)
+    );
     println!(
         "    = {:.1} KB per request in flight; {} agents running (sleep 600), {} pending in the queue, none finished",
         per_request / 1e3,
         r.running,
         r.fill.ids.len().saturating_sub(r.running)
     );
-    println!(
-        "    (filled at {:.0} req/s; {} errors)",
-        r.fill.throughput(),
-        r.fill.errors
-    );
+    println!("    (filled at {:.0} req/s; {} errors)", r.fill.throughput(), r.fill.errors);
     println!("  RSS of the phase 1-2 server at its end: {:.1} MB with {} in flight", mb(r.rss_a), r.accepted_a);
     println!("  MB = 10^6 bytes. In flight = accepted and not finished: the only agent runs `sleep 600`,");
     println!("  so {CONCURRENCY} requests run (max_concurrent_requests) and the rest wait in the queue.");
