@@ -5,8 +5,7 @@
 # check, then `sdk-check: N passed, N failed`). Exits non-zero on any failure.
 #
 # Environment: SDK_CHECK_VENV (default .venv-sdk); SDK_CHECK_KEEP=1 keeps the temp
-# dir (formation, data, server logs) for inspection; SDK_CHECK_PENDING=1 also runs
-# the checks of known server mismatches (skipped by default so CI stays usable).
+# dir (formation, data, server logs) for inspection.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -171,7 +170,4 @@ log "muxi-rt at $URL"
 # --- The check itself. ----------------------------------------------------------
 CHECK_ARGS=(--server-url "$URL" --formation-id "$FORMATION_ID"
     --client-key "$CLIENT_KEY" --admin-key "$ADMIN_KEY" --expect-sdk-version "$SDK_VERSION")
-if [ "${SDK_CHECK_PENDING:-0}" = 1 ]; then
-    CHECK_ARGS+=(--pending)
-fi
 MUXI_SDK_VERSION_NOTIFICATION=0 "$VENV/bin/python" scripts/sdk_check.py "${CHECK_ARGS[@]}"

@@ -280,7 +280,7 @@ class Checks:
         else:
             raise AssertionError(f"get_request_status({missing!r}) did not raise")
 
-    # --- known server mismatches (run with --pending) ------------------------
+    # --- errors on streams: `event: error` frames the SDK raises ---------------
 
     def stream_errors(self, call, code: str, what: str):
         """An error on a stream must reach the caller: the SDK never looks at the
@@ -311,11 +311,18 @@ class Checks:
         )
 
     def stream_error_unknown_request(self):
-        self.stream_errors(
-            lambda: self.client.stream_request(self.user, self.stream_session_id, "req_" + uuid.uuid4().hex),
-            "request_not_found",
-            "stream_request of an unknown request",
-        )
+        # The SDK's stream_request (unlike chat_stream) yields `event: error`
+        # frames instead of raising them: the frame must carry the server's code.
+        rid = "req_" + uuid.uuid4().hex
+        try:
+            events = list(self.client.stream_request(self.user, self.stream_session_id, rid))
+        except MuxiError as e:
+            assert e.code == "request_not_found", f"raised with code {e.code!r}"
+            return
+        errors = [e for e in events if e.get("event") == "error"]
+        assert errors, f"no error frame for an unknown request; events: {events}"
+        frame = json.loads(errors[0]["data"])
+        assert frame["code"] == "request_not_found" and frame["message"], frame
 
     def error_conflict(self):
         rid = self.need(self.sync_request_id, "the completed sync request id")
@@ -351,11 +358,6 @@ def main() -> int:
     parser.add_argument("--client-key", required=True)
     parser.add_argument("--admin-key", required=True)
     parser.add_argument("--expect-sdk-version", default="1.20260713.0")
-    parser.add_argument(
-        "--pending",
-        action="store_true",
-        help="also run the checks of known server mismatches (skipped otherwise)",
-    )
     args = parser.parse_args()
 
     c = Checks(args)
@@ -374,22 +376,15 @@ def main() -> int:
     c.run("error: wrong key -> AuthenticationError/AuthorizationError", c.error_wrong_key)
     c.run("error: unknown request id -> NotFoundError", c.error_not_found)
     c.run("error: cancel a finished request -> ConflictError (409)", c.error_conflict)
-    # Known server mismatches, reported to be fixed on the server: skipped unless
-    # --pending (SDK_CHECK_PENDING=1), so they do not hold CI red meanwhile.
-    pending = [
+    # Errors on streams arrive as `event: error` frames, which the SDK raises.
+    stream_errors = [
         ("error: chat_stream with a wrong key raises", c.stream_error_wrong_key),
         ("error: chat_stream with an unknown agent raises", c.stream_error_unknown_agent),
         ("error: stream_request of an unknown request raises", c.stream_error_unknown_request),
     ]
-    skipped = 0
-    for name, fn in pending:
-        if args.pending:
-            c.run(name, fn)
-        else:
-            skipped += 1
-            print(f"skip - {name}: known server mismatch (stream errors are not `event: error` frames); SDK_CHECK_PENDING=1 runs it", flush=True)
-    tail = f", {skipped} skipped" if skipped else ""
-    print(f"sdk-check: {c.passed} passed, {c.failed} failed{tail}", flush=True)
+    for name, fn in stream_errors:
+        c.run(name, fn)
+    print(f"sdk-check: {c.passed} passed, {c.failed} failed", flush=True)
     return 1 if c.failed else 0
 
 

@@ -151,6 +151,7 @@ async fn async_mode_answers_202_at_once_then_completes_in_the_background() {
     assert_eq!(code, 202, "{body}");
     let id = request_id(&body);
     assert_eq!(body["data"]["status"], "processing");
+    assert!(body["data"]["session_id"].as_str().unwrap().starts_with("sess_"), "a session is opened when none is named");
     assert!(body["data"]["estimated_time"].as_str().unwrap().contains("second"), "{body}");
     assert_eq!(headers["location"], format!("/api/f/v1/requests/{id}").as_str());
     assert!(headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
@@ -456,4 +457,30 @@ async fn bad_input_is_refused_with_a_clear_code_and_nothing_is_stored() {
     let (status, reply) = json(response).await;
     assert_eq!((status, reply["code"].as_str()), (413, Some("payload_too_large")), "{reply}");
     assert!(list(&server, "u1", "").await.is_empty(), "nothing was stored");
+}
+
+#[tokio::test]
+async fn errors_on_streams_arrive_as_sse_error_frames() {
+    let fx = fixture(AUTO);
+    let server = fx.start();
+    let response = server
+        .post("/api/f/v1/chat")
+        .header("X-Muxi-Client-Key", "wrong")
+        .header("Accept", "text/event-stream")
+        .json(&json!({"message": "hi", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let body = response.text().await.unwrap();
+    let data = body.strip_prefix("event: error\ndata: ").unwrap_or_else(|| panic!("{body}"));
+    let frame: Value = serde_json::from_str(data.trim()).unwrap();
+    assert_eq!(frame["code"], "invalid_api_key");
+    assert_eq!(frame["type"], "invalid_api_key");
+    assert!(frame["message"].as_str().unwrap().contains("not valid"));
+
+    // Without Accept: text/event-stream the same error is plain JSON.
+    let (code, body, _) = chat(&server, "u1", json!({"message": "", "stream": true})).await;
+    assert_eq!((code, body["code"].as_str()), (400, Some("missing_message")));
 }

@@ -2,6 +2,7 @@
 //! code: malformed JSON, a wrong-typed field (named), a body over the limit.
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
@@ -17,14 +18,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(Code::PayloadTooLarge, format!("the request body is larger than {MAX_BODY_BYTES} bytes"))
-            } else {
-                ApiError::new(Code::InvalidRequest, format!("cannot read the request body: {rejection}"))
-            }
-        })?;
+        let bytes = Bytes::from_request(req, state).await.map_err(unreadable)?;
         parse(&bytes).map(JsonBody)
+    }
+}
+
+/// The error for a body that could not be read (too large, broken connection).
+pub fn unreadable(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(Code::PayloadTooLarge, format!("the request body is larger than {MAX_BODY_BYTES} bytes"))
+    } else {
+        ApiError::new(Code::InvalidRequest, format!("cannot read the request body: {rejection}"))
     }
 }
 

@@ -78,7 +78,12 @@ pub async fn accept(
         formation_id: formation.id.clone(),
         formation_version: format!("{}+{}", formation.version, formation.revision),
         user_id: auth::user_id(headers, body.user_id.as_deref()),
-        session_id: body.session_id.filter(|s| !s.trim().is_empty()),
+        // Every request belongs to a session; one is opened when none is named.
+        session_id: Some(
+            body.session_id
+                .filter(|s| !s.trim().is_empty())
+                .unwrap_or_else(|| format!("sess_{}", uuid::Uuid::new_v4().simple())),
+        ),
         agent_id,
         message,
         mode: plan.mode().to_string(),

@@ -8,11 +8,17 @@ pub mod envelope;
 pub mod events;
 pub mod formations;
 pub mod requests;
+pub mod triggers;
 pub mod views;
 
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
@@ -43,15 +49,54 @@ pub fn router(state: AppState) -> Router {
         .route("/requests", get(requests::list))
         .route("/requests/{request_id}", get(requests::get).delete(requests::cancel))
         .route("/requests/{request_id}/events", get(events::follow))
-        .route("/events/{session_id}/{request_id}", get(events::follow_in_session));
+        .route("/events/{session_id}/{request_id}", get(events::follow_in_session))
+        .route("/triggers", get(triggers::list))
+        .route("/triggers/{name}", get(triggers::show).post(triggers::fire));
     Router::new()
         .route("/health", get(formations::server_health))
         .nest("/api/{formation_id}/v1", formation)
         .fallback(not_found)
+        .layer(middleware::from_fn(sse_errors))
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .with_state(state)
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::new(Code::NotFound, format!("no route for {}", uri.path()))
+}
+
+/// A caller that asked for Server-Sent Events gets its error as an SSE
+/// `event: error` frame (same status), which is where SSE clients such as the
+/// MUXI SDK look for it; a JSON body would read as an empty stream.
+async fn sse_errors(request: Request, next: Next) -> Response {
+    let wants_sse = request
+        .headers()
+        .get(ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    let response = next.run(request).await;
+    let is_json_error = response.status().as_u16() >= 400
+        && response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+    if !wants_sse || !is_json_error {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1024 * 1024).await.unwrap_or_default();
+    let error: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let code = error["code"].as_str().unwrap_or("internal_error");
+    let message = error["message"].as_str().unwrap_or("request failed");
+    let frame = serde_json::json!({
+        "type": code,
+        "code": code,
+        "error": message,
+        "message": message,
+        "status": parts.status.as_u16(),
+    });
+    parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    parts.headers.remove(CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(format!("event: error\ndata: {frame}\n\n")))
 }
