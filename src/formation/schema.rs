@@ -75,11 +75,11 @@ impl Compiled {
     }
 
     fn describe(&self, error: &ValidationError<'_>, out: &mut Vec<SchemaError>) {
-        let pointer = error.instance_path.as_str().to_string();
-        if let ValidationErrorKind::AdditionalProperties { unexpected } = &error.kind {
-            let expected = self.expected_keys(error.schema_path.as_str());
+        let pointer = error.instance_path().as_str().to_string();
+        if let ValidationErrorKind::AdditionalProperties { unexpected } = &error.kind() {
+            let expected = self.expected_keys(error.schema_path().as_str());
             for key in unexpected {
-                out.push(SchemaError { pointer: pointer_push(&pointer, key), message: unknown_key(key, &expected) });
+                out.push(SchemaError { pointer: pointer_push(&pointer, key.as_str()), message: unknown_key(key.as_str(), &expected) });
             }
             return;
         }
@@ -126,8 +126,8 @@ fn unknown_key(key: &str, expected: &[String]) -> String {
 
 /// A readable message for every error but unknown keys.
 fn message(error: &ValidationError<'_>) -> String {
-    let found = found(&error.instance);
-    match &error.kind {
+    let found = found(error.instance());
+    match &error.kind() {
         ValidationErrorKind::Type { kind } => format!("expected {}, found {found}", type_names(kind)),
         ValidationErrorKind::Required { property } => {
             format!("missing required key `{}`", property.as_str().unwrap_or_default())
