@@ -114,7 +114,7 @@ pub async fn chat(
 pub async fn run_and_answer(state: &AppState, accepted: Accepted) -> ApiResult<Response> {
     let Accepted { formation, request, plan } = accepted;
     let idempotency_key = request.idempotency_key.clone();
-    let Submitted { record, live, replayed, .. } = state.engine.submit(formation.clone(), request).await?;
+    let Submitted { record, live, replayed, .. } = state.engine.submit(formation.clone(), request, false).await?;
     let key = idempotency_key.as_deref();
     if record.status.is_final() {
         return answer_final(&record, key);

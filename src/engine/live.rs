@@ -2,12 +2,17 @@
 //! its events to live watchers, and the signal that it has ended.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Progress, RequestRecord};
+
+/// Events kept for a slow watcher before it misses some (it then catches up
+/// from the final state).
+const EVENT_BUFFER: usize = 128;
 
 /// What live watchers of a request see.
 #[derive(Debug, Clone)]
@@ -24,7 +29,9 @@ pub struct LiveRequest {
     pub id: String,
     /// Cancelled to stop the work.
     pub cancel: CancellationToken,
-    events: broadcast::Sender<LiveEvent>,
+    /// Created on the first subscription: most requests are never watched live,
+    /// and a queued request should cost little memory.
+    events: Mutex<Option<broadcast::Sender<LiveEvent>>>,
     done: watch::Sender<Option<RequestRecord>>,
     stopped: watch::Sender<bool>,
     /// Set when a caller that meant to wait was answered 202 instead.
@@ -36,7 +43,7 @@ impl LiveRequest {
         LiveRequest {
             id: record.id.clone(),
             cancel: CancellationToken::new(),
-            events: broadcast::channel(256).0,
+            events: Mutex::new(None),
             done: watch::channel(None).0,
             stopped: watch::channel(false).0,
             promoted: AtomicBool::new(false),
@@ -45,12 +52,16 @@ impl LiveRequest {
 
     /// Follows the request's events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {
-        self.events.subscribe()
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        events.get_or_insert_with(|| broadcast::channel(EVENT_BUFFER).0).subscribe()
     }
 
     pub(crate) fn publish(&self, event: LiveEvent) {
-        // No receivers is fine: nobody is watching.
-        let _ = self.events.send(event);
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(events) = events.as_ref() {
+            // No receivers left is fine: nobody is watching any more.
+            let _ = events.send(event);
+        }
     }
 
     /// Records the end and wakes everyone waiting on it.

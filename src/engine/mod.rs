@@ -130,16 +130,23 @@ impl Engine {
         }
     }
 
-    /// Stores a new request durably, then starts it in the background.
-    pub async fn submit(self: &Arc<Self>, formation: Arc<Formation>, request: NewRequest) -> StoreResult<Submitted> {
+    /// Stores a new request durably, then starts it in the background. With
+    /// `follow`, the caller also gets a subscription to its events, made before
+    /// the work can publish any.
+    pub async fn submit(
+        self: &Arc<Self>,
+        formation: Arc<Formation>,
+        request: NewRequest,
+        follow: bool,
+    ) -> StoreResult<Submitted> {
         match self.store.insert(request).await? {
             Inserted::Created(record) => {
-                let (live, events) = self.start(formation, record.clone());
-                Ok(Submitted { record, live: Some(live), replayed: false, events: Some(events) })
+                let (live, events) = self.start(formation, record.clone(), follow);
+                Ok(Submitted { record, live: Some(live), replayed: false, events })
             }
             Inserted::Existing(record) => {
                 let live = self.live(&record.id);
-                let events = live.as_deref().map(LiveRequest::subscribe);
+                let events = live.as_deref().filter(|_| follow).map(LiveRequest::subscribe);
                 Ok(Submitted { record, live, replayed: true, events })
             }
         }
@@ -157,7 +164,7 @@ impl Engine {
         for record in unfinished {
             match self.registry.get(&record.formation_id) {
                 Some(formation) => {
-                    self.start(formation, record);
+                    self.start(formation, record, false);
                 }
                 None => {
                     let error = ErrorInfo {
@@ -175,15 +182,16 @@ impl Engine {
         Ok(count)
     }
 
-    /// Starts a request's task; returns its live handle and a subscription to
-    /// its events made before the task runs.
+    /// Starts a request's task; returns its live handle and, with `follow`, a
+    /// subscription to its events made before the task runs.
     fn start(
         self: &Arc<Self>,
         formation: Arc<Formation>,
         record: RequestRecord,
-    ) -> (Arc<LiveRequest>, tokio::sync::broadcast::Receiver<LiveEvent>) {
+        follow: bool,
+    ) -> (Arc<LiveRequest>, Option<tokio::sync::broadcast::Receiver<LiveEvent>>) {
         let live = Arc::new(LiveRequest::new(&record));
-        let events = live.subscribe();
+        let events = follow.then(|| live.subscribe());
         self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(record.id.clone(), live.clone());
         let engine = self.clone();
         let task_live = live.clone();
@@ -212,7 +220,9 @@ impl Engine {
             _ = live.cancel.cancelled() => return,
             _ = self.shutdown.cancelled() => return,
         };
-        let outcome = match self.attempts(&formation, &record, live).await {
+        // Boxed: a request waiting for a slot holds only this small future, not
+        // the largest state of the agent's work.
+        let outcome = match Box::pin(self.attempts(&formation, &record, live)).await {
             Ok(Some(outcome)) => outcome,
             Ok(None) => return, // cancelled (already recorded) or shutting down
             Err(e) => {
