@@ -19,7 +19,11 @@ const MAX_LIMIT: usize = 500;
 /// The caller's request, or 404.
 pub async fn find(state: &AppState, formation_id: &str, headers: &HeaderMap, request_id: &str) -> ApiResult<RequestRecord> {
     let user = auth::user_id(headers, None);
-    let record = state.engine.store().get(request_id).await?;
+    // A request running here is answered from memory; others from the store.
+    let record = match state.engine.live(request_id) {
+        Some(live) => Some(live.snapshot()),
+        None => state.engine.store().get(request_id).await?,
+    };
     record
         .filter(|r| r.formation_id == formation_id && r.user_id == user)
         .ok_or_else(|| ApiError::new(Code::RequestNotFound, format!("request `{request_id}` not found")))

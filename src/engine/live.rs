@@ -36,6 +36,10 @@ pub struct LiveRequest {
     stopped: watch::Sender<bool>,
     /// Set when a caller that meant to wait was answered 202 instead.
     promoted: AtomicBool,
+    /// The request as the store holds it: the engine applies each write here
+    /// after the store has committed it, so status polls of a running request
+    /// are answered from memory.
+    record: Mutex<RequestRecord>,
 }
 
 impl LiveRequest {
@@ -47,6 +51,21 @@ impl LiveRequest {
             done: watch::channel(None).0,
             stopped: watch::channel(false).0,
             promoted: AtomicBool::new(false),
+            record: Mutex::new(record.clone()),
+        }
+    }
+
+    /// The request's current state (committed to the store).
+    pub fn snapshot(&self) -> RequestRecord {
+        self.record.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Applies a write the store has committed. Once the request has ended the
+    /// final record is kept as it is.
+    pub(crate) fn apply(&self, change: impl FnOnce(&mut RequestRecord)) {
+        let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        if !record.status.is_final() {
+            change(&mut record);
         }
     }
 
@@ -66,6 +85,7 @@ impl LiveRequest {
 
     /// Records the end and wakes everyone waiting on it.
     pub(crate) fn finish(&self, record: RequestRecord) {
+        *self.record.lock().unwrap_or_else(|e| e.into_inner()) = record.clone();
         self.publish(LiveEvent::Finished(Box::new(record.clone())));
         self.done.send_replace(Some(record));
     }

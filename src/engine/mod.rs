@@ -251,9 +251,15 @@ impl Engine {
         let history = self.session_history(record).await;
 
         loop {
-            let Some(attempt) = self.store.start_attempt(&record.id, now_ms()).await? else {
+            let now = now_ms();
+            let Some(attempt) = self.store.start_attempt(&record.id, now).await? else {
                 return Ok(None);
             };
+            live.apply(|r| {
+                r.status = Status::Processing;
+                r.attempts = attempt;
+                r.started_at.get_or_insert(now);
+            });
             let remaining = Duration::from_millis((workflow_deadline_ms - now_ms()).max(0) as u64);
             let (limit, limit_name, limit_secs) = if timeouts.task() <= remaining {
                 (timeouts.task(), "task_timeout", timeouts.task_timeout)
@@ -306,7 +312,9 @@ impl Engine {
                         policy.max_attempts, failure.message, delay.as_secs_f64()
                     );
                     tracing::warn!(request = %record.id, "{note}");
-                    self.store.record_progress(&record.id, &Progress { message: Some(note), ..Progress::default() }).await?;
+                    let progress = Progress { message: Some(note), ..Progress::default() };
+                    self.store.record_progress(&record.id, &progress).await?;
+                    live.apply(|r| apply_progress(r, &progress));
                     let until_deadline = Duration::from_millis((workflow_deadline_ms - now_ms()).max(0) as u64);
                     if delay >= until_deadline {
                         return Ok(Some(Outcome::Failed(timeout_error("workflow_timeout", timeouts.workflow_timeout))));
@@ -348,8 +356,9 @@ impl Engine {
                     completed_steps: update.completed_steps,
                     message: update.message,
                 };
-                if let Err(e) = self.store.record_progress(&record.id, &progress).await {
-                    tracing::warn!(request = %record.id, error = %e, "could not record progress");
+                match self.store.record_progress(&record.id, &progress).await {
+                    Ok(()) => live.apply(|r| apply_progress(r, &progress)),
+                    Err(e) => tracing::warn!(request = %record.id, error = %e, "could not record progress"),
                 }
                 live.publish(LiveEvent::Progress(progress));
             }
@@ -480,10 +489,73 @@ fn error_info(failure: AgentFailure, attempts: u32) -> ErrorInfo {
     ErrorInfo { kind: failure.kind, message, retryable: failure.retryable }
 }
 
+/// What `Store::record_progress` does to a record: given fields replace the
+/// stored ones, absent fields keep them.
+fn apply_progress(record: &mut RequestRecord, progress: &Progress) {
+    if let Some(p) = progress.progress {
+        record.progress = p;
+    }
+    if let Some(step) = &progress.current_step {
+        record.current_step = Some(step.clone());
+    }
+    if let Some(total) = progress.total_steps {
+        record.total_steps = Some(total);
+    }
+    if let Some(done) = progress.completed_steps {
+        record.completed_steps = Some(done);
+    }
+    if let Some(message) = &progress.message {
+        record.status_message = Some(message.clone());
+    }
+}
+
 fn timeout_error(limit: &str, seconds: f64) -> ErrorInfo {
     ErrorInfo {
         kind: "timeout".into(),
         message: format!("request exceeded {limit} ({seconds}s) and was stopped"),
         retryable: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    fn request(id: &str) -> NewRequest {
+        NewRequest {
+            id: id.into(),
+            formation_id: "f".into(),
+            formation_version: "1+abc".into(),
+            user_id: "u".into(),
+            session_id: Some("s".into()),
+            agent_id: "a".into(),
+            message: "m".into(),
+            mode: "async".into(),
+            estimated_seconds: 1.0,
+            idempotency_key: None,
+            webhook_url: None,
+            created_at: 1,
+        }
+    }
+
+    /// Status polls of running requests are answered from the engine's copy, so
+    /// its progress updates must do exactly what the store's do.
+    #[tokio::test]
+    async fn progress_applied_in_memory_matches_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let Inserted::Created(mut copy) = store.insert(request("r1")).await.unwrap() else { panic!() };
+        let updates = [
+            Progress { progress: Some(20.0), current_step: Some("one".into()), total_steps: Some(5), ..Progress::default() },
+            Progress { message: Some("half way".into()), completed_steps: Some(2), ..Progress::default() },
+            Progress { progress: Some(60.0), ..Progress::default() },
+            Progress::default(),
+        ];
+        for update in &updates {
+            store.record_progress("r1", update).await.unwrap();
+            apply_progress(&mut copy, update);
+            assert_eq!(store.get("r1").await.unwrap().unwrap(), copy);
+        }
     }
 }
