@@ -18,9 +18,10 @@ use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Retry quickly, but let a provider's `Retry-After` of a second or so count.
+/// Retry quickly: our own backoff never waits more than 0.2 s, so a longer wait
+/// can only come from a provider's `Retry-After`, which is honoured in full.
 const RETRY: &str =
-    "overlord:\n  workflow:\n    retry: {max_attempts: 3, initial_delay: 0.1, max_delay: 5, backoff_factor: 2.0}\n";
+    "overlord:\n  workflow:\n    retry: {max_attempts: 3, initial_delay: 0.1, max_delay: 0.2, backoff_factor: 2.0}\n";
 
 /// Formation `f`: LLM agents on `api_base`, plus `extra` top-level settings.
 fn write_formation(fx: &Fixture, api_base: &str, extra: &str, agents: &str) {

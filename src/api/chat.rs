@@ -74,7 +74,9 @@ pub async fn accept(
     let estimate = state.engine.estimate(&formation, &agent_id, &message).await;
     let plan = decide(&formation.overlord.async_, body.async_, body.threshold_seconds, estimate.seconds);
     let request = NewRequest {
-        id: format!("req_{}", uuid::Uuid::new_v4().simple()),
+        // Time-ordered ids (UUIDv7): new rows append to the store's indexes
+        // instead of dirtying a random page each.
+        id: format!("req_{}", uuid::Uuid::now_v7().simple()),
         formation_id: formation.id.clone(),
         formation_version: format!("{}+{}", formation.version, formation.revision),
         user_id: auth::user_id(headers, body.user_id.as_deref()),
@@ -82,7 +84,7 @@ pub async fn accept(
         session_id: Some(
             body.session_id
                 .filter(|s| !s.trim().is_empty())
-                .unwrap_or_else(|| format!("sess_{}", uuid::Uuid::new_v4().simple())),
+                .unwrap_or_else(|| format!("sess_{}", uuid::Uuid::now_v7().simple())),
         ),
         agent_id,
         message,

@@ -302,11 +302,15 @@ impl Engine {
                     if !failure.retryable || attempt >= policy.max_attempts {
                         return Ok(Some(Outcome::Failed(error_info(failure, attempt))));
                     }
-                    let delay = backoff::honour_retry_after(
-                        backoff::jittered(policy, attempt),
-                        failure.retry_after,
-                        Duration::from_secs_f64(policy.max_delay),
-                    );
+                    // Our backoff is capped at max_delay; a delay the other side
+                    // asked for (Retry-After) is honoured in full, within the
+                    // workflow timeout.
+                    let until_deadline = Duration::from_millis((workflow_deadline_ms - now_ms()).max(0) as u64);
+                    let delay =
+                        backoff::honour_retry_after(backoff::jittered(policy, attempt), failure.retry_after, until_deadline);
+                    if delay >= until_deadline {
+                        return Ok(Some(Outcome::Failed(timeout_error("workflow_timeout", timeouts.workflow_timeout))));
+                    }
                     let note = format!(
                         "attempt {attempt} of {} failed ({}); retrying in {:.1}s",
                         policy.max_attempts, failure.message, delay.as_secs_f64()
@@ -315,10 +319,6 @@ impl Engine {
                     let progress = Progress { message: Some(note), ..Progress::default() };
                     self.store.record_progress(&record.id, &progress).await?;
                     live.apply(|r| apply_progress(r, &progress));
-                    let until_deadline = Duration::from_millis((workflow_deadline_ms - now_ms()).max(0) as u64);
-                    if delay >= until_deadline {
-                        return Ok(Some(Outcome::Failed(timeout_error("workflow_timeout", timeouts.workflow_timeout))));
-                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = live.cancel.cancelled() => return Ok(None),
