@@ -286,3 +286,29 @@ fn schema_command_prints_the_embedded_schema() {
     assert_eq!(threshold["default"], 30);
     assert!(threshold["description"].is_string());
 }
+
+#[tokio::test]
+async fn no_request_fails_while_the_formation_is_reloaded_again_and_again() {
+    let fx = Fixture::new();
+    fx.write("alpha.afs", &formation_yaml("alpha", "async:\n  threshold_seconds: 10\n"));
+    let server = fx.start();
+    let (name, key) = admin_key("alpha");
+    let polling = async {
+        let mut answered = 0;
+        for _ in 0..400 {
+            let response = server.get("/api/alpha/v1/async").header(name, &key).send().await.unwrap();
+            assert_eq!(response.status(), 200, "a request failed during a reload");
+            answered += 1;
+        }
+        answered
+    };
+    let editing = async {
+        for i in 0..20 {
+            fx.write("alpha.afs", &formation_yaml("alpha", &format!("async:\n  threshold_seconds: {}\n", 11 + i)));
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    };
+    let (answered, ()) = tokio::join!(polling, editing);
+    assert_eq!(answered, 400);
+    eventually(WAIT, "the last edit served", || async { (threshold(&server).await == Some(30.0)).then_some(()) }).await;
+}

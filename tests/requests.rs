@@ -484,3 +484,63 @@ async fn errors_on_streams_arrive_as_sse_error_frames() {
     let (code, body, _) = chat(&server, "u1", json!({"message": "", "stream": true})).await;
     assert_eq!((code, body["code"].as_str()), (400, Some("missing_message")));
 }
+
+#[tokio::test]
+async fn a_running_request_keeps_the_formation_it_started_with() {
+    // The first attempt fails; the retry waits 2-4 s, and the formation is
+    // replaced meanwhile. The retry must still run the version it started with.
+    let fx = fixture("async:\n  mode: async\noverlord:\n  workflow:\n    retry: {max_attempts: 2, initial_delay: 4, max_delay: 4}\n");
+    let server = fx.start();
+    let (_, body, _) = chat(&server, "u1", json!({"message": "flaky:2"})).await;
+    let running = request_id(&body);
+    eventually(Duration::from_secs(20), "first attempt failed, retry scheduled", || async {
+        let (_, body) = status(&server, "u1", &running).await;
+        body["data"]["message"].as_str().is_some_and(|m| m.contains("retrying")).then_some(())
+    })
+    .await;
+
+    // Version 2 replaces the default agent's program.
+    fx.script("f/agent2.py", "#!/usr/bin/env python3\nimport json, sys\njson.load(sys.stdin)\nprint(json.dumps({\"result\": \"version two\"}))\n");
+    let v2 = formation_yaml("f", "async:\n  mode: async\nagents:\n  - id: worker\n    command: [\"python3\", \"agent2.py\"]\n")
+        .replace("version: \"1.0.0\"", "version: \"2.0.0\"");
+    fx.write("f/formation.afs", &v2);
+    let (admin, key) = admin_key("f");
+    eventually(Duration::from_secs(15), "version 2 served", || async {
+        let (_, body) = json(server.get("/api/f/v1/formation").header(admin, &key).send().await.unwrap()).await;
+        (body["data"]["version"] == "2.0.0").then_some(())
+    })
+    .await;
+    let (_, body) = status(&server, "u1", &running).await;
+    assert_eq!(body["data"]["attempts"], 1, "the reload came before the retry: {body}");
+
+    let old = finished(&server, "u1", &running).await;
+    assert_eq!(old["result"]["text"], "succeeded on attempt 2", "the retry ran the old program: {old}");
+    assert!(old["formation_version"].as_str().unwrap().starts_with("1.0.0+"));
+
+    let (_, body, _) = chat(&server, "u1", json!({"message": "anything"})).await;
+    let new = finished(&server, "u1", &request_id(&body)).await;
+    assert_eq!(new["result"]["text"], "version two");
+    assert!(new["formation_version"].as_str().unwrap().starts_with("2.0.0+"));
+}
+
+#[tokio::test]
+async fn requests_beyond_the_pool_wait_pending_and_start_in_order() {
+    let fx = fixture("async:\n  mode: async\noverlord:\n  max_concurrent_requests: 1\n");
+    let server = fx.start();
+    let mut ids = Vec::new();
+    for message in ["sleep:1", "echo:b", "echo:c", "echo:d", "echo:e"] {
+        let (_, body, _) = chat(&server, "u1", json!({ "message": message })).await;
+        ids.push(request_id(&body));
+    }
+    let (_, body) = status(&server, "u1", &ids[4]).await;
+    assert_eq!(body["data"]["status"], "pending");
+    let mut starts = Vec::new();
+    for id in &ids {
+        let data = finished(&server, "u1", id).await;
+        assert_eq!(data["status"], "completed");
+        starts.push((data["started_at"].as_str().unwrap().to_string(), data["completed_at"].as_str().unwrap().to_string()));
+    }
+    for pair in starts.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "one at a time, in the order they came: {starts:?}");
+    }
+}

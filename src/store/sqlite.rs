@@ -89,7 +89,7 @@ CREATE INDEX requests_by_status ON requests (status, created_at)
 CREATE INDEX requests_by_agent ON requests (formation_id, agent_id, completed_at)
     WHERE status = 'completed';
 CREATE INDEX requests_by_session ON requests (formation_id, user_id, session_id, created_at)
-    WHERE session_id IS NOT NULL;
+    WHERE status = 'completed';
 CREATE UNIQUE INDEX requests_idempotency ON requests (formation_id, user_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 
