@@ -31,43 +31,18 @@ fn write_formation(fx: &Fixture, api_base: &str, extra: &str, agents: &str) {
 
 const ONE_AGENT: &str = "  - id: main\n    model: openai/fake-model\n    system_message: You are main.\n";
 
+// Formation `f`, as `user`, through the shared helper.
 async fn chat(server: &Server, user: &str, body: Value) -> (u16, Value) {
-    let (name, key) = client_key("f");
-    let response = server
-        .post("/api/f/v1/chat")
-        .header(name, key)
-        .header("X-Muxi-User-ID", user)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    json(response).await
+    let (code, body, _) = server.caller("f", user).chat(body).await;
+    (code, body)
 }
 
 async fn status(server: &Server, user: &str, id: &str) -> Value {
-    let (name, key) = client_key("f");
-    let response = server
-        .get(&format!("/api/f/v1/requests/{id}"))
-        .header(name, key)
-        .header("X-Muxi-User-ID", user)
-        .send()
-        .await
-        .unwrap();
-    let (code, body) = json(response).await;
-    assert_eq!(code, 200, "{body}");
-    body["data"].clone()
+    server.caller("f", user).data(id).await
 }
 
 async fn finished(server: &Server, user: &str, id: &str) -> Value {
-    eventually(WAIT, "request to end", || async {
-        let data = status(server, user, id).await;
-        matches!(data["status"].as_str(), Some("completed" | "failed" | "cancelled")).then_some(data)
-    })
-    .await
-}
-
-fn request_id(body: &Value) -> String {
-    body["data"]["request_id"].as_str().unwrap_or_else(|| panic!("no request_id in {body}")).to_string()
+    server.caller("f", user).finished(id).await
 }
 
 /// An async request; returns its id.

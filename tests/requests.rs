@@ -65,56 +65,25 @@ overlord:
     timeouts: {task_timeout: 30, workflow_timeout: 60}
 "#;
 
+// Formation `f`, as `user`, through the shared helper.
 async fn chat(server: &Server, user: &str, body: Value) -> (u16, Value, reqwest::header::HeaderMap) {
-    let (name, key) = client_key("f");
-    let response = server
-        .post("/api/f/v1/chat")
-        .header(name, key)
-        .header("X-Muxi-User-ID", user)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let headers = response.headers().clone();
-    let (status, body) = json(response).await;
-    (status, body, headers)
+    server.caller("f", user).chat(body).await
 }
 
 async fn status(server: &Server, user: &str, id: &str) -> (u16, Value) {
-    let (name, key) = client_key("f");
-    let response =
-        server.get(&format!("/api/f/v1/requests/{id}")).header(name, key).header("X-Muxi-User-ID", user).send().await.unwrap();
-    json(response).await
+    server.caller("f", user).status(id).await
 }
 
 async fn cancel(server: &Server, user: &str, id: &str) -> (u16, Value) {
-    let (name, key) = client_key("f");
-    let response =
-        server.delete(&format!("/api/f/v1/requests/{id}")).header(name, key).header("X-Muxi-User-ID", user).send().await.unwrap();
-    json(response).await
+    server.caller("f", user).cancel(id).await
 }
 
 async fn list(server: &Server, user: &str, query: &str) -> Vec<Value> {
-    let (name, key) = client_key("f");
-    let response =
-        server.get(&format!("/api/f/v1/requests{query}")).header(name, key).header("X-Muxi-User-ID", user).send().await.unwrap();
-    let (code, body) = json(response).await;
-    assert_eq!(code, 200, "{body}");
-    body["data"]["requests"].as_array().unwrap().clone()
+    server.caller("f", user).list(query).await
 }
 
-/// Polls a request until it has ended; returns its final status document.
 async fn finished(server: &Server, user: &str, id: &str) -> Value {
-    eventually(Duration::from_secs(60), "request to end", || async {
-        let (_, body) = status(server, user, id).await;
-        let data = body["data"].clone();
-        matches!(data["status"].as_str(), Some("completed" | "failed" | "cancelled")).then_some(data)
-    })
-    .await
-}
-
-fn request_id(body: &Value) -> String {
-    body["data"]["request_id"].as_str().unwrap_or_else(|| panic!("no request_id in {body}")).to_string()
+    server.caller("f", user).finished(id).await
 }
 
 #[tokio::test]

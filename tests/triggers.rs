@@ -52,42 +52,12 @@ async fn get(server: &Server, path: &str) -> (u16, Value) {
 
 /// POSTs `body` (JSON) to `/triggers/{path}` as user `user`.
 async fn fire(server: &Server, path: &str, user: &str, body: Value) -> (u16, Value) {
-    let (name, key) = client_key("t");
-    let response = server
-        .post(&format!("/api/t/v1/triggers/{path}"))
-        .header(name, key)
-        .header("X-Muxi-User-ID", user)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    json(response).await
-}
-
-async fn request_status(server: &Server, user: &str, id: &str) -> Value {
-    let (name, key) = client_key("t");
-    let response = server
-        .get(&format!("/api/t/v1/requests/{id}"))
-        .header(name, key)
-        .header("X-Muxi-User-ID", user)
-        .send()
-        .await
-        .unwrap();
-    let (code, body) = json(response).await;
-    assert_eq!(code, 200, "{body}");
-    body["data"].clone()
+    let caller = server.caller("t", user);
+    json(caller.request(reqwest::Method::POST, &format!("/triggers/{path}")).json(&body).send().await.unwrap()).await
 }
 
 async fn finished(server: &Server, user: &str, id: &str) -> Value {
-    eventually(Duration::from_secs(30), "request to end", || async {
-        let data = request_status(server, user, id).await;
-        matches!(data["status"].as_str(), Some("completed" | "failed" | "cancelled")).then_some(data)
-    })
-    .await
-}
-
-fn request_id(body: &Value) -> String {
-    body["data"]["request_id"].as_str().unwrap_or_else(|| panic!("no request_id in {body}")).to_string()
+    server.caller("t", user).finished(id).await
 }
 
 #[tokio::test]

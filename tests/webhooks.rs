@@ -56,31 +56,14 @@ fn fixture(rx: &Receiver) -> Fixture {
     fx
 }
 
+// As user `u1` of `formation`, through the shared helper.
 async fn chat(server: &Server, formation: &str, body: Value) -> (u16, Value) {
-    let (name, key) = client_key(formation);
-    let response = server
-        .post(&format!("/api/{formation}/v1/chat"))
-        .header(name, key)
-        .header("X-Muxi-User-ID", "u1")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    json(response).await
+    let (code, body, _) = server.caller(formation, "u1").chat(body).await;
+    (code, body)
 }
 
 async fn status(server: &Server, formation: &str, id: &str) -> Value {
-    let (name, key) = client_key(formation);
-    let response = server
-        .get(&format!("/api/{formation}/v1/requests/{id}"))
-        .header(name, key)
-        .header("X-Muxi-User-ID", "u1")
-        .send()
-        .await
-        .unwrap();
-    let (code, body) = json(response).await;
-    assert_eq!(code, 200, "{body}");
-    body["data"].clone()
+    server.caller(formation, "u1").data(id).await
 }
 
 /// Sends an async chat with a webhook URL; returns the request id.

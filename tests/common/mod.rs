@@ -176,6 +176,80 @@ impl Server {
     }
 }
 
+/// A caller of one formation: its client key and a user id. What most tests
+/// do through the API goes through here.
+pub struct Caller<'a> {
+    server: &'a Server,
+    formation: String,
+    user: String,
+}
+
+impl Server {
+    /// Calls formation `formation` (made by [`formation_yaml`]) as `user`.
+    pub fn caller(&self, formation: &str, user: &str) -> Caller<'_> {
+        Caller { server: self, formation: formation.to_string(), user: user.to_string() }
+    }
+}
+
+impl Caller<'_> {
+    /// A request to `/api/{formation}/v1{path}` with the client key and user id.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let (name, key) = client_key(&self.formation);
+        self.server
+            .http
+            .request(method, self.server.url(&format!("/api/{}/v1{path}", self.formation)))
+            .header(name, key)
+            .header("X-Muxi-User-ID", &self.user)
+    }
+
+    /// `POST /chat`: status, body and headers.
+    pub async fn chat(&self, body: Value) -> (u16, Value, reqwest::header::HeaderMap) {
+        let response = self.request(reqwest::Method::POST, "/chat").json(&body).send().await.unwrap();
+        let headers = response.headers().clone();
+        let (status, body) = json(response).await;
+        (status, body, headers)
+    }
+
+    /// `GET /requests/{id}`: status and body.
+    pub async fn status(&self, id: &str) -> (u16, Value) {
+        json(self.request(reqwest::Method::GET, &format!("/requests/{id}")).send().await.unwrap()).await
+    }
+
+    /// The request's status document, which must exist.
+    pub async fn data(&self, id: &str) -> Value {
+        let (code, body) = self.status(id).await;
+        assert_eq!(code, 200, "{body}");
+        body["data"].clone()
+    }
+
+    /// `DELETE /requests/{id}`: status and body.
+    pub async fn cancel(&self, id: &str) -> (u16, Value) {
+        json(self.request(reqwest::Method::DELETE, &format!("/requests/{id}")).send().await.unwrap()).await
+    }
+
+    /// `GET /requests{query}`: the listed requests.
+    pub async fn list(&self, query: &str) -> Vec<Value> {
+        let (code, body) = json(self.request(reqwest::Method::GET, &format!("/requests{query}")).send().await.unwrap()).await;
+        assert_eq!(code, 200, "{body}");
+        body["data"]["requests"].as_array().unwrap().clone()
+    }
+
+    /// Polls a request until it has ended; returns its final status document.
+    pub async fn finished(&self, id: &str) -> Value {
+        eventually(Duration::from_secs(60), "request to end", || async {
+            let (_, body) = self.status(id).await;
+            let data = body["data"].clone();
+            matches!(data["status"].as_str(), Some("completed" | "failed" | "cancelled")).then_some(data)
+        })
+        .await
+    }
+}
+
+/// The request id of an answer.
+pub fn request_id(body: &Value) -> String {
+    body["data"]["request_id"].as_str().unwrap_or_else(|| panic!("no request_id in {body}")).to_string()
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
