@@ -64,22 +64,18 @@ impl Code {
     /// The HTTP status the code is answered with.
     pub fn status(self) -> StatusCode {
         match self {
-            Code::FormationNotFound
-            | Code::RequestNotFound
-            | Code::TriggerNotFound
-            | Code::NotFound => StatusCode::NOT_FOUND,
+            Code::FormationNotFound | Code::RequestNotFound | Code::TriggerNotFound | Code::NotFound => {
+                StatusCode::NOT_FOUND
+            }
             Code::MissingApiKey => StatusCode::UNAUTHORIZED,
             Code::InvalidApiKey => StatusCode::FORBIDDEN,
             Code::RequestAlreadyFinished | Code::RequestCancelled => StatusCode::CONFLICT,
             Code::RequestFailed => StatusCode::BAD_GATEWAY,
             Code::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Code::InvalidJson | Code::InvalidRequest | Code::MissingMessage => {
-                StatusCode::BAD_REQUEST
+            Code::InvalidJson | Code::InvalidRequest | Code::MissingMessage => StatusCode::BAD_REQUEST,
+            Code::UnknownAgent | Code::MissingTriggerData | Code::InvalidWebhookUrl | Code::WebhookTargetRefused => {
+                StatusCode::UNPROCESSABLE_ENTITY
             }
-            Code::UnknownAgent
-            | Code::MissingTriggerData
-            | Code::InvalidWebhookUrl
-            | Code::WebhookTargetRefused => StatusCode::UNPROCESSABLE_ENTITY,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,

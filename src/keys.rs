@@ -47,9 +47,8 @@ pub fn resolve(data_dir: &Path, formation_id: &str, declared: &ApiKeys) -> io::R
     let path = key_file(data_dir, formation_id);
     let (stored, generated) = match std::fs::read(&path) {
         Ok(bytes) => {
-            let stored: StoredKeys = serde_json::from_slice(&bytes).map_err(|e| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
-            })?;
+            let stored: StoredKeys = serde_json::from_slice(&bytes)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))?;
             (stored, false)
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -74,12 +73,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
         std::fs::create_dir_all(parent)?;
     }
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)

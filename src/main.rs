@@ -56,7 +56,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let allow_webhook_hosts = allow_webhook_hosts.into_iter().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect();
+            let allow_webhook_hosts =
+                allow_webhook_hosts.into_iter().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect();
             match runtime.block_on(serve(ServeConfig { dir, listen, data_dir, allow_webhook_hosts })) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

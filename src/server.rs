@@ -35,9 +35,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     );
     let registry = Arc::new(Registry::load(&config.dir, &config.data_dir));
     let shutdown = CancellationToken::new();
-    registry
-        .watch(shutdown.clone())
-        .with_context(|| format!("cannot watch {}", config.dir.display()))?;
+    registry.watch(shutdown.clone()).with_context(|| format!("cannot watch {}", config.dir.display()))?;
 
     let lookup: FormationLookup = {
         let registry = registry.clone();
@@ -68,7 +66,12 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // Signal handlers are in place before anyone learns the address.
     let signals = Signals::install()?;
     let live = registry.snapshot();
-    tracing::info!(formations = live.formations.len(), failed = live.failures.len(), "formations loaded from {}", config.dir.display());
+    tracing::info!(
+        formations = live.formations.len(),
+        failed = live.failures.len(),
+        "formations loaded from {}",
+        config.dir.display()
+    );
     // Tests and scripts read this line to find the port.
     println!("muxi-rt listening on http://{addr}");
 

@@ -66,11 +66,7 @@ pub fn load_templates(dir: &Path) -> Result<BTreeMap<String, Trigger>, Vec<Diagn
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
         Err(e) => {
-            return Err(vec![Diagnostic::error(
-                &folder,
-                "(root)",
-                format!("cannot read the triggers folder: {e}"),
-            )])
+            return Err(vec![Diagnostic::error(&folder, "(root)", format!("cannot read the triggers folder: {e}"))])
         }
     };
     let mut paths: Vec<_> = entries
@@ -111,9 +107,8 @@ pub fn load_templates(dir: &Path) -> Result<BTreeMap<String, Trigger>, Vec<Diagn
 pub fn parse_template(name: &str, text: &str, file: &Path) -> Result<Trigger, Diagnostic> {
     const PATH: &str = "front matter";
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let (front, body) = split_front_matter(text).map_err(|()| {
-        Diagnostic::error(file, PATH, "front matter opened with --- is never closed").at(1, 1)
-    })?;
+    let (front, body) = split_front_matter(text)
+        .map_err(|()| Diagnostic::error(file, PATH, "front matter opened with --- is never closed").at(1, 1))?;
 
     let front: FrontMatter = match front {
         Some(yaml) if !is_blank_yaml(yaml) => {
@@ -121,20 +116,19 @@ pub fn parse_template(name: &str, text: &str, file: &Path) -> Result<Trigger, Di
         }
         _ => FrontMatter::default(),
     };
-    let key_line = |key: &str| {
-        text.lines().position(|l| l.trim_start().starts_with(&format!("{key}:"))).map_or(1, |i| i + 1)
-    };
+    let key_line =
+        |key: &str| text.lines().position(|l| l.trim_start().starts_with(&format!("{key}:"))).map_or(1, |i| i + 1);
 
     let agent_id = match (front.agent, front.agent_id) {
         (Some(a), Some(b)) if a != b => {
-            return Err(Diagnostic::error(file, PATH, "give either agent or agent_id, not both")
-                .at(key_line("agent_id"), 1))
+            return Err(
+                Diagnostic::error(file, PATH, "give either agent or agent_id, not both").at(key_line("agent_id"), 1)
+            )
         }
         (a, b) => a.or(b),
     };
     if let Some(url) = &front.webhook_url {
-        let ok =
-            reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+        let ok = reqwest::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
         if !ok {
             return Err(Diagnostic::error(
                 file,
@@ -241,8 +235,7 @@ fn pieces(template: &str) -> Vec<Piece<'_>> {
 
 /// `a.b.0.c`: dot-separated, non-empty segments of letters, digits, `_` and `-`.
 fn is_path(path: &str) -> bool {
-    path.split('.')
-        .all(|seg| !seg.is_empty() && seg.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-'))
+    path.split('.').all(|seg| !seg.is_empty() && seg.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-'))
 }
 
 /// The distinct data paths `template` uses, in order of first use.
@@ -332,10 +325,8 @@ mod tests {
 
     #[test]
     fn fields_are_distinct_in_order_of_first_use() {
-        let t = parse(
-            "${{ data.b }} ${{data.a.x}} ${{ data.b }} ${{ data.items.0 }} ${{ secrets.K }} ${{ data }}",
-        )
-        .expect("valid");
+        let t = parse("${{ data.b }} ${{data.a.x}} ${{ data.b }} ${{ data.items.0 }} ${{ secrets.K }} ${{ data }}")
+            .expect("valid");
         assert_eq!(t.fields, ["b", "a.x", "items.0"]);
     }
 
@@ -359,13 +350,12 @@ mod tests {
 
     #[test]
     fn every_missing_field_is_listed() {
-        let t = parse("${{ data.a }} ${{ data.b.c }} ${{ data.items.5 }} ${{ data.a }} ${{ data.ok }} ${{ data.ok.deeper }}")
-            .expect("valid");
+        let t = parse(
+            "${{ data.a }} ${{ data.b.c }} ${{ data.items.5 }} ${{ data.a }} ${{ data.ok }} ${{ data.ok.deeper }}",
+        )
+        .expect("valid");
         let data = json!({"b": {}, "items": [1], "ok": "yes"});
-        assert_eq!(
-            render(&t, &data),
-            Err(vec!["a".into(), "b.c".into(), "items.5".into(), "ok.deeper".into()])
-        );
+        assert_eq!(render(&t, &data), Err(vec!["a".into(), "b.c".into(), "items.5".into(), "ok.deeper".into()]));
     }
 
     #[test]
@@ -401,11 +391,8 @@ mod tests {
 
         let triggers = dir.path().join("triggers");
         std::fs::create_dir(&triggers).expect("mkdir");
-        std::fs::write(
-            triggers.join("github-issue.md"),
-            "---\nagent: triage\n---\nIssue ${{ data.issue.title }}",
-        )
-        .expect("write");
+        std::fs::write(triggers.join("github-issue.md"), "---\nagent: triage\n---\nIssue ${{ data.issue.title }}")
+            .expect("write");
         std::fs::write(triggers.join("ping.md"), "ping ${{ data.who }}").expect("write");
         std::fs::write(triggers.join("notes.txt"), "not a trigger").expect("write");
         let loaded = load_templates(dir.path()).expect("loads");

@@ -20,7 +20,8 @@ async fn serves_both_layouts_and_reports_unknown_formations() {
 
     let (status, body) = json(server.get("/health").send().await.unwrap()).await;
     assert_eq!(status, 200);
-    let ids: Vec<&str> = body["data"]["formations"].as_array().unwrap().iter().map(|f| f["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> =
+        body["data"]["formations"].as_array().unwrap().iter().map(|f| f["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["alpha", "beta", "gamma"]);
     assert_eq!(body["data"]["status"], "healthy");
 
@@ -109,12 +110,14 @@ async fn a_formation_without_keys_gets_generated_keys_that_survive_restarts() {
     // Generated keys are printed once, at first load.
     eventually(WAIT, "keys printed", || async { server.stderr().contains(&admin).then_some(()) }).await;
 
-    let (status, _) = json(server.get("/api/open/v1/async").header("X-Muxi-Admin-Key", &admin).send().await.unwrap()).await;
+    let (status, _) =
+        json(server.get("/api/open/v1/async").header("X-Muxi-Admin-Key", &admin).send().await.unwrap()).await;
     assert_eq!(status, 200);
     assert!(server.terminate().is_some());
 
     let server = fx.start();
-    let (status, _) = json(server.get("/api/open/v1/async").header("X-Muxi-Admin-Key", &admin).send().await.unwrap()).await;
+    let (status, _) =
+        json(server.get("/api/open/v1/async").header("X-Muxi-Admin-Key", &admin).send().await.unwrap()).await;
     assert_eq!(status, 200, "the same key works after a restart");
     assert!(!server.stderr().contains(&admin), "keys are printed only when generated");
 }
@@ -224,7 +227,11 @@ fn validate_reports_each_problem_with_file_line_and_column() {
     assert_eq!(code, 1);
     assert!(out.contains("type.afs:10:") && out.contains("async.threshold_seconds"), "{out}");
 
-    let (code, out) = validate_one(&fx, "retry.afs", &formation_yaml("retry", "overlord:\n  workflow:\n    retry:\n      max_atempts: 2\n"));
+    let (code, out) = validate_one(
+        &fx,
+        "retry.afs",
+        &formation_yaml("retry", "overlord:\n  workflow:\n    retry:\n      max_atempts: 2\n"),
+    );
     assert_eq!(code, 1);
     assert!(out.contains("retry.afs:12:7: overlord.workflow.retry.max_atempts"), "{out}");
 

@@ -120,7 +120,10 @@ async fn async_mode_answers_202_at_once_then_completes_in_the_background() {
     assert_eq!(code, 202, "{body}");
     let id = request_id(&body);
     assert_eq!(body["data"]["status"], "processing");
-    assert!(body["data"]["session_id"].as_str().unwrap().starts_with("sess_"), "a session is opened when none is named");
+    assert!(
+        body["data"]["session_id"].as_str().unwrap().starts_with("sess_"),
+        "a session is opened when none is named"
+    );
     assert!(body["data"]["estimated_time"].as_str().unwrap().contains("second"), "{body}");
     assert_eq!(headers["location"], format!("/api/f/v1/requests/{id}").as_str());
     assert!(headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
@@ -458,7 +461,9 @@ async fn errors_on_streams_arrive_as_sse_error_frames() {
 async fn a_running_request_keeps_the_formation_it_started_with() {
     // The first attempt fails; the retry waits 2-4 s, and the formation is
     // replaced meanwhile. The retry must still run the version it started with.
-    let fx = fixture("async:\n  mode: async\noverlord:\n  workflow:\n    retry: {max_attempts: 2, initial_delay: 4, max_delay: 4}\n");
+    let fx = fixture(
+        "async:\n  mode: async\noverlord:\n  workflow:\n    retry: {max_attempts: 2, initial_delay: 4, max_delay: 4}\n",
+    );
     let server = fx.start();
     let (_, body, _) = chat(&server, "u1", json!({"message": "flaky:2"})).await;
     let running = request_id(&body);
@@ -470,8 +475,11 @@ async fn a_running_request_keeps_the_formation_it_started_with() {
 
     // Version 2 replaces the default agent's program.
     fx.script("f/agent2.py", "#!/usr/bin/env python3\nimport json, sys\njson.load(sys.stdin)\nprint(json.dumps({\"result\": \"version two\"}))\n");
-    let v2 = formation_yaml("f", "async:\n  mode: async\nagents:\n  - id: worker\n    command: [\"python3\", \"agent2.py\"]\n")
-        .replace("version: \"1.0.0\"", "version: \"2.0.0\"");
+    let v2 = formation_yaml(
+        "f",
+        "async:\n  mode: async\nagents:\n  - id: worker\n    command: [\"python3\", \"agent2.py\"]\n",
+    )
+    .replace("version: \"1.0.0\"", "version: \"2.0.0\"");
     fx.write("f/formation.afs", &v2);
     let (admin, key) = admin_key("f");
     eventually(Duration::from_secs(15), "version 2 served", || async {
@@ -507,7 +515,10 @@ async fn requests_beyond_the_pool_wait_pending_and_start_in_order() {
     for id in &ids {
         let data = finished(&server, "u1", id).await;
         assert_eq!(data["status"], "completed");
-        starts.push((data["started_at"].as_str().unwrap().to_string(), data["completed_at"].as_str().unwrap().to_string()));
+        starts.push((
+            data["started_at"].as_str().unwrap().to_string(),
+            data["completed_at"].as_str().unwrap().to_string(),
+        ));
     }
     for pair in starts.windows(2) {
         assert!(pair[0].1 <= pair[1].0, "one at a time, in the order they came: {starts:?}");

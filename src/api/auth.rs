@@ -40,7 +40,10 @@ pub fn authorize(state: &AppState, formation_id: &str, headers: &HeaderMap, role
     let allowed = match role {
         Role::Admin => match admin {
             None => {
-                return Err(ApiError::new(Code::MissingApiKey, "this route needs the formation's admin key in the X-Muxi-Admin-Key header"))
+                return Err(ApiError::new(
+                    Code::MissingApiKey,
+                    "this route needs the formation's admin key in the X-Muxi-Admin-Key header",
+                ))
             }
             Some(key) => admin_ok(key),
         },

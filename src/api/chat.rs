@@ -168,8 +168,10 @@ pub fn accepted_response(formation_id: &str, record: &RequestRecord, idempotency
 pub fn answer_final(record: &RequestRecord, idempotency_key: Option<&str>) -> ApiResult<Response> {
     let details = || json!({ "request_id": record.id, "status": record.status.as_str(), "error": record.error });
     match record.status {
-        Status::Completed => Ok(envelope::ok("chat.completed", Some(&record.id), idempotency_key, views::chat_answer(record))
-            .into_response()),
+        Status::Completed => {
+            Ok(envelope::ok("chat.completed", Some(&record.id), idempotency_key, views::chat_answer(record))
+                .into_response())
+        }
         Status::Failed => {
             let (kind, message) = record
                 .error
@@ -179,9 +181,8 @@ pub fn answer_final(record: &RequestRecord, idempotency_key: Option<&str>) -> Ap
             let code = if kind == "timeout" { Code::RequestTimeout } else { Code::RequestFailed };
             Err(ApiError::new(code, format!("request {} failed: {message}", record.id)).with_details(details()))
         }
-        Status::Cancelled => {
-            Err(ApiError::new(Code::RequestCancelled, format!("request {} was cancelled", record.id)).with_details(details()))
-        }
+        Status::Cancelled => Err(ApiError::new(Code::RequestCancelled, format!("request {} was cancelled", record.id))
+            .with_details(details())),
         Status::Pending | Status::Processing => Err(ApiError::internal("answer_final called on a running request")),
     }
 }

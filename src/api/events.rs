@@ -35,7 +35,8 @@ const POLL: Duration = Duration::from_millis(500);
 /// `POST /chat` with `"stream": true`.
 pub async fn stream_chat(state: AppState, accepted: Accepted) -> ApiResult<Response> {
     let cancel_on_disconnect = !matches!(accepted.plan, Plan::Async);
-    let Submitted { record, live, events, .. } = state.engine.submit(accepted.formation, accepted.request, true).await?;
+    let Submitted { record, live, events, .. } =
+        state.engine.submit(accepted.formation, accepted.request, true).await?;
     Ok(sse(state, record, live, events, cancel_on_disconnect))
 }
 
@@ -107,9 +108,11 @@ async fn pump(
     let mut events = events;
     let mut done = live.map(LiveRequest::done);
     // The current state first, so a client that comes back later catches up.
-    let opening = record.status_message.clone().or_else(|| record.current_step.clone()).unwrap_or_else(|| {
-        format!("Request {} is {}", record.id, record.status.as_str())
-    });
+    let opening = record
+        .status_message
+        .clone()
+        .or_else(|| record.current_step.clone())
+        .unwrap_or_else(|| format!("Request {} is {}", record.id, record.status.as_str()));
     let extra = json!({ "status": record.status.as_str(), "progress": record.progress });
     if !send(tx, token(record, "progress", &opening, extra)).await {
         return false;
@@ -138,7 +141,12 @@ async fn pump(
         let frame = match next {
             Next::Event(Ok(LiveEvent::Progress(p))) => {
                 let text = p.current_step.clone().or(p.message.clone()).unwrap_or_default();
-                token(record, "progress", &text, json!({ "progress": p.progress, "total_steps": p.total_steps, "completed_steps": p.completed_steps }))
+                token(
+                    record,
+                    "progress",
+                    &text,
+                    json!({ "progress": p.progress, "total_steps": p.total_steps, "completed_steps": p.completed_steps }),
+                )
             }
             Next::Event(Ok(LiveEvent::Content(text))) => token(record, "content", &text, json!({})),
             Next::Event(Ok(LiveEvent::Finished(finished))) => return finish(tx, &finished).await,

@@ -45,7 +45,11 @@ pub async fn health(State(state): State<AppState>, Path(id): Path<String>) -> Ap
 }
 
 /// `GET /api/{id}/v1/status` (admin key).
-pub async fn status(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+pub async fn status(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
     let formation = auth::authorize(&state, &id, &headers, Role::Admin)?;
     Ok(envelope::ok(
         "status",
@@ -64,7 +68,11 @@ pub async fn status(State(state): State<AppState>, Path(id): Path<String>, heade
 }
 
 /// `GET /api/{id}/v1/async` (admin key): the effective settings, defaults filled in.
-pub async fn async_settings(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+pub async fn async_settings(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
     let formation = auth::authorize(&state, &id, &headers, Role::Admin)?;
     let overlord = &formation.overlord;
     let mut data = serde_json::to_value(&overlord.async_).unwrap_or_default();
@@ -79,7 +87,11 @@ pub async fn async_settings(State(state): State<AppState>, Path(id): Path<String
 }
 
 /// `GET /api/{id}/v1/formation` (admin key).
-pub async fn describe(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+pub async fn describe(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
     let formation = auth::authorize(&state, &id, &headers, Role::Admin)?;
     let agents: Vec<Value> = formation
         .agents

@@ -69,11 +69,8 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
 /// `event: error` frame (same status), which is where SSE clients such as the
 /// MUXI SDK look for it; a JSON body would read as an empty stream.
 async fn sse_errors(request: Request, next: Next) -> Response {
-    let wants_sse = request
-        .headers()
-        .get(ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"));
+    let wants_sse =
+        request.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
     let response = next.run(request).await;
     let is_json_error = response.status().as_u16() >= 400
         && response

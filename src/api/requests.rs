@@ -17,7 +17,12 @@ const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
 
 /// The caller's request, or 404.
-pub async fn find(state: &AppState, formation_id: &str, headers: &HeaderMap, request_id: &str) -> ApiResult<RequestRecord> {
+pub async fn find(
+    state: &AppState,
+    formation_id: &str,
+    headers: &HeaderMap,
+    request_id: &str,
+) -> ApiResult<RequestRecord> {
     let user = auth::user_id(headers, None);
     // A request running here is answered from memory; others from the store.
     let record = match state.engine.live(request_id) {
@@ -90,7 +95,10 @@ pub async fn cancel(
         )),
         Err(CancelError::AlreadyFinished(status)) => Err(ApiError::new(
             Code::RequestAlreadyFinished,
-            format!("request `{request_id}` has already {}; only pending or processing requests can be cancelled", finished_verb(status)),
+            format!(
+                "request `{request_id}` has already {}; only pending or processing requests can be cancelled",
+                finished_verb(status)
+            ),
         )),
         Err(CancelError::Store(e)) => Err(e.into()),
     }

@@ -28,8 +28,8 @@ use crate::formation::Formation;
 use crate::overlord::{backoff, estimate};
 use crate::registry::Registry;
 use crate::store::{
-    ErrorInfo, Inserted, NewDelivery, NewRequest, Outcome, Progress, RequestRecord, RequestResult,
-    Status, Store, StoreResult,
+    ErrorInfo, Inserted, NewDelivery, NewRequest, Outcome, Progress, RequestRecord, RequestResult, Status, Store,
+    StoreResult,
 };
 use crate::time::now_ms;
 use crate::webhooks::Dispatcher;
@@ -236,7 +236,12 @@ impl Engine {
     }
 
     /// Runs attempts until success, a final failure, cancel or shutdown (`None`).
-    async fn attempts(&self, formation: &Formation, record: &RequestRecord, live: &LiveRequest) -> StoreResult<Option<Outcome>> {
+    async fn attempts(
+        &self,
+        formation: &Formation,
+        record: &RequestRecord,
+        live: &LiveRequest,
+    ) -> StoreResult<Option<Outcome>> {
         let Some(spec) = formation.agent(Some(&record.agent_id)) else {
             return Ok(Some(Outcome::Failed(ErrorInfo {
                 kind: "unknown_agent".into(),
@@ -296,7 +301,10 @@ impl Engine {
             }
             match ended {
                 Ended::Ran(Ok(output)) => {
-                    return Ok(Some(Outcome::Completed(RequestResult { text: output.text, artifacts: output.artifacts })));
+                    return Ok(Some(Outcome::Completed(RequestResult {
+                        text: output.text,
+                        artifacts: output.artifacts,
+                    })));
                 }
                 Ended::Ran(Err(failure)) => {
                     if !failure.retryable || attempt >= policy.max_attempts {
@@ -306,14 +314,19 @@ impl Engine {
                     // asked for (Retry-After) is honoured in full, within the
                     // workflow timeout.
                     let until_deadline = Duration::from_millis((workflow_deadline_ms - now_ms()).max(0) as u64);
-                    let delay =
-                        backoff::honour_retry_after(backoff::jittered(policy, attempt), failure.retry_after, until_deadline);
+                    let delay = backoff::honour_retry_after(
+                        backoff::jittered(policy, attempt),
+                        failure.retry_after,
+                        until_deadline,
+                    );
                     if delay >= until_deadline {
                         return Ok(Some(Outcome::Failed(timeout_error("workflow_timeout", timeouts.workflow_timeout))));
                     }
                     let note = format!(
                         "attempt {attempt} of {} failed ({}); retrying in {:.1}s",
-                        policy.max_attempts, failure.message, delay.as_secs_f64()
+                        policy.max_attempts,
+                        failure.message,
+                        delay.as_secs_f64()
                     );
                     tracing::warn!(request = %record.id, "{note}");
                     let progress = Progress { message: Some(note), ..Progress::default() };
@@ -368,11 +381,15 @@ impl Engine {
 
     /// Ends a request (first writer wins), queues its webhook, and tells watchers.
     /// Returns whether this call ended it.
-    async fn complete(&self, record: &RequestRecord, live: Option<&LiveRequest>, outcome: Outcome) -> StoreResult<bool> {
-        let delivery = self.webhook_target(record, live).map(|url| NewDelivery {
-            id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
-            url,
-        });
+    async fn complete(
+        &self,
+        record: &RequestRecord,
+        live: Option<&LiveRequest>,
+        outcome: Outcome,
+    ) -> StoreResult<bool> {
+        let delivery = self
+            .webhook_target(record, live)
+            .map(|url| NewDelivery { id: format!("msg_{}", uuid::Uuid::new_v4().simple()), url });
         let has_delivery = delivery.is_some();
         if !self.store.finish(&record.id, &outcome, now_ms(), delivery).await? {
             return Ok(false);
@@ -547,7 +564,12 @@ mod tests {
         let store = SqliteStore::open(dir.path()).unwrap();
         let Inserted::Created(mut copy) = store.insert(request("r1")).await.unwrap() else { panic!() };
         let updates = [
-            Progress { progress: Some(20.0), current_step: Some("one".into()), total_steps: Some(5), ..Progress::default() },
+            Progress {
+                progress: Some(20.0),
+                current_step: Some("one".into()),
+                total_steps: Some(5),
+                ..Progress::default()
+            },
             Progress { message: Some("half way".into()), completed_steps: Some(2), ..Progress::default() },
             Progress { progress: Some(60.0), ..Progress::default() },
             Progress::default(),

@@ -224,9 +224,7 @@ pub enum AgentKind {
         max_tool_rounds: u32,
     },
     /// A remote service that receives the request as JSON and returns the result.
-    Http {
-        url: String,
-    },
+    Http { url: String },
 }
 
 /// A tool an LLM agent may call.

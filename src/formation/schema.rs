@@ -79,7 +79,10 @@ impl Compiled {
         if let ValidationErrorKind::AdditionalProperties { unexpected } = &error.kind() {
             let expected = self.expected_keys(error.schema_path().as_str());
             for key in unexpected {
-                out.push(SchemaError { pointer: pointer_push(&pointer, key.as_str()), message: unknown_key(key.as_str(), &expected) });
+                out.push(SchemaError {
+                    pointer: pointer_push(&pointer, key.as_str()),
+                    message: unknown_key(key.as_str(), &expected),
+                });
             }
             return;
         }

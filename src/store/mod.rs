@@ -203,9 +203,14 @@ pub struct Delivery {
 pub enum DeliveryUpdate {
     Delivered,
     /// Try again at the given time (ms).
-    Retry { error: String, next_attempt_at: i64 },
+    Retry {
+        error: String,
+        next_attempt_at: i64,
+    },
     /// Give up.
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -237,13 +242,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Ends a non-final request, writing the webhook outbox row (if any) in the
     /// same transaction. Returns `false`, changing nothing, if it was already final.
-    async fn finish(
-        &self,
-        id: &str,
-        outcome: &Outcome,
-        now: i64,
-        delivery: Option<NewDelivery>,
-    ) -> StoreResult<bool>;
+    async fn finish(&self, id: &str, outcome: &Outcome, now: i64, delivery: Option<NewDelivery>) -> StoreResult<bool>;
 
     /// Requests left `pending` or `processing`, oldest first (for recovery).
     async fn unfinished(&self) -> StoreResult<Vec<RequestRecord>>;
@@ -253,12 +252,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Durations (ms) of the latest completed requests of a formation's agent,
     /// newest first.
-    async fn recent_durations(
-        &self,
-        formation_id: &str,
-        agent_id: &str,
-        limit: usize,
-    ) -> StoreResult<Vec<i64>>;
+    async fn recent_durations(&self, formation_id: &str, agent_id: &str, limit: usize) -> StoreResult<Vec<i64>>;
 
     /// The completed requests of a session, oldest first, as (message, answer).
     async fn session_turns(

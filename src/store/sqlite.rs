@@ -29,15 +29,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::types::Type;
-use rusqlite::{
-    params, Connection, DropBehavior, OpenFlags, OptionalExtension, Row, TransactionBehavior,
-};
+use rusqlite::{params, Connection, DropBehavior, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use super::{
-    Delivery, DeliveryUpdate, ErrorInfo, Inserted, ListQuery, NewDelivery, NewRequest, Outcome,
-    Progress, RequestRecord, RequestResult, Status, Store, StoreError, StoreResult, WebhookState,
+    Delivery, DeliveryUpdate, ErrorInfo, Inserted, ListQuery, NewDelivery, NewRequest, Outcome, Progress,
+    RequestRecord, RequestResult, Status, Store, StoreError, StoreResult, WebhookState,
 };
 
 /// The most commands one transaction carries.
@@ -133,39 +131,27 @@ impl SqliteStore {
     /// Opens (creating if needed) `data_dir/muxi.db`, migrates its schema and
     /// starts the writer thread.
     pub fn open(data_dir: &Path) -> StoreResult<SqliteStore> {
-        std::fs::create_dir_all(data_dir).map_err(|e| {
-            StoreError(format!(
-                "cannot create data folder {}: {e}",
-                data_dir.display()
-            ))
-        })?;
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError(format!("cannot create data folder {}: {e}", data_dir.display())))?;
         let path = data_dir.join(DB_FILE);
         let opening = |e: rusqlite::Error| StoreError(format!("open {}: {e}", path.display()));
 
         let mut conn = Connection::open(&path).map_err(opening)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(opening)?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .map_err(opening)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(opening)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError(format!(
                 "open {}: cannot switch to WAL mode (journal_mode is {mode})",
                 path.display()
             )));
         }
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(opening)?;
-        conn.pragma_update(None, "foreign_keys", true)
-            .map_err(opening)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(opening)?;
+        conn.pragma_update(None, "foreign_keys", true).map_err(opening)?;
         // Pages are read through a memory map rather than copied by read(2).
         conn.pragma_update(None, "mmap_size", MMAP_BYTES).map_err(opening)?;
-        migrate(&mut conn)
-            .map_err(|e| StoreError(format!("migrate {}: {}", path.display(), e.0)))?;
+        migrate(&mut conn).map_err(|e| StoreError(format!("migrate {}: {}", path.display(), e.0)))?;
 
-        let readers = Arc::new(ReadPool {
-            path: path.clone(),
-            idle: Mutex::new(Vec::new()),
-        });
+        let readers = Arc::new(ReadPool { path: path.clone(), idle: Mutex::new(Vec::new()) });
         // Open one reader now so a database readers cannot open fails here, not later.
         let first = readers.connect().map_err(opening)?;
         readers.put(first);
@@ -181,13 +167,7 @@ impl SqliteStore {
             .map_err(|e| StoreError(format!("cannot start the writer thread: {e}")))?;
 
         tracing::debug!(path = %path.display(), "sqlite store open");
-        Ok(SqliteStore {
-            path,
-            writer: Mutex::new(Some(sender)),
-            thread: Mutex::new(Some(thread)),
-            readers,
-            commits,
-        })
+        Ok(SqliteStore { path, writer: Mutex::new(Some(sender)), thread: Mutex::new(Some(thread)), readers, commits })
     }
 
     /// The database file.
@@ -204,17 +184,8 @@ impl SqliteStore {
     /// Stops taking writes, lets the writer finish everything already queued,
     /// and waits for it. Writes after this fail; reads still work. Idempotent.
     pub fn close(&self) {
-        drop(
-            self.writer
-                .lock()
-                .expect("store writer mutex poisoned")
-                .take(),
-        );
-        let thread = self
-            .thread
-            .lock()
-            .expect("store thread mutex poisoned")
-            .take();
+        drop(self.writer.lock().expect("store writer mutex poisoned").take());
+        let thread = self.thread.lock().expect("store thread mutex poisoned").take();
         if let Some(thread) = thread {
             if thread.join().is_err() {
                 tracing::error!("the store writer thread panicked");
@@ -229,24 +200,13 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let job = Box::new(Write {
-            name,
-            op: Some(op),
-            out: None,
-            reply,
-        });
+        let job = Box::new(Write { name, op: Some(op), out: None, reply });
         {
             let writer = self.writer.lock().expect("store writer mutex poisoned");
-            let sender = writer
-                .as_ref()
-                .ok_or_else(|| StoreError(format!("{name}: the store is closed")))?;
-            sender
-                .send(job)
-                .map_err(|_| StoreError(format!("{name}: the store writer has stopped")))?;
+            let sender = writer.as_ref().ok_or_else(|| StoreError(format!("{name}: the store is closed")))?;
+            sender.send(job).map_err(|_| StoreError(format!("{name}: the store writer has stopped")))?;
         }
-        answer
-            .await
-            .map_err(|_| StoreError(format!("{name}: the store writer stopped before answering")))?
+        answer.await.map_err(|_| StoreError(format!("{name}: the store writer stopped before answering")))?
     }
 
     /// Runs `op` on a read-only connection on tokio's blocking pool.
@@ -276,26 +236,18 @@ impl Drop for SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
     }
 }
 
 /// Applies the migrations the database has not seen yet, in one transaction.
 fn migrate(conn: &mut Connection) -> StoreResult<()> {
     let sql = |e: rusqlite::Error| StoreError(e.to_string());
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sql)?;
-    let version: i64 = tx
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
-        .map_err(sql)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(sql)?;
     let known = MIGRATIONS.len() as i64;
     if !(0..=known).contains(&version) {
-        return Err(StoreError(format!(
-            "schema version {version} is not one this build knows (0..={known})"
-        )));
+        return Err(StoreError(format!("schema version {version} is not one this build knows (0..={known})")));
     }
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.execute_batch(migration).map_err(sql)?;
@@ -382,9 +334,7 @@ fn writer_loop(mut conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>, commit
 /// One transaction for the whole batch, one savepoint per job.
 fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn Job>]) -> StoreResult<()> {
     let failed = |e: rusqlite::Error| StoreError(e.to_string());
-    let mut tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(failed)?;
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(failed)?;
     for job in batch.iter_mut() {
         let mut savepoint = tx.savepoint().map_err(failed)?;
         if job.run(&savepoint) {
@@ -437,19 +387,14 @@ impl ReadPool {
 // ---------------------------------------------------------------------------
 // Rows
 
-fn conversion_error(
-    row: &Row,
-    column: &str,
-    err: impl std::error::Error + Send + Sync + 'static,
-) -> rusqlite::Error {
+fn conversion_error(row: &Row, column: &str, err: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
     let index = row.as_ref().column_index(column).unwrap_or(0);
     rusqlite::Error::FromSqlConversionFailure(index, Type::Text, Box::new(err))
 }
 
 fn json_column<T: DeserializeOwned>(row: &Row, column: &str) -> rusqlite::Result<Option<T>> {
     let text: Option<String> = row.get(column)?;
-    text.map(|text| serde_json::from_str(&text).map_err(|e| conversion_error(row, column, e)))
-        .transpose()
+    text.map(|text| serde_json::from_str(&text).map_err(|e| conversion_error(row, column, e))).transpose()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -464,10 +409,7 @@ fn status_column(row: &Row, column: &str) -> rusqlite::Result<Status> {
 /// A row of [`select_records!`].
 fn record_from_row(row: &Row) -> rusqlite::Result<RequestRecord> {
     let result = match row.get::<_, Option<String>>("result_text")? {
-        Some(text) => Some(RequestResult {
-            text,
-            artifacts: json_column(row, "artifacts")?.unwrap_or_default(),
-        }),
+        Some(text) => Some(RequestResult { text, artifacts: json_column(row, "artifacts")?.unwrap_or_default() }),
         None => None,
     };
     let webhook = match row.get::<_, Option<String>>("webhook_status")? {
@@ -569,10 +511,7 @@ impl Store for SqliteStore {
                     .prepare_cached(select_records!(
                         "WHERE r.formation_id = ?1 AND r.user_id = ?2 AND r.idempotency_key = ?3"
                     ))?
-                    .query_row(
-                        params![request.formation_id, request.user_id, key],
-                        record_from_row,
-                    )
+                    .query_row(params![request.formation_id, request.user_id, key], record_from_row)
                     .optional()?;
                 if let Some(existing) = existing {
                     return Ok(Inserted::Existing(existing));
@@ -606,9 +545,7 @@ impl Store for SqliteStore {
     async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
         let id = id.to_owned();
         self.read("get", move |conn| {
-            conn.prepare_cached(select_records!("WHERE r.id = ?1"))?
-                .query_row([id], record_from_row)
-                .optional()
+            conn.prepare_cached(select_records!("WHERE r.id = ?1"))?.query_row([id], record_from_row).optional()
         })
         .await
     }
@@ -621,12 +558,7 @@ impl Store for SqliteStore {
                  ORDER BY r.created_at DESC, r.id DESC LIMIT ?4"
             ))?
             .query_map(
-                params![
-                    query.formation_id,
-                    query.user_id,
-                    query.status.map(Status::as_str),
-                    sql_limit(query.limit)
-                ],
+                params![query.formation_id, query.user_id, query.status.map(Status::as_str), sql_limit(query.limit)],
                 record_from_row,
             )?
             .collect()
@@ -673,22 +605,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn finish(
-        &self,
-        id: &str,
-        outcome: &Outcome,
-        now: i64,
-        delivery: Option<NewDelivery>,
-    ) -> StoreResult<bool> {
+    async fn finish(&self, id: &str, outcome: &Outcome, now: i64, delivery: Option<NewDelivery>) -> StoreResult<bool> {
         let id = id.to_owned();
         let status = outcome.status().as_str();
         let (result_text, artifacts, error, message) = match outcome {
-            Outcome::Completed(result) => (
-                Some(result.text.clone()),
-                Some(to_json("finish", &result.artifacts)?),
-                None,
-                None,
-            ),
+            Outcome::Completed(result) => {
+                (Some(result.text.clone()), Some(to_json("finish", &result.artifacts)?), None, None)
+            }
             Outcome::Failed(error) => (None, None, Some(to_json("finish", error)?), None),
             Outcome::Cancelled { message } => (None, None, None, Some(message.clone())),
         };
@@ -730,26 +653,18 @@ impl Store for SqliteStore {
 
     async fn purge_finished_before(&self, cutoff: i64) -> StoreResult<u64> {
         self.write("purge_finished_before", move |conn| {
-            const FINISHED: &str =
-                "status IN ('completed', 'failed', 'cancelled') AND completed_at < ?1";
+            const FINISHED: &str = "status IN ('completed', 'failed', 'cancelled') AND completed_at < ?1";
             conn.prepare_cached(&format!(
                 "DELETE FROM deliveries WHERE request_id IN (SELECT id FROM requests WHERE {FINISHED})"
             ))?
             .execute([cutoff])?;
-            let deleted = conn
-                .prepare_cached(&format!("DELETE FROM requests WHERE {FINISHED}"))?
-                .execute([cutoff])?;
+            let deleted = conn.prepare_cached(&format!("DELETE FROM requests WHERE {FINISHED}"))?.execute([cutoff])?;
             Ok(deleted as u64)
         })
         .await
     }
 
-    async fn recent_durations(
-        &self,
-        formation_id: &str,
-        agent_id: &str,
-        limit: usize,
-    ) -> StoreResult<Vec<i64>> {
+    async fn recent_durations(&self, formation_id: &str, agent_id: &str, limit: usize) -> StoreResult<Vec<i64>> {
         let (formation_id, agent_id) = (formation_id.to_owned(), agent_id.to_owned());
         self.read("recent_durations", move |conn| {
             conn.prepare_cached(
@@ -757,9 +672,7 @@ impl Store for SqliteStore {
                  WHERE formation_id = ?1 AND agent_id = ?2 AND status = 'completed' \
                  ORDER BY completed_at DESC, id DESC LIMIT ?3",
             )?
-            .query_map(params![formation_id, agent_id, sql_limit(limit)], |row| {
-                row.get(0)
-            })?
+            .query_map(params![formation_id, agent_id, sql_limit(limit)], |row| row.get(0))?
             .collect()
         })
         .await
@@ -772,11 +685,7 @@ impl Store for SqliteStore {
         session_id: &str,
         limit: usize,
     ) -> StoreResult<Vec<(String, String)>> {
-        let (formation_id, user_id, session_id) = (
-            formation_id.to_owned(),
-            user_id.to_owned(),
-            session_id.to_owned(),
-        );
+        let (formation_id, user_id, session_id) = (formation_id.to_owned(), user_id.to_owned(), session_id.to_owned());
         self.read("session_turns", move |conn| {
             // The latest `limit` turns, newest first; reversed below.
             let mut turns = conn
@@ -786,15 +695,9 @@ impl Store for SqliteStore {
                      AND status = 'completed' \
                      ORDER BY created_at DESC, id DESC LIMIT ?4",
                 )?
-                .query_map(
-                    params![formation_id, user_id, session_id, sql_limit(limit)],
-                    |row| {
-                        Ok((
-                            row.get(0)?,
-                            row.get::<_, Option<String>>(1)?.unwrap_or_default(),
-                        ))
-                    },
-                )?
+                .query_map(params![formation_id, user_id, session_id, sql_limit(limit)], |row| {
+                    Ok((row.get(0)?, row.get::<_, Option<String>>(1)?.unwrap_or_default()))
+                })?
                 .collect::<rusqlite::Result<Vec<(String, String)>>>()?;
             turns.reverse();
             Ok(turns)
@@ -818,10 +721,7 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         let (status, error, next_attempt_at) = match update.clone() {
             DeliveryUpdate::Delivered => ("delivered", None, None),
-            DeliveryUpdate::Retry {
-                error,
-                next_attempt_at,
-            } => ("pending", Some(error), Some(next_attempt_at)),
+            DeliveryUpdate::Retry { error, next_attempt_at } => ("pending", Some(error), Some(next_attempt_at)),
             DeliveryUpdate::Failed { error } => ("failed", Some(error), None),
         };
         self.write("record_delivery", move |conn| {
@@ -876,17 +776,11 @@ mod tests {
     }
 
     fn completed(text: &str) -> Outcome {
-        Outcome::Completed(RequestResult {
-            text: text.into(),
-            artifacts: vec![],
-        })
+        Outcome::Completed(RequestResult { text: text.into(), artifacts: vec![] })
     }
 
     fn delivery(id: &str) -> Option<NewDelivery> {
-        Some(NewDelivery {
-            id: id.into(),
-            url: "https://example.com/hook".into(),
-        })
+        Some(NewDelivery { id: id.into(), url: "https://example.com/hook".into() })
     }
 
     async fn get(store: &SqliteStore, id: &str) -> RequestRecord {
@@ -907,10 +801,7 @@ mod tests {
         assert_eq!(inserted.status, Status::Pending);
         assert_eq!((inserted.attempts, inserted.progress), (0, 0.0));
 
-        assert_eq!(
-            store.start_attempt("req_1", 2_000).await.expect("start"),
-            Some(1)
-        );
+        assert_eq!(store.start_attempt("req_1", 2_000).await.expect("start"), Some(1));
         let progress = Progress {
             progress: Some(60.0),
             current_step: Some("step 3".into()),
@@ -918,26 +809,13 @@ mod tests {
             completed_steps: Some(3),
             message: Some("Analyzing third source".into()),
         };
-        store
-            .record_progress("req_1", &progress)
-            .await
-            .expect("progress");
+        store.record_progress("req_1", &progress).await.expect("progress");
         let result = RequestResult {
             text: "the report".into(),
-            artifacts: vec![
-                serde_json::json!("report.pdf"),
-                serde_json::json!({"name": "x"}),
-            ],
+            artifacts: vec![serde_json::json!("report.pdf"), serde_json::json!({"name": "x"})],
         };
-        let finished = store
-            .finish(
-                "req_1",
-                &Outcome::Completed(result.clone()),
-                5_000,
-                delivery("wh_1"),
-            )
-            .await
-            .expect("finish");
+        let finished =
+            store.finish("req_1", &Outcome::Completed(result.clone()), 5_000, delivery("wh_1")).await.expect("finish");
         assert!(finished);
 
         let expected = RequestRecord {
@@ -964,31 +842,17 @@ mod tests {
             created_at: 1_000,
             started_at: Some(2_000),
             completed_at: Some(5_000),
-            webhook: Some(WebhookState {
-                status: "pending".into(),
-                attempts: 0,
-                last_error: None,
-            }),
+            webhook: Some(WebhookState { status: "pending".into(), attempts: 0, last_error: None }),
         };
         assert_eq!(get(&store, "req_1").await, expected);
         assert_eq!(expected.duration_ms(), Some(3_000));
 
         // A failure keeps its error info.
         store.insert(request("req_2", 1_100)).await.expect("insert");
-        let error = ErrorInfo {
-            kind: "tool_error".into(),
-            message: "boom".into(),
-            retryable: true,
-        };
-        assert!(store
-            .finish("req_2", &Outcome::Failed(error.clone()), 6_000, None)
-            .await
-            .expect("finish"));
+        let error = ErrorInfo { kind: "tool_error".into(), message: "boom".into(), retryable: true };
+        assert!(store.finish("req_2", &Outcome::Failed(error.clone()), 6_000, None).await.expect("finish"));
         let failed = get(&store, "req_2").await;
-        assert_eq!(
-            (failed.status, failed.error, failed.result),
-            (Status::Failed, Some(error), None)
-        );
+        assert_eq!((failed.status, failed.error, failed.result), (Status::Failed, Some(error), None));
         assert_eq!(failed.progress, 0.0);
         assert_eq!(failed.webhook, None);
         assert_eq!(store.get("nope").await.expect("get"), None);
@@ -1009,10 +873,7 @@ mod tests {
         }
         assert_eq!(store.get("req_b").await.expect("get"), None);
         created(store.insert(keyed("req_c", "bob")).await.expect("insert"));
-        let other_formation = NewRequest {
-            formation_id: "f2".into(),
-            ..keyed("req_d", "alice")
-        };
+        let other_formation = NewRequest { formation_id: "f2".into(), ..keyed("req_d", "alice") };
         created(store.insert(other_formation).await.expect("insert"));
         // No key: never deduplicated.
         created(store.insert(request("req_e", 1_000)).await.expect("insert"));
@@ -1027,10 +888,7 @@ mod tests {
             .map(|i| {
                 let store = store.clone();
                 tokio::spawn(async move {
-                    let new = NewRequest {
-                        idempotency_key: Some("k".into()),
-                        ..request(&format!("req_{i}"), 1_000)
-                    };
+                    let new = NewRequest { idempotency_key: Some("k".into()), ..request(&format!("req_{i}"), 1_000) };
                     store.insert(new).await.expect("insert")
                 })
             })
@@ -1082,10 +940,7 @@ mod tests {
         let inserts = (TASKS * PER_TASK) as u64;
         let commits = store.commits() - before;
         eprintln!("{inserts} concurrent inserts in {commits} commits");
-        assert!(
-            commits < inserts,
-            "writes were not batched: {commits} commits for {inserts} inserts"
-        );
+        assert!(commits < inserts, "writes were not batched: {commits} commits for {inserts} inserts");
 
         for t in 0..TASKS {
             for i in 0..PER_TASK {
@@ -1094,12 +949,7 @@ mod tests {
             }
         }
         let all = store
-            .list(&ListQuery {
-                formation_id: "f1".into(),
-                user_id: "alice".into(),
-                status: None,
-                limit: 10_000,
-            })
+            .list(&ListQuery { formation_id: "f1".into(), user_id: "alice".into(), status: None, limit: 10_000 })
             .await
             .expect("list");
         assert_eq!(all.len(), TASKS * PER_TASK);
@@ -1112,11 +962,7 @@ mod tests {
         // Queue many writes at once so they share batches with the failing ones.
         let before = store.commits();
         let writes = (0..100).map(|i| {
-            let id = if i % 10 == 0 {
-                "dup".to_owned()
-            } else {
-                format!("ok_{i}")
-            };
+            let id = if i % 10 == 0 { "dup".to_owned() } else { format!("ok_{i}") };
             store.insert(request(&id, 2))
         });
         let results = futures::future::join_all(writes).await;
@@ -1131,11 +977,7 @@ mod tests {
                 assert!(store.get(&format!("ok_{i}")).await.expect("get").is_some());
             }
         }
-        assert_eq!(
-            get(&store, "dup").await.created_at,
-            1,
-            "the original is untouched"
-        );
+        assert_eq!(get(&store, "dup").await.created_at, 1, "the original is untouched");
     }
 
     #[tokio::test]
@@ -1143,32 +985,15 @@ mod tests {
         let (_dir, store) = open();
         store.insert(request("req_1", 1)).await.expect("insert");
         store.start_attempt("req_1", 2).await.expect("start");
-        assert!(store
-            .finish("req_1", &completed("first"), 3, delivery("wh_1"))
-            .await
-            .expect("finish"));
+        assert!(store.finish("req_1", &completed("first"), 3, delivery("wh_1")).await.expect("finish"));
         let after_first = get(&store, "req_1").await;
 
-        let cancel = Outcome::Cancelled {
-            message: "too late".into(),
-        };
-        assert!(!store
-            .finish("req_1", &cancel, 4, delivery("wh_2"))
-            .await
-            .expect("finish"));
-        assert!(!store
-            .finish("req_1", &completed("second"), 5, None)
-            .await
-            .expect("finish"));
+        let cancel = Outcome::Cancelled { message: "too late".into() };
+        assert!(!store.finish("req_1", &cancel, 4, delivery("wh_2")).await.expect("finish"));
+        assert!(!store.finish("req_1", &completed("second"), 5, None).await.expect("finish"));
         assert_eq!(store.start_attempt("req_1", 6).await.expect("start"), None);
         store
-            .record_progress(
-                "req_1",
-                &Progress {
-                    progress: Some(5.0),
-                    ..Progress::default()
-                },
-            )
+            .record_progress("req_1", &Progress { progress: Some(5.0), ..Progress::default() })
             .await
             .expect("progress");
         assert_eq!(get(&store, "req_1").await, after_first);
@@ -1176,34 +1001,20 @@ mod tests {
         assert_eq!(due.len(), 1, "only the first finish wrote an outbox row");
         assert_eq!(due[0].id, "wh_1");
         // Unknown requests are not finished either.
-        assert!(!store
-            .finish("nope", &completed("x"), 7, delivery("wh_3"))
-            .await
-            .expect("finish"));
+        assert!(!store.finish("nope", &completed("x"), 7, delivery("wh_3")).await.expect("finish"));
     }
 
     #[tokio::test]
     async fn cancel_before_start() {
         let (_dir, store) = open();
         store.insert(request("req_1", 1)).await.expect("insert");
-        let cancel = Outcome::Cancelled {
-            message: "Request cancelled by user".into(),
-        };
-        assert!(store
-            .finish("req_1", &cancel, 2, None)
-            .await
-            .expect("finish"));
+        let cancel = Outcome::Cancelled { message: "Request cancelled by user".into() };
+        assert!(store.finish("req_1", &cancel, 2, None).await.expect("finish"));
         assert_eq!(store.start_attempt("req_1", 3).await.expect("start"), None);
         let record = get(&store, "req_1").await;
         assert_eq!(record.status, Status::Cancelled);
-        assert_eq!(
-            record.status_message.as_deref(),
-            Some("Request cancelled by user")
-        );
-        assert_eq!(
-            (record.attempts, record.started_at, record.completed_at),
-            (0, None, Some(2))
-        );
+        assert_eq!(record.status_message.as_deref(), Some("Request cancelled by user"));
+        assert_eq!((record.attempts, record.started_at, record.completed_at), (0, None, Some(2)));
         assert_eq!(record.duration_ms(), Some(1));
     }
 
@@ -1211,19 +1022,10 @@ mod tests {
     async fn attempts_count_and_started_at_sticks() {
         let (_dir, store) = open();
         store.insert(request("req_1", 1)).await.expect("insert");
-        assert_eq!(
-            store.start_attempt("req_1", 10).await.expect("start"),
-            Some(1)
-        );
-        assert_eq!(
-            store.start_attempt("req_1", 20).await.expect("start"),
-            Some(2)
-        );
+        assert_eq!(store.start_attempt("req_1", 10).await.expect("start"), Some(1));
+        assert_eq!(store.start_attempt("req_1", 20).await.expect("start"), Some(2));
         let record = get(&store, "req_1").await;
-        assert_eq!(
-            (record.status, record.attempts, record.started_at),
-            (Status::Processing, 2, Some(10))
-        );
+        assert_eq!((record.status, record.attempts, record.started_at), (Status::Processing, 2, Some(10)));
         assert_eq!(store.start_attempt("nope", 10).await.expect("start"), None);
     }
 
@@ -1238,23 +1040,10 @@ mod tests {
             completed_steps: Some(1),
             message: Some("started".into()),
         };
-        store
-            .record_progress("req_1", &full)
-            .await
-            .expect("progress");
-        let partial = Progress {
-            progress: Some(45.0),
-            completed_steps: Some(2),
-            ..Progress::default()
-        };
-        store
-            .record_progress("req_1", &partial)
-            .await
-            .expect("progress");
-        store
-            .record_progress("req_1", &Progress::default())
-            .await
-            .expect("progress");
+        store.record_progress("req_1", &full).await.expect("progress");
+        let partial = Progress { progress: Some(45.0), completed_steps: Some(2), ..Progress::default() };
+        store.record_progress("req_1", &partial).await.expect("progress");
+        store.record_progress("req_1", &Progress::default()).await.expect("progress");
         let record = get(&store, "req_1").await;
         assert_eq!(record.progress, 45.0);
         assert_eq!(record.current_step.as_deref(), Some("one"));
@@ -1262,10 +1051,7 @@ mod tests {
         assert_eq!(record.completed_steps, Some(2));
         assert_eq!(record.status_message.as_deref(), Some("started"));
         // Progress on an unknown request is ignored.
-        store
-            .record_progress("nope", &full)
-            .await
-            .expect("progress");
+        store.record_progress("nope", &full).await.expect("progress");
     }
 
     #[tokio::test]
@@ -1273,21 +1059,11 @@ mod tests {
         let (_dir, store) = open();
         store.insert(request("req_1", 1)).await.expect("insert");
         store.insert(request("req_2", 2)).await.expect("insert");
-        assert!(store
-            .due_deliveries(i64::MAX, 10)
-            .await
-            .expect("due")
-            .is_empty());
+        assert!(store.due_deliveries(i64::MAX, 10).await.expect("due").is_empty());
         assert_eq!(get(&store, "req_1").await.webhook, None);
 
-        store
-            .finish("req_1", &completed("a"), 100, delivery("wh_1"))
-            .await
-            .expect("finish");
-        store
-            .finish("req_2", &completed("b"), 50, delivery("wh_2"))
-            .await
-            .expect("finish");
+        store.finish("req_1", &completed("a"), 100, delivery("wh_1")).await.expect("finish");
+        store.finish("req_2", &completed("b"), 50, delivery("wh_2")).await.expect("finish");
         assert!(store.due_deliveries(49, 10).await.expect("due").is_empty());
         let due = store.due_deliveries(100, 10).await.expect("due");
         assert_eq!(
@@ -1318,11 +1094,7 @@ mod tests {
         assert_eq!(store.due_deliveries(100, 1).await.expect("due").len(), 1);
         assert_eq!(
             get(&store, "req_1").await.webhook,
-            Some(WebhookState {
-                status: "pending".into(),
-                attempts: 0,
-                last_error: None
-            })
+            Some(WebhookState { status: "pending".into(), attempts: 0, last_error: None })
         );
     }
 
@@ -1332,89 +1104,38 @@ mod tests {
         for id in ["req_1", "req_2"] {
             store.insert(request(id, 1)).await.expect("insert");
         }
-        store
-            .finish("req_1", &completed("a"), 10, delivery("wh_1"))
-            .await
-            .expect("finish");
-        store
-            .finish("req_2", &completed("b"), 10, delivery("wh_2"))
-            .await
-            .expect("finish");
+        store.finish("req_1", &completed("a"), 10, delivery("wh_1")).await.expect("finish");
+        store.finish("req_2", &completed("b"), 10, delivery("wh_2")).await.expect("finish");
 
-        let retry = DeliveryUpdate::Retry {
-            error: "HTTP 503".into(),
-            next_attempt_at: 1_000,
-        };
+        let retry = DeliveryUpdate::Retry { error: "HTTP 503".into(), next_attempt_at: 1_000 };
         store.record_delivery("wh_1", &retry).await.expect("record");
-        let due: Vec<String> = store
-            .due_deliveries(999, 10)
-            .await
-            .expect("due")
-            .into_iter()
-            .map(|d| d.id)
-            .collect();
+        let due: Vec<String> = store.due_deliveries(999, 10).await.expect("due").into_iter().map(|d| d.id).collect();
         assert_eq!(due, ["wh_2"]);
         let due = store.due_deliveries(1_000, 10).await.expect("due");
         assert_eq!(due.len(), 2);
         let wh_1 = due.iter().find(|d| d.id == "wh_1").expect("wh_1 due");
-        assert_eq!(
-            (wh_1.attempts, wh_1.last_error.as_deref()),
-            (1, Some("HTTP 503"))
-        );
+        assert_eq!((wh_1.attempts, wh_1.last_error.as_deref()), (1, Some("HTTP 503")));
         assert_eq!(
             get(&store, "req_1").await.webhook,
-            Some(WebhookState {
-                status: "pending".into(),
-                attempts: 1,
-                last_error: Some("HTTP 503".into())
-            })
+            Some(WebhookState { status: "pending".into(), attempts: 1, last_error: Some("HTTP 503".into()) })
         );
 
-        store
-            .record_delivery("wh_1", &DeliveryUpdate::Delivered)
-            .await
-            .expect("record");
+        store.record_delivery("wh_1", &DeliveryUpdate::Delivered).await.expect("record");
         assert_eq!(
             get(&store, "req_1").await.webhook,
-            Some(WebhookState {
-                status: "delivered".into(),
-                attempts: 2,
-                last_error: None
-            })
+            Some(WebhookState { status: "delivered".into(), attempts: 2, last_error: None })
         );
 
-        store
-            .record_delivery(
-                "wh_2",
-                &DeliveryUpdate::Failed {
-                    error: "gone".into(),
-                },
-            )
-            .await
-            .expect("record");
+        store.record_delivery("wh_2", &DeliveryUpdate::Failed { error: "gone".into() }).await.expect("record");
         assert_eq!(
             get(&store, "req_2").await.webhook,
-            Some(WebhookState {
-                status: "failed".into(),
-                attempts: 1,
-                last_error: Some("gone".into())
-            })
+            Some(WebhookState { status: "failed".into(), attempts: 1, last_error: Some("gone".into()) })
         );
-        assert!(store
-            .due_deliveries(i64::MAX, 10)
-            .await
-            .expect("due")
-            .is_empty());
+        assert!(store.due_deliveries(i64::MAX, 10).await.expect("due").is_empty());
 
         // Delivered and failed are final.
-        store
-            .record_delivery("wh_2", &DeliveryUpdate::Delivered)
-            .await
-            .expect("record");
-        assert_eq!(
-            get(&store, "req_2").await.webhook.expect("webhook").status,
-            "failed"
-        );
+        store.record_delivery("wh_2", &DeliveryUpdate::Delivered).await.expect("record");
+        assert_eq!(get(&store, "req_2").await.webhook.expect("webhook").status, "failed");
     }
 
     #[tokio::test]
@@ -1423,40 +1144,22 @@ mod tests {
         let (done, running, waiting) = {
             let store = SqliteStore::open(dir.path()).expect("open");
             store.insert(request("req_done", 1)).await.expect("insert");
-            store
-                .insert(request("req_running", 2))
-                .await
-                .expect("insert");
-            store
-                .insert(request("req_waiting", 3))
-                .await
-                .expect("insert");
+            store.insert(request("req_running", 2)).await.expect("insert");
+            store.insert(request("req_waiting", 3)).await.expect("insert");
             store.start_attempt("req_running", 5).await.expect("start");
             store.start_attempt("req_done", 5).await.expect("start");
-            store
-                .finish("req_done", &completed("ok"), 9, delivery("wh_1"))
-                .await
-                .expect("finish");
-            let records = (
-                get(&store, "req_done").await,
-                get(&store, "req_running").await,
-                get(&store, "req_waiting").await,
-            );
+            store.finish("req_done", &completed("ok"), 9, delivery("wh_1")).await.expect("finish");
+            let records =
+                (get(&store, "req_done").await, get(&store, "req_running").await, get(&store, "req_waiting").await);
             store.close();
-            assert!(
-                store.insert(request("late", 10)).await.is_err(),
-                "writes fail once closed"
-            );
+            assert!(store.insert(request("late", 10)).await.is_err(), "writes fail once closed");
             records
         };
         let store = SqliteStore::open(dir.path()).expect("reopen");
         assert_eq!(get(&store, "req_done").await, done);
         let unfinished = store.unfinished().await.expect("unfinished");
         assert_eq!(unfinished, vec![running, waiting]);
-        assert_eq!(
-            store.due_deliveries(i64::MAX, 10).await.expect("due").len(),
-            1
-        );
+        assert_eq!(store.due_deliveries(i64::MAX, 10).await.expect("due").len(), 1);
         // And it still takes writes.
         created(store.insert(request("req_new", 11)).await.expect("insert"));
     }
@@ -1467,14 +1170,8 @@ mod tests {
         for (id, created_at) in [("old", 1), ("recent", 2), ("running", 3), ("waiting", 4)] {
             store.insert(request(id, created_at)).await.expect("insert");
         }
-        store
-            .finish("old", &completed("a"), 100, delivery("wh_old"))
-            .await
-            .expect("finish");
-        store
-            .finish("recent", &completed("b"), 200, delivery("wh_recent"))
-            .await
-            .expect("finish");
+        store.finish("old", &completed("a"), 100, delivery("wh_old")).await.expect("finish");
+        store.finish("recent", &completed("b"), 200, delivery("wh_recent")).await.expect("finish");
         store.start_attempt("running", 10).await.expect("start");
 
         assert_eq!(store.purge_finished_before(200).await.expect("purge"), 1);
@@ -1482,18 +1179,10 @@ mod tests {
         for id in ["recent", "running", "waiting"] {
             assert!(store.get(id).await.expect("get").is_some(), "{id} kept");
         }
-        let due: Vec<String> = store
-            .due_deliveries(i64::MAX, 10)
-            .await
-            .expect("due")
-            .into_iter()
-            .map(|d| d.id)
-            .collect();
+        let due: Vec<String> =
+            store.due_deliveries(i64::MAX, 10).await.expect("due").into_iter().map(|d| d.id).collect();
         assert_eq!(due, ["wh_recent"]);
-        assert_eq!(
-            store.purge_finished_before(i64::MAX).await.expect("purge"),
-            1
-        );
+        assert_eq!(store.purge_finished_before(i64::MAX).await.expect("purge"), 1);
         assert_eq!(store.unfinished().await.expect("unfinished").len(), 2);
     }
 
@@ -1503,41 +1192,15 @@ mod tests {
         for (id, created_at) in [("a", 1), ("b", 3), ("c", 2), ("d", 3)] {
             store.insert(request(id, created_at)).await.expect("insert");
         }
-        store
-            .insert(NewRequest {
-                user_id: "bob".into(),
-                ..request("bob_1", 5)
-            })
-            .await
-            .expect("insert");
-        store
-            .insert(NewRequest {
-                formation_id: "f2".into(),
-                ..request("f2_1", 5)
-            })
-            .await
-            .expect("insert");
-        store
-            .finish("c", &completed("x"), 10, None)
-            .await
-            .expect("finish");
+        store.insert(NewRequest { user_id: "bob".into(), ..request("bob_1", 5) }).await.expect("insert");
+        store.insert(NewRequest { formation_id: "f2".into(), ..request("f2_1", 5) }).await.expect("insert");
+        store.finish("c", &completed("x"), 10, None).await.expect("finish");
 
         let list = |status: Option<Status>, limit: usize| {
             let store = &store;
             async move {
-                let query = ListQuery {
-                    formation_id: "f1".into(),
-                    user_id: "alice".into(),
-                    status,
-                    limit,
-                };
-                store
-                    .list(&query)
-                    .await
-                    .expect("list")
-                    .into_iter()
-                    .map(|r| r.id)
-                    .collect::<Vec<_>>()
+                let query = ListQuery { formation_id: "f1".into(), user_id: "alice".into(), status, limit };
+                store.list(&query).await.expect("list").into_iter().map(|r| r.id).collect::<Vec<_>>()
             }
         };
         assert_eq!(list(None, 10).await, ["d", "b", "c", "a"]);
@@ -1559,60 +1222,22 @@ mod tests {
             ("r4", "researcher", 30, 60),
         ];
         for (id, agent, started, done) in runs {
-            store
-                .insert(NewRequest {
-                    agent_id: agent.into(),
-                    ..request(id, 1)
-                })
-                .await
-                .expect("insert");
+            store.insert(NewRequest { agent_id: agent.into(), ..request(id, 1) }).await.expect("insert");
             store.start_attempt(id, started).await.expect("start");
-            store
-                .finish(id, &completed("ok"), done, None)
-                .await
-                .expect("finish");
+            store.finish(id, &completed("ok"), done, None).await.expect("finish");
         }
         // Failed and unfinished requests do not count.
         store.insert(request("failed", 1)).await.expect("insert");
         store.start_attempt("failed", 1).await.expect("start");
-        let error = ErrorInfo {
-            kind: "x".into(),
-            message: "y".into(),
-            retryable: false,
-        };
-        store
-            .finish("failed", &Outcome::Failed(error), 1_000, None)
-            .await
-            .expect("finish");
+        let error = ErrorInfo { kind: "x".into(), message: "y".into(), retryable: false };
+        store.finish("failed", &Outcome::Failed(error), 1_000, None).await.expect("finish");
         store.insert(request("running", 1)).await.expect("insert");
         store.start_attempt("running", 1).await.expect("start");
 
-        assert_eq!(
-            store
-                .recent_durations("f1", "researcher", 10)
-                .await
-                .expect("durations"),
-            [300, 100, 30]
-        );
-        assert_eq!(
-            store
-                .recent_durations("f1", "researcher", 2)
-                .await
-                .expect("durations"),
-            [300, 100]
-        );
-        assert_eq!(
-            store
-                .recent_durations("f1", "writer", 10)
-                .await
-                .expect("durations"),
-            [5]
-        );
-        assert!(store
-            .recent_durations("f2", "researcher", 10)
-            .await
-            .expect("durations")
-            .is_empty());
+        assert_eq!(store.recent_durations("f1", "researcher", 10).await.expect("durations"), [300, 100, 30]);
+        assert_eq!(store.recent_durations("f1", "researcher", 2).await.expect("durations"), [300, 100]);
+        assert_eq!(store.recent_durations("f1", "writer", 10).await.expect("durations"), [5]);
+        assert!(store.recent_durations("f2", "researcher", 10).await.expect("durations").is_empty());
     }
 
     #[tokio::test]
@@ -1623,58 +1248,21 @@ mod tests {
             ..request(id, created_at)
         };
         for (id, created_at) in [("t1", 1), ("t2", 2), ("t3", 3), ("t4", 4)] {
-            store
-                .insert(turn(id, created_at, "s1"))
-                .await
-                .expect("insert");
-            store
-                .finish(id, &completed(&format!("answer {id}")), 10, None)
-                .await
-                .expect("finish");
+            store.insert(turn(id, created_at, "s1")).await.expect("insert");
+            store.finish(id, &completed(&format!("answer {id}")), 10, None).await.expect("finish");
         }
-        store
-            .insert(turn("pending", 5, "s1"))
-            .await
-            .expect("insert");
+        store.insert(turn("pending", 5, "s1")).await.expect("insert");
         store.insert(turn("other", 6, "s2")).await.expect("insert");
-        store
-            .finish("other", &completed("other"), 10, None)
-            .await
-            .expect("finish");
-        store
-            .insert(NewRequest {
-                user_id: "bob".into(),
-                ..turn("bob", 7, "s1")
-            })
-            .await
-            .expect("insert");
-        store
-            .finish("bob", &completed("bob"), 10, None)
-            .await
-            .expect("finish");
+        store.finish("other", &completed("other"), 10, None).await.expect("finish");
+        store.insert(NewRequest { user_id: "bob".into(), ..turn("bob", 7, "s1") }).await.expect("insert");
+        store.finish("bob", &completed("bob"), 10, None).await.expect("finish");
 
-        let turns = store
-            .session_turns("f1", "alice", "s1", 3)
-            .await
-            .expect("turns");
-        let expected: Vec<(String, String)> = ["t2", "t3", "t4"]
-            .iter()
-            .map(|id| (format!("message of {id}"), format!("answer {id}")))
-            .collect();
+        let turns = store.session_turns("f1", "alice", "s1", 3).await.expect("turns");
+        let expected: Vec<(String, String)> =
+            ["t2", "t3", "t4"].iter().map(|id| (format!("message of {id}"), format!("answer {id}"))).collect();
         assert_eq!(turns, expected);
-        assert_eq!(
-            store
-                .session_turns("f1", "alice", "s1", 10)
-                .await
-                .expect("turns")
-                .len(),
-            4
-        );
-        assert!(store
-            .session_turns("f1", "alice", "none", 10)
-            .await
-            .expect("turns")
-            .is_empty());
+        assert_eq!(store.session_turns("f1", "alice", "s1", 10).await.expect("turns").len(), 4);
+        assert!(store.session_turns("f1", "alice", "none", 10).await.expect("turns").is_empty());
     }
 
     #[tokio::test]
@@ -1682,8 +1270,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         drop(SqliteStore::open(dir.path()).expect("open"));
         let conn = Connection::open(dir.path().join(DB_FILE)).expect("raw open");
-        conn.pragma_update(None, "user_version", 99)
-            .expect("bump version");
+        conn.pragma_update(None, "user_version", 99).expect("bump version");
         drop(conn);
         let err = SqliteStore::open(dir.path()).expect_err("newer schema must be refused");
         assert!(err.to_string().contains("schema version 99"), "{err}");

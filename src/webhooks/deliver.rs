@@ -244,10 +244,7 @@ mod tests {
         assert_eq!(header(headers, "webhook-timestamp"), t);
         let key = BASE64.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("key");
         let signed = [format!("wh_42.{t}.").as_bytes(), raw.as_ref()].concat();
-        assert_eq!(
-            header(headers, "webhook-signature"),
-            format!("v1,{}", BASE64.encode(hmac(&key, &signed)))
-        );
+        assert_eq!(header(headers, "webhook-signature"), format!("v1,{}", BASE64.encode(hmac(&key, &signed))));
     }
 
     #[tokio::test]
@@ -265,8 +262,7 @@ mod tests {
 
     #[tokio::test]
     async fn server_error_then_success() {
-        let (url, rx) =
-            receiver(vec![Answer::StatusWith(503, "retry-after", "7"), Answer::Status(500)]).await;
+        let (url, rx) = receiver(vec![Answer::StatusWith(503, "retry-after", "7"), Answer::Status(500)]).await;
         let c = client();
         assert_eq!(
             attempt(&c, &url, "wh", b"{}", None, TIMEOUT).await,
@@ -292,8 +288,7 @@ mod tests {
 
     #[tokio::test]
     async fn redirects_are_not_followed() {
-        let (url, rx) =
-            receiver(vec![Answer::StatusWith(302, "location", "http://169.254.169.254/latest")]).await;
+        let (url, rx) = receiver(vec![Answer::StatusWith(302, "location", "http://169.254.169.254/latest")]).await;
         let result = attempt(&client(), &url, "wh", b"{}", None, TIMEOUT).await;
         assert_eq!(
             result,
@@ -342,9 +337,8 @@ mod tests {
 
     #[test]
     fn retry_after_forms() {
-        let now = chrono::DateTime::parse_from_rfc2822("Wed, 21 Oct 2015 07:28:00 GMT")
-            .expect("date")
-            .timestamp_millis();
+        let now =
+            chrono::DateTime::parse_from_rfc2822("Wed, 21 Oct 2015 07:28:00 GMT").expect("date").timestamp_millis();
         assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
         assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:29:30 GMT", now), Some(Duration::from_secs(90)));

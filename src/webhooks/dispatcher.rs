@@ -126,10 +126,8 @@ impl Dispatcher {
                     _ = tokio::time::sleep(POLL_INTERVAL) => {}
                 }
             }
-            let drained = tokio::time::timeout(self.shutdown_grace, async {
-                while tasks.join_next().await.is_some() {}
-            })
-            .await;
+            let drained =
+                tokio::time::timeout(self.shutdown_grace, async { while tasks.join_next().await.is_some() {} }).await;
             if drained.is_err() {
                 tracing::info!(
                     running = tasks.len(),
@@ -180,10 +178,8 @@ impl Dispatcher {
     /// One attempt of one delivery, its result recorded in the store.
     async fn run(&self, delivery: Delivery) {
         let update = self.attempt(&delivery).await;
-        let host = reqwest::Url::parse(&delivery.url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_string))
-            .unwrap_or_default();
+        let host =
+            reqwest::Url::parse(&delivery.url).ok().and_then(|u| u.host_str().map(str::to_string)).unwrap_or_default();
         match &update {
             DeliveryUpdate::Delivered => {
                 tracing::info!(delivery = %delivery.id, request = %delivery.request_id, %host, "webhook delivered")
@@ -208,12 +204,7 @@ impl Dispatcher {
             Ok(Some(record)) => record,
             Ok(None) => return failed("request no longer exists".into()),
             Err(err) => {
-                return retry_update(
-                    delivery.attempts,
-                    u32::MAX,
-                    format!("cannot read the request: {err}"),
-                    None,
-                )
+                return retry_update(delivery.attempts, u32::MAX, format!("cannot read the request: {err}"), None)
             }
         };
         let Some(formation) = (self.lookup)(&delivery.formation_id) else {
@@ -238,15 +229,9 @@ impl Dispatcher {
             Err(err) => return failed(format!("cannot serialise the payload: {err}")),
         };
 
-        let result = attempt(
-            &self.client,
-            &delivery.url,
-            &delivery.id,
-            &body,
-            settings.secret.as_deref(),
-            settings.timeout,
-        )
-        .await;
+        let result =
+            attempt(&self.client, &delivery.url, &delivery.id, &body, settings.secret.as_deref(), settings.timeout)
+                .await;
         match result {
             AttemptResult::Delivered => DeliveryUpdate::Delivered,
             AttemptResult::Gone { error } => failed(error),
@@ -271,12 +256,7 @@ impl Drop for InFlight<'_> {
 
 /// The update after a retryable failure, `attempts_before` attempts having been made
 /// before this one and `retries` more allowed after the first.
-fn retry_update(
-    attempts_before: u32,
-    retries: u32,
-    error: String,
-    retry_after: Option<Duration>,
-) -> DeliveryUpdate {
+fn retry_update(attempts_before: u32, retries: u32, error: String, retry_after: Option<Duration>) -> DeliveryUpdate {
     let made = attempts_before.saturating_add(1);
     if made > retries {
         return DeliveryUpdate::Failed { error: format!("gave up after {made} attempts: {error}") };
@@ -305,8 +285,8 @@ mod tests {
     use axum::http::StatusCode as AxStatus;
 
     use crate::store::{
-        Inserted, ListQuery, NewDelivery, NewRequest, Outcome, Progress, RequestRecord, RequestResult,
-        Status, StoreError, StoreResult,
+        Inserted, ListQuery, NewDelivery, NewRequest, Outcome, Progress, RequestRecord, RequestResult, Status,
+        StoreError, StoreResult,
     };
 
     #[test]
@@ -403,13 +383,7 @@ mod tests {
         async fn recent_durations(&self, _: &str, _: &str, _: usize) -> StoreResult<Vec<i64>> {
             unused()
         }
-        async fn session_turns(
-            &self,
-            _: &str,
-            _: &str,
-            _: &str,
-            _: usize,
-        ) -> StoreResult<Vec<(String, String)>> {
+        async fn session_turns(&self, _: &str, _: &str, _: &str, _: usize) -> StoreResult<Vec<(String, String)>> {
             unused()
         }
         async fn due_deliveries(&self, now: i64, limit: usize) -> StoreResult<Vec<Delivery>> {
@@ -527,8 +501,7 @@ mod tests {
         f.overlord.async_.webhook_timeout = 30.0;
         let f = Arc::new(f);
         let lookup: FormationLookup = Arc::new(move |id: &str| (id == "f").then(|| f.clone()));
-        let dispatcher =
-            Dispatcher::new(store.clone(), lookup, vec!["127.0.0.1".into()]).expect("dispatcher");
+        let dispatcher = Dispatcher::new(store.clone(), lookup, vec!["127.0.0.1".into()]).expect("dispatcher");
         let dispatcher = Arc::new(dispatcher.with_shutdown_grace(Duration::from_millis(100)));
         let shutdown = CancellationToken::new();
         let handle = dispatcher.clone().spawn(shutdown.clone());

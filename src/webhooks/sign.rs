@@ -48,12 +48,7 @@ pub fn muxi_signature(secret: &str, timestamp_secs: i64, body: &[u8]) -> String 
 
 /// The Standard Webhooks `webhook-signature` value (`v1,<base64>`), when `secret`
 /// is a `whsec_<base64>` secret whose key decodes; `None` otherwise.
-pub fn standard_signature(
-    secret: &str,
-    webhook_id: &str,
-    timestamp_secs: i64,
-    body: &[u8],
-) -> Option<String> {
+pub fn standard_signature(secret: &str, webhook_id: &str, timestamp_secs: i64, body: &[u8]) -> Option<String> {
     let key = BASE64.decode(secret.strip_prefix(WHSEC_PREFIX)?).ok()?;
     let t = timestamp_secs.to_string();
     let mac = hmac_sha256(&key, &[webhook_id.as_bytes(), b".", t.as_bytes(), b".", body]);
@@ -69,17 +64,14 @@ pub fn signature_headers(
     timestamp_secs: i64,
     body: &[u8],
 ) -> Vec<(&'static str, String)> {
-    let mut headers =
-        vec![(WEBHOOK_ID, webhook_id.to_string()), (WEBHOOK_TIMESTAMP, timestamp_secs.to_string())];
+    let mut headers = vec![(WEBHOOK_ID, webhook_id.to_string()), (WEBHOOK_TIMESTAMP, timestamp_secs.to_string())];
     if let Some(secret) = secret.filter(|s| !s.is_empty()) {
         headers.push((MUXI_SIGNATURE, muxi_signature(secret, timestamp_secs, body)));
         if let Some(signature) = standard_signature(secret, webhook_id, timestamp_secs, body) {
             headers.push((WEBHOOK_SIGNATURE, signature));
         } else if secret.starts_with(WHSEC_PREFIX) {
             // Say so without ever printing the secret itself.
-            tracing::warn!(
-                "webhook secret starts with whsec_ but is not valid base64: sending only X-Muxi-Signature"
-            );
+            tracing::warn!("webhook secret starts with whsec_ but is not valid base64: sending only X-Muxi-Signature");
         }
     }
     headers

@@ -135,9 +135,8 @@ fn classify_v6(ip: Ipv6Addr) -> Option<AddressClass> {
 
 /// Whether `host` (as in a URL: IPv6 in brackets or not) is in the allow-list.
 pub fn is_allowed(host: &str, allow_hosts: &[String]) -> bool {
-    let normalise = |h: &str| {
-        h.trim().trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase()
-    };
+    let normalise =
+        |h: &str| h.trim().trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase();
     let host = normalise(host);
     allow_hosts.iter().any(|allowed| normalise(allowed) == host)
 }
@@ -197,13 +196,10 @@ pub async fn check_target(url: &str, allow_hosts: &[String]) -> Result<Url, ApiE
 /// [`check_target`] with the reason kept apart, so the dispatcher can retry a DNS
 /// failure but give up on a refused address.
 pub(crate) async fn inspect_target(url: &str, allow_hosts: &[String]) -> Result<Url, TargetError> {
-    let parsed =
-        Url::parse(url).map_err(|e| TargetError::Invalid(format!("webhook_url is not a valid URL: {e}")))?;
+    let parsed = Url::parse(url).map_err(|e| TargetError::Invalid(format!("webhook_url is not a valid URL: {e}")))?;
     match parsed.scheme() {
         "http" | "https" => {}
-        other => {
-            return Err(TargetError::Invalid(format!("webhook_url must use http or https, not {other}")))
-        }
+        other => return Err(TargetError::Invalid(format!("webhook_url must use http or https, not {other}"))),
     }
     let Some(host) = parsed.host_str().filter(|h| !h.is_empty()) else {
         return Err(TargetError::Invalid("webhook_url has no host".into()));
@@ -214,9 +210,7 @@ pub(crate) async fn inspect_target(url: &str, allow_hosts: &[String]) -> Result<
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     if let Ok(ip) = bare.parse::<IpAddr>() {
         return match classify(ip) {
-            Some(class) => {
-                Err(TargetError::Refused(RefusedAddress { host: host.to_string(), addr: ip, class }))
-            }
+            Some(class) => Err(TargetError::Refused(RefusedAddress { host: host.to_string(), addr: ip, class })),
             None => Ok(parsed),
         };
     }

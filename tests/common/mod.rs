@@ -229,7 +229,8 @@ impl Caller<'_> {
 
     /// `GET /requests{query}`: the listed requests.
     pub async fn list(&self, query: &str) -> Vec<Value> {
-        let (code, body) = json(self.request(reqwest::Method::GET, &format!("/requests{query}")).send().await.unwrap()).await;
+        let (code, body) =
+            json(self.request(reqwest::Method::GET, &format!("/requests{query}")).send().await.unwrap()).await;
         assert_eq!(code, 200, "{body}");
         body["data"]["requests"].as_array().unwrap().clone()
     }
