@@ -30,6 +30,7 @@ pub enum Code {
     RequestTimeout,
     RequestCancelled,
     NotFound,
+    MethodNotAllowed,
     ShuttingDown,
     Internal,
 }
@@ -56,6 +57,7 @@ impl Code {
             Code::RequestTimeout => "request_timeout",
             Code::RequestCancelled => "request_cancelled",
             Code::NotFound => "not_found",
+            Code::MethodNotAllowed => "method_not_allowed",
             Code::ShuttingDown => "shutting_down",
             Code::Internal => "internal_error",
         }
@@ -77,6 +79,7 @@ impl Code {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

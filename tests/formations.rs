@@ -33,7 +33,12 @@ async fn serves_both_layouts_and_reports_unknown_formations() {
     let (status, body) = json(server.get("/api/nope/v1/health").send().await.unwrap()).await;
     assert_eq!(status, 404);
     assert_eq!(body["code"], "formation_not_found");
+
     assert!(body["message"].as_str().unwrap().contains("nope"));
+    let (status, body) = json(server.get("/api/alpha/v1/no-such-route").send().await.unwrap()).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+    let (status, body) = json(server.delete("/api/alpha/v1/health").send().await.unwrap()).await;
+    assert_eq!((status, body["code"].as_str()), (405, Some("method_not_allowed")), "{body}");
 }
 
 #[tokio::test]

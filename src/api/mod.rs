@@ -56,9 +56,14 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(formations::server_health))
         .nest("/api/{formation_id}/v1", formation)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(sse_errors))
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .with_state(state)
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(Code::MethodNotAllowed, format!("{} is not allowed on {}", method, uri.path()))
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
