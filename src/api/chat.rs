@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::auth::{self, Role};
@@ -144,24 +144,37 @@ pub async fn run_and_answer(state: &AppState, accepted: Accepted) -> ApiResult<R
 pub fn accepted_response(formation_id: &str, record: &RequestRecord, idempotency_key: Option<&str>) -> Response {
     let status_url = format!("/api/{formation_id}/v1/requests/{}", record.id);
     let poll_after = (record.estimated_seconds / 10.0).clamp(1.0, 30.0).round() as u64;
-    let data = json!({
-        "request_id": record.id,
-        "status": "processing",
-        "estimated_time": Estimate { seconds: record.estimated_seconds, basis: Basis::Declared }.range(),
-        "estimated_seconds": record.estimated_seconds,
-        "status_url": status_url,
-        "events_url": format!("{status_url}/events"),
-        "user_id": record.user_id,
-        "session_id": record.session_id,
-    });
-    let mut response =
-        (StatusCode::ACCEPTED, envelope::ok("chat.accepted", Some(&record.id), idempotency_key, data)).into_response();
+    let data = AcceptedData {
+        request_id: &record.id,
+        status: "processing",
+        estimated_time: Estimate { seconds: record.estimated_seconds, basis: Basis::Declared }.range(),
+        estimated_seconds: record.estimated_seconds,
+        events_url: format!("{status_url}/events"),
+        status_url: &status_url,
+        user_id: &record.user_id,
+        session_id: record.session_id.as_deref(),
+    };
+    let mut response = envelope::ok("chat.accepted", Some(&record.id), idempotency_key, data);
+    *response.status_mut() = StatusCode::ACCEPTED;
     let headers = response.headers_mut();
     if let Ok(location) = HeaderValue::from_str(&status_url) {
         headers.insert(header::LOCATION, location);
     }
     headers.insert(header::RETRY_AFTER, HeaderValue::from(poll_after));
     response
+}
+
+/// The `data` of a 202: where to poll and follow, and roughly when it is done.
+#[derive(Serialize)]
+struct AcceptedData<'a> {
+    request_id: &'a str,
+    status: &'static str,
+    estimated_time: String,
+    estimated_seconds: f64,
+    status_url: &'a str,
+    events_url: String,
+    user_id: &'a str,
+    session_id: Option<&'a str>,
 }
 
 /// The answer for a request that has ended.

@@ -2,19 +2,46 @@
 //!
 //! `{"object", "timestamp", "type", "request": {"id", "idempotency_key"},
 //! "success": true, "error": null, "data": {...}}`; the SDK unwraps `data`.
+//! Serialised straight from these structs: no intermediate JSON tree.
 
+use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
+
+/// The envelope around an answer's `data`.
+#[derive(Debug, Serialize)]
+pub struct Envelope<'a, T> {
+    object: &'static str,
+    timestamp: i64,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    request: RequestRef<'a>,
+    success: bool,
+    error: Option<()>,
+    data: T,
+}
+
+#[derive(Debug, Serialize)]
+struct RequestRef<'a> {
+    id: Option<&'a str>,
+    idempotency_key: Option<&'a str>,
+}
 
 /// Wraps `data` in the envelope. `kind` is the answer's type, e.g. `chat.completed`.
-pub fn ok(kind: &str, request_id: Option<&str>, idempotency_key: Option<&str>, data: Value) -> Json<Value> {
-    Json(json!({
-        "object": "message",
-        "timestamp": crate::time::now_ms(),
-        "type": kind,
-        "request": { "id": request_id, "idempotency_key": idempotency_key },
-        "success": true,
-        "error": null,
-        "data": data,
-    }))
+pub fn ok<'a, T: Serialize>(
+    kind: &'a str,
+    request_id: Option<&'a str>,
+    idempotency_key: Option<&'a str>,
+    data: T,
+) -> Response {
+    Json(Envelope {
+        object: "message",
+        timestamp: crate::time::now_ms(),
+        kind,
+        request: RequestRef { id: request_id, idempotency_key },
+        success: true,
+        error: None,
+        data,
+    })
+    .into_response()
 }

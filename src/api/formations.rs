@@ -3,7 +3,7 @@
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::Json;
+use axum::response::Response;
 use serde_json::{json, Value};
 
 use super::auth::{self, Role};
@@ -11,7 +11,7 @@ use super::{envelope, AppState};
 use crate::error::ApiResult;
 
 /// `GET /health`: what is loaded, and what failed to load.
-pub async fn server_health(State(state): State<AppState>) -> Json<Value> {
+pub async fn server_health(State(state): State<AppState>) -> Response {
     let live = state.registry.snapshot();
     let formations: Vec<Value> = live
         .formations
@@ -34,7 +34,7 @@ pub async fn server_health(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// `GET /api/{id}/v1/health` (no key).
-pub async fn health(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+pub async fn health(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
     let formation = auth::formation(&state, &id)?;
     Ok(envelope::ok(
         "health",
@@ -49,7 +49,7 @@ pub async fn status(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let formation = auth::authorize(&state, &id, &headers, Role::Admin)?;
     Ok(envelope::ok(
         "status",
@@ -72,7 +72,7 @@ pub async fn async_settings(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let formation = auth::authorize(&state, &id, &headers, Role::Admin)?;
     let overlord = &formation.overlord;
     let mut data = serde_json::to_value(&overlord.async_).unwrap_or_default();
@@ -91,7 +91,7 @@ pub async fn describe(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let formation = auth::authorize(&state, &id, &headers, Role::Admin)?;
     let agents: Vec<Value> = formation
         .agents

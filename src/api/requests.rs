@@ -3,7 +3,7 @@
 
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use axum::Json;
+use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -38,7 +38,7 @@ pub async fn get(
     State(state): State<AppState>,
     Path((id, request_id)): Path<(String, String)>,
     headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     auth::authorize(&state, &id, &headers, Role::Client)?;
     let record = find(&state, &id, &headers, &request_id).await?;
     Ok(envelope::ok("request.status", Some(&record.id), None, views::request_status(&record)))
@@ -55,7 +55,7 @@ pub async fn list(
     Path(id): Path<String>,
     headers: HeaderMap,
     Query(params): Query<ListParams>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     auth::authorize(&state, &id, &headers, Role::Client)?;
     let limit = match params.limit.as_deref() {
         None => DEFAULT_LIMIT,
@@ -83,7 +83,7 @@ pub async fn cancel(
     State(state): State<AppState>,
     Path((id, request_id)): Path<(String, String)>,
     headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     auth::authorize(&state, &id, &headers, Role::Client)?;
     let record = find(&state, &id, &headers, &request_id).await?;
     match state.engine.cancel(&record).await {

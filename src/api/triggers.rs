@@ -18,7 +18,6 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
-use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -53,7 +52,7 @@ fn find<'f>(formation: &'f Formation, name: &str) -> ApiResult<&'f Trigger> {
 }
 
 /// `GET /triggers`.
-pub async fn list(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+pub async fn list(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Response> {
     let formation = auth::authorize(&state, &id, &headers, Role::Client)?;
     let triggers: Vec<Value> = formation.triggers.values().map(summary).collect();
     Ok(envelope::ok("trigger.list", None, None, json!({ "triggers": triggers, "count": triggers.len() })))
@@ -64,7 +63,7 @@ pub async fn show(
     State(state): State<AppState>,
     Path((id, name)): Path<(String, String)>,
     headers: HeaderMap,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let formation = auth::authorize(&state, &id, &headers, Role::Client)?;
     let trigger = find(&formation, &name)?;
     let mut data = summary(trigger);
