@@ -524,3 +524,32 @@ async fn requests_beyond_the_pool_wait_pending_and_start_in_order() {
         assert!(pair[0].1 <= pair[1].0, "one at a time, in the order they came: {starts:?}");
     }
 }
+
+#[tokio::test]
+async fn finished_requests_are_purged_after_their_formations_retention() {
+    let fx = Fixture::new();
+    let agents = "agents:\n  - id: worker\n    command: [\"python3\", \"agent.py\"]\n";
+    for (id, settings) in
+        [("short", "async:\n  mode: sync\n  retention_days: 0.00001\n"), ("long", "async:\n  mode: sync\n")]
+    {
+        fx.script(&format!("{id}/agent.py"), AGENT);
+        fx.write(&format!("{id}/formation.afs"), &formation_yaml(id, &format!("{settings}{agents}")));
+    }
+    let server = fx.start();
+    let mut ids = Vec::new();
+    for id in ["short", "long"] {
+        let (code, body, _) = server.caller(id, "u1").chat(json!({"message": "keep me?"})).await;
+        assert_eq!(code, 200, "{body}");
+        ids.push(request_id(&body));
+    }
+    // 0.00001 days is under a second; the purge runs at start-up and hourly.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    server.terminate();
+    let server = fx.start();
+    eventually(Duration::from_secs(15), "the short-lived request purged", || async {
+        (server.caller("short", "u1").status(&ids[0]).await.0 == 404).then_some(())
+    })
+    .await;
+    let kept = server.caller("long", "u1").data(&ids[1]).await;
+    assert_eq!(kept["status"], "completed", "the default retention (7 days) keeps it");
+}

@@ -45,11 +45,7 @@ pub async fn health(State(state): State<AppState>, Path(id): Path<String>) -> Ap
 }
 
 /// `GET /api/{id}/v1/status` (admin key).
-pub async fn status(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
+pub async fn status(State(state): State<AppState>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<Response> {
     let formation = auth::authorize(&state, &id, &headers, Role::Admin)?;
     Ok(envelope::ok(
         "status",

@@ -461,8 +461,9 @@ impl Engine {
         }
     }
 
-    /// Purges requests that ended longer ago than the longest retention of the
-    /// loaded formations (default 7 days), now and then every hour.
+    /// Purges finished requests past their formation's `async.retention_days`,
+    /// at start-up and then every hour. Requests of formations no longer loaded
+    /// go after the longest retention of those loaded, and never before 7 days.
     pub fn spawn_retention(self: &Arc<Self>) {
         let engine = self.clone();
         tokio::spawn(async move {
@@ -472,21 +473,35 @@ impl Engine {
                     _ = tick.tick() => {}
                     _ = engine.shutdown.cancelled() => return,
                 }
-                let live = engine.registry.snapshot();
-                let days = live
-                    .formations
-                    .values()
-                    .map(|f| f.overlord.async_.retention_days)
-                    .fold(None, |acc: Option<f64>, d| Some(acc.map_or(d, |a| a.max(d))))
-                    .unwrap_or(7.0);
-                let cutoff = now_ms() - (days * 86_400_000.0) as i64;
-                match engine.store.purge_finished_before(cutoff).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(purged = n, retention_days = days, "purged finished requests"),
-                    Err(e) => tracing::warn!(error = %e, "retention purge failed"),
-                }
+                engine.purge_expired().await;
             }
         });
+    }
+
+    async fn purge_expired(&self) {
+        let live = self.registry.snapshot();
+        let cutoff = |days: f64| now_ms() - (days * 86_400_000.0) as i64;
+        let mut longest: Option<f64> = None;
+        for formation in live.formations.values() {
+            let days = formation.overlord.async_.retention_days;
+            longest = Some(longest.map_or(days, |l| l.max(days)));
+            self.purge(Some(&formation.id), days, cutoff(days)).await;
+        }
+        let days = longest.unwrap_or(7.0).max(7.0);
+        self.purge(None, days, cutoff(days)).await;
+    }
+
+    async fn purge(&self, formation_id: Option<&str>, days: f64, cutoff: i64) {
+        match self.store.purge_finished_before(formation_id, cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                purged = n,
+                formation = formation_id.unwrap_or("*"),
+                retention_days = days,
+                "purged finished requests"
+            ),
+            Err(e) => tracing::warn!(error = %e, "retention purge failed"),
+        }
     }
 }
 

@@ -247,8 +247,9 @@ pub trait Store: Send + Sync + 'static {
     /// Requests left `pending` or `processing`, oldest first (for recovery).
     async fn unfinished(&self) -> StoreResult<Vec<RequestRecord>>;
 
-    /// Deletes requests (and their deliveries) that ended before `cutoff`.
-    async fn purge_finished_before(&self, cutoff: i64) -> StoreResult<u64>;
+    /// Deletes requests (and their deliveries) that ended before `cutoff`: of
+    /// one formation, or of all with `None`.
+    async fn purge_finished_before(&self, formation_id: Option<&str>, cutoff: i64) -> StoreResult<u64>;
 
     /// Durations (ms) of the latest completed requests of a formation's agent,
     /// newest first.

@@ -651,14 +651,18 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn purge_finished_before(&self, cutoff: i64) -> StoreResult<u64> {
+    async fn purge_finished_before(&self, formation_id: Option<&str>, cutoff: i64) -> StoreResult<u64> {
+        let formation_id = formation_id.map(str::to_owned);
         self.write("purge_finished_before", move |conn| {
-            const FINISHED: &str = "status IN ('completed', 'failed', 'cancelled') AND completed_at < ?1";
+            const FINISHED: &str = "status IN ('completed', 'failed', 'cancelled') AND completed_at < ?1 \
+                                    AND (?2 IS NULL OR formation_id = ?2)";
             conn.prepare_cached(&format!(
                 "DELETE FROM deliveries WHERE request_id IN (SELECT id FROM requests WHERE {FINISHED})"
             ))?
-            .execute([cutoff])?;
-            let deleted = conn.prepare_cached(&format!("DELETE FROM requests WHERE {FINISHED}"))?.execute([cutoff])?;
+            .execute(params![cutoff, formation_id])?;
+            let deleted = conn
+                .prepare_cached(&format!("DELETE FROM requests WHERE {FINISHED}"))?
+                .execute(params![cutoff, formation_id])?;
             Ok(deleted as u64)
         })
         .await
@@ -1174,7 +1178,9 @@ mod tests {
         store.finish("recent", &completed("b"), 200, delivery("wh_recent")).await.expect("finish");
         store.start_attempt("running", 10).await.expect("start");
 
-        assert_eq!(store.purge_finished_before(200).await.expect("purge"), 1);
+        // Another formation's purge leaves these alone.
+        assert_eq!(store.purge_finished_before(Some("another-formation"), i64::MAX).await.expect("purge"), 0);
+        assert_eq!(store.purge_finished_before(None, 200).await.expect("purge"), 1);
         assert_eq!(store.get("old").await.expect("get"), None);
         for id in ["recent", "running", "waiting"] {
             assert!(store.get(id).await.expect("get").is_some(), "{id} kept");
@@ -1182,7 +1188,7 @@ mod tests {
         let due: Vec<String> =
             store.due_deliveries(i64::MAX, 10).await.expect("due").into_iter().map(|d| d.id).collect();
         assert_eq!(due, ["wh_recent"]);
-        assert_eq!(store.purge_finished_before(i64::MAX).await.expect("purge"), 1);
+        assert_eq!(store.purge_finished_before(None, i64::MAX).await.expect("purge"), 1);
         assert_eq!(store.unfinished().await.expect("unfinished").len(), 2);
     }
 

@@ -377,7 +377,7 @@ mod tests {
         async fn unfinished(&self) -> StoreResult<Vec<RequestRecord>> {
             unused()
         }
-        async fn purge_finished_before(&self, _: i64) -> StoreResult<u64> {
+        async fn purge_finished_before(&self, _: Option<&str>, _: i64) -> StoreResult<u64> {
             unused()
         }
         async fn recent_durations(&self, _: &str, _: &str, _: usize) -> StoreResult<Vec<i64>> {
