@@ -19,12 +19,11 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::auth::{self, Role};
 use super::chat::Accepted;
 use super::requests::find;
 use super::AppState;
 use crate::engine::{LiveEvent, LiveRequest, Submitted};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult, Code};
 use crate::overlord::decide::Plan;
 use crate::store::{RequestRecord, Status};
 
@@ -46,17 +45,14 @@ pub async fn follow_in_session(
     Path((id, session_id, request_id)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    auth::authorize(&state, &id, &headers, Role::Client)?;
     let record = find(&state, &id, &headers, &request_id).await?;
     if record.session_id.as_deref().is_some_and(|s| s != session_id) {
-        return Err(crate::error::ApiError::new(
-            crate::error::Code::RequestNotFound,
+        return Err(ApiError::new(
+            Code::RequestNotFound,
             format!("request `{request_id}` not found in session `{session_id}`"),
         ));
     }
-    let live = state.engine.live(&record.id);
-    let events = live.as_deref().map(LiveRequest::subscribe);
-    Ok(sse(state, record, live, events, false))
+    Ok(follow_record(state, record))
 }
 
 /// `GET /api/{id}/v1/requests/{request_id}/events`.
@@ -65,11 +61,15 @@ pub async fn follow(
     Path((id, request_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    auth::authorize(&state, &id, &headers, Role::Client)?;
     let record = find(&state, &id, &headers, &request_id).await?;
+    Ok(follow_record(state, record))
+}
+
+/// Follows a request someone already made: never cancels it.
+fn follow_record(state: AppState, record: RequestRecord) -> Response {
     let live = state.engine.live(&record.id);
     let events = live.as_deref().map(LiveRequest::subscribe);
-    Ok(sse(state, record, live, events, false))
+    sse(state, record, live, events, false)
 }
 
 fn sse(

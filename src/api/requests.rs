@@ -16,13 +16,15 @@ use crate::store::{ListQuery, RequestRecord, Status};
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
 
-/// The caller's request, or 404.
+/// The caller's request, after checking the client key: 404 when it does not
+/// exist or belongs to another user.
 pub async fn find(
     state: &AppState,
     formation_id: &str,
     headers: &HeaderMap,
     request_id: &str,
 ) -> ApiResult<RequestRecord> {
+    auth::authorize(state, formation_id, headers, Role::Client)?;
     let user = auth::user_id(headers, None);
     // A request running here is answered from memory; others from the store.
     let record = match state.engine.live(request_id) {
@@ -39,7 +41,6 @@ pub async fn get(
     Path((id, request_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    auth::authorize(&state, &id, &headers, Role::Client)?;
     let record = find(&state, &id, &headers, &request_id).await?;
     Ok(envelope::ok("request.status", Some(&record.id), None, views::request_status(&record)))
 }
@@ -84,7 +85,6 @@ pub async fn cancel(
     Path((id, request_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    auth::authorize(&state, &id, &headers, Role::Client)?;
     let record = find(&state, &id, &headers, &request_id).await?;
     match state.engine.cancel(&record).await {
         Ok(cancelled) => Ok(envelope::ok(
