@@ -123,6 +123,36 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
+    /// A request as it is stored on acceptance: pending, nothing done yet.
+    pub fn accepted(request: NewRequest) -> RequestRecord {
+        RequestRecord {
+            id: request.id,
+            formation_id: request.formation_id,
+            formation_version: request.formation_version,
+            user_id: request.user_id,
+            session_id: request.session_id,
+            agent_id: request.agent_id,
+            message: request.message,
+            mode: request.mode,
+            estimated_seconds: request.estimated_seconds,
+            idempotency_key: request.idempotency_key,
+            webhook_url: request.webhook_url,
+            status: Status::Pending,
+            progress: 0.0,
+            current_step: None,
+            total_steps: None,
+            completed_steps: None,
+            status_message: None,
+            result: None,
+            error: None,
+            attempts: 0,
+            created_at: request.created_at,
+            started_at: None,
+            completed_at: None,
+            webhook: None,
+        }
+    }
+
     /// Time from start (or acceptance, if it never started) to the end.
     pub fn duration_ms(&self) -> Option<i64> {
         self.completed_at.map(|end| end - self.started_at.unwrap_or(self.created_at))

@@ -461,36 +461,6 @@ fn delivery_from_row(row: &Row) -> rusqlite::Result<Delivery> {
     })
 }
 
-/// What a freshly inserted request looks like.
-fn new_record(request: NewRequest) -> RequestRecord {
-    RequestRecord {
-        id: request.id,
-        formation_id: request.formation_id,
-        formation_version: request.formation_version,
-        user_id: request.user_id,
-        session_id: request.session_id,
-        agent_id: request.agent_id,
-        message: request.message,
-        mode: request.mode,
-        estimated_seconds: request.estimated_seconds,
-        idempotency_key: request.idempotency_key,
-        webhook_url: request.webhook_url,
-        status: Status::Pending,
-        progress: 0.0,
-        current_step: None,
-        total_steps: None,
-        completed_steps: None,
-        status_message: None,
-        result: None,
-        error: None,
-        attempts: 0,
-        created_at: request.created_at,
-        started_at: None,
-        completed_at: None,
-        webhook: None,
-    }
-}
-
 fn sql_limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
@@ -537,7 +507,7 @@ impl Store for SqliteStore {
                 request.webhook_url,
                 request.created_at,
             ])?;
-            Ok(Inserted::Created(new_record(request)))
+            Ok(Inserted::Created(RequestRecord::accepted(request)))
         })
         .await
     }
