@@ -116,17 +116,14 @@ pub async fn chat(
 pub async fn run_and_answer(state: &AppState, accepted: Accepted) -> ApiResult<Response> {
     let Accepted { formation, request, plan } = accepted;
     let idempotency_key = request.idempotency_key.clone();
-    let Submitted { record, live, replayed, .. } = state.engine.submit(formation.clone(), request, false).await?;
+    let Submitted { record, live, .. } = state.engine.submit(formation.clone(), request, false).await?;
     let key = idempotency_key.as_deref();
     if record.status.is_final() {
         return answer_final(&record, key);
     }
-    let wait_limit = match plan {
-        Plan::Async => None,
-        Plan::Wait { limit } if !replayed || live.is_some() => Some(limit),
-        Plan::Wait { .. } => None,
-    };
-    if let (Some(limit), Some(live)) = (wait_limit, &live) {
+    // Only a request running in this process can be waited for; a replay of one
+    // running elsewhere (or not yet recovered) is answered with its id.
+    if let (Plan::Wait { limit }, Some(live)) = (plan, &live) {
         let waited = tokio::select! {
             finished = state.engine.wait(live, limit) => finished,
             _ = state.shutdown.cancelled() => None,

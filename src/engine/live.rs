@@ -26,7 +26,6 @@ pub enum LiveEvent {
 
 /// A request running in this process.
 pub struct LiveRequest {
-    pub id: String,
     /// Cancelled to stop the work.
     pub cancel: CancellationToken,
     /// Created on the first subscription: most requests are never watched live,
@@ -45,7 +44,6 @@ pub struct LiveRequest {
 impl LiveRequest {
     pub fn new(record: &RequestRecord) -> LiveRequest {
         LiveRequest {
-            id: record.id.clone(),
             cancel: CancellationToken::new(),
             events: Mutex::new(None),
             done: watch::channel(None).0,

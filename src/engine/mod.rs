@@ -16,7 +16,7 @@ mod pool;
 
 pub use live::{LiveEvent, LiveRequest};
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,8 +46,6 @@ pub struct Submitted {
     pub record: RequestRecord,
     /// The running request, when it runs in this process.
     pub live: Option<Arc<LiveRequest>>,
-    /// True when an idempotency key matched an earlier request.
-    pub replayed: bool,
     /// The live request's events, subscribed before its work could publish any
     /// (so a stream opened with the request misses nothing).
     pub events: Option<tokio::sync::broadcast::Receiver<LiveEvent>>,
@@ -67,7 +65,8 @@ pub struct Engine {
     agents: AgentContext,
     running: Mutex<HashMap<String, Arc<LiveRequest>>>,
     pools: Mutex<HashMap<String, Arc<Pool>>>,
-    durations: Mutex<HashMap<(String, String), VecDeque<i64>>>,
+    /// Recent durations (ms) per (formation, agent), newest first.
+    durations: Mutex<HashMap<(String, String), Vec<i64>>>,
     /// Woken whenever a request ends with a webhook delivery to make.
     deliveries: Arc<Dispatcher>,
     shutdown: CancellationToken,
@@ -96,37 +95,34 @@ impl Engine {
         &self.store
     }
 
-    /// Estimates how long `message` will take on `agent_id` of `formation`.
+    /// Estimates how long `message` will take on `agent_id` of `formation`,
+    /// from the agent's recent durations (cached; loaded once from the store).
     pub async fn estimate(&self, formation: &Formation, agent_id: &str, message: &str) -> estimate::Estimate {
         let declared = formation.agent(Some(agent_id)).and_then(|a| a.estimated_seconds);
-        let history = self.history(&formation.id, agent_id).await;
-        estimate::estimate(&estimate::EstimateInput {
-            message,
-            estimated_seconds: declared,
-            history: &history,
-            enable_estimation: formation.overlord.async_.enable_estimation,
-        })
-    }
-
-    /// Recent durations of an agent, newest first (cached; loaded once from the store).
-    async fn history(&self, formation_id: &str, agent_id: &str) -> Vec<i64> {
-        let key = (formation_id.to_string(), agent_id.to_string());
-        if let Some(cached) = self.durations.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return cached.iter().copied().collect();
+        let from = |history: &[i64]| {
+            estimate::estimate(&estimate::EstimateInput {
+                message,
+                estimated_seconds: declared,
+                history,
+                enable_estimation: formation.overlord.async_.enable_estimation,
+            })
+        };
+        let key = (formation.id.clone(), agent_id.to_string());
+        if let Some(history) = self.durations.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return from(history);
         }
-        let loaded = self.store.recent_durations(formation_id, agent_id, HISTORY).await.unwrap_or_default();
-        let mut map = self.durations.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = map.entry(key).or_insert_with(|| loaded.into_iter().collect());
-        entry.iter().copied().collect()
+        let loaded = self.store.recent_durations(&formation.id, agent_id, HISTORY).await.unwrap_or_default();
+        let mut durations = self.durations.lock().unwrap_or_else(|e| e.into_inner());
+        from(durations.entry(key).or_insert(loaded))
     }
 
     fn remember_duration(&self, record: &RequestRecord) {
         let (Status::Completed, Some(ms)) = (record.status, record.duration_ms()) else { return };
         let key = (record.formation_id.clone(), record.agent_id.clone());
-        let mut map = self.durations.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = map.get_mut(&key) {
-            entry.push_front(ms);
-            entry.truncate(HISTORY);
+        let mut durations = self.durations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(history) = durations.get_mut(&key) {
+            history.insert(0, ms);
+            history.truncate(HISTORY);
         }
     }
 
@@ -142,12 +138,12 @@ impl Engine {
         match self.store.insert(request).await? {
             Inserted::Created(record) => {
                 let (live, events) = self.start(formation, record.clone(), follow);
-                Ok(Submitted { record, live: Some(live), replayed: false, events })
+                Ok(Submitted { record, live: Some(live), events })
             }
             Inserted::Existing(record) => {
                 let live = self.live(&record.id);
                 let events = live.as_deref().filter(|_| follow).map(LiveRequest::subscribe);
-                Ok(Submitted { record, live, replayed: true, events })
+                Ok(Submitted { record, live, events })
             }
         }
     }
