@@ -375,8 +375,9 @@ impl Engine {
         }
     }
 
-    /// Ends a request (first writer wins), queues its webhook, and tells watchers.
-    /// Returns whether this call ended it.
+    /// Ends a request (first writer wins), queues its webhook, and tells the
+    /// watchers of `live`, its handle when it runs in this process. Returns
+    /// whether this call ended it.
     async fn complete(
         &self,
         record: &RequestRecord,
@@ -395,9 +396,8 @@ impl Engine {
         }
         if let Some(finished) = self.store.get(&record.id).await? {
             self.remember_duration(&finished);
-            let running = self.live(&record.id);
-            if let Some(watchers) = running.as_deref().or(live) {
-                watchers.finish(finished);
+            if let Some(live) = live {
+                live.finish(finished);
             }
         }
         Ok(true)
