@@ -166,15 +166,9 @@ pub(crate) fn error_detail(body: &str) -> String {
     }
 }
 
-/// The `Retry-After` delay: whole or fractional seconds, or an HTTP date.
+/// The `Retry-After` delay of a response (see [`crate::time::retry_after`]).
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
-    }
-    let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-    let ms = when.timestamp_millis() - crate::time::now_ms();
-    Some(Duration::from_millis(ms.max(0) as u64))
+    crate::time::retry_after(headers.get(RETRY_AFTER)?.to_str().ok()?, crate::time::now_ms())
 }
 
 /// Reads at most `limit` bytes of a body as (lossy) UTF-8; `true` when cut short.

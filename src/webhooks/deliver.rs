@@ -130,14 +130,7 @@ fn truncate(s: &str, max: usize) -> String {
 /// `Retry-After` as delay-seconds or an HTTP date (relative to `now_ms`), capped at
 /// one hour; a date in the past means no wait.
 pub fn parse_retry_after(value: &str, now_ms: i64) -> Option<Duration> {
-    let value = value.trim();
-    let delay = if let Ok(secs) = value.parse::<u64>() {
-        Duration::from_secs(secs)
-    } else {
-        let at = chrono::DateTime::parse_from_rfc2822(value).ok()?.timestamp_millis();
-        Duration::from_millis(u64::try_from(at - now_ms).unwrap_or(0))
-    };
-    Some(delay.min(MAX_RETRY_AFTER))
+    crate::time::retry_after(value, now_ms).map(|delay| delay.min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
