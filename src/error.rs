@@ -32,6 +32,8 @@ pub enum Code {
     NotFound,
     MethodNotAllowed,
     ShuttingDown,
+    IdempotencyKeyReused,
+    StorageUnavailable,
     Internal,
 }
 
@@ -59,6 +61,8 @@ impl Code {
             Code::NotFound => "not_found",
             Code::MethodNotAllowed => "method_not_allowed",
             Code::ShuttingDown => "shutting_down",
+            Code::IdempotencyKeyReused => "idempotency_key_reused",
+            Code::StorageUnavailable => "storage_unavailable",
             Code::Internal => "internal_error",
         }
     }
@@ -71,7 +75,7 @@ impl Code {
             }
             Code::MissingApiKey => StatusCode::UNAUTHORIZED,
             Code::InvalidApiKey => StatusCode::FORBIDDEN,
-            Code::RequestAlreadyFinished | Code::RequestCancelled => StatusCode::CONFLICT,
+            Code::RequestAlreadyFinished | Code::RequestCancelled | Code::IdempotencyKeyReused => StatusCode::CONFLICT,
             Code::RequestFailed => StatusCode::BAD_GATEWAY,
             Code::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             Code::InvalidJson | Code::InvalidRequest | Code::MissingMessage => StatusCode::BAD_REQUEST,
@@ -80,7 +84,7 @@ impl Code {
             }
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Code::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Code::ShuttingDown | Code::StorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -120,9 +124,29 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
+/// The store could not be read or written (disk full, I/O error, read-only
+/// folder): the caller may try again later; nothing half-done was kept.
 impl From<crate::store::StoreError> for ApiError {
     fn from(err: crate::store::StoreError) -> Self {
-        ApiError::internal(err)
+        tracing::error!(error = %err, "storage failure");
+        ApiError::new(Code::StorageUnavailable, "storage is unavailable right now; try again shortly")
+    }
+}
+
+impl From<crate::engine::SubmitError> for ApiError {
+    fn from(err: crate::engine::SubmitError) -> Self {
+        match err {
+            crate::engine::SubmitError::Store(e) => e.into(),
+            crate::engine::SubmitError::KeyReused(earlier) => ApiError::new(
+                Code::IdempotencyKeyReused,
+                format!(
+                    "this idempotency key was used for request `{}`, which asked something else; \
+                     use a new key for a new request",
+                    earlier.id
+                ),
+            )
+            .with_details(json!({ "request_id": earlier.id })),
+        }
     }
 }
 

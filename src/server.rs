@@ -29,6 +29,9 @@ const GRACE: Duration = Duration::from_secs(10);
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create the data folder {}", config.data_dir.display()))?;
+    // One server per data folder; held until the process exits.
+    let _lock = crate::data_lock::DataLock::acquire(&config.data_dir)?;
+    let owner = crate::engine::owner_id();
     let store: Arc<dyn Store> = Arc::new(
         SqliteStore::open(&config.data_dir)
             .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?,
@@ -42,10 +45,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         Arc::new(move |id: &str| registry.get(id))
     };
     let dispatcher = Arc::new(
-        Dispatcher::new(store.clone(), lookup, config.allow_webhook_hosts.clone())
+        Dispatcher::new(store.clone(), lookup, config.allow_webhook_hosts.clone(), owner.clone())
             .context("cannot build the webhook client")?,
     );
-    let engine = Engine::new(store.clone(), registry.clone(), dispatcher.clone(), shutdown.clone());
+    let engine = Engine::new(store.clone(), registry.clone(), dispatcher.clone(), owner, shutdown.clone());
     let dispatcher = dispatcher.spawn(shutdown.clone());
 
     let listener = tokio::net::TcpListener::bind(&config.listen)
@@ -53,7 +56,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
 
-    engine.recover().await.context("cannot recover unfinished requests")?;
+    // The lock proves that no other server uses this store: take over at once.
+    engine.recover(true).await.context("cannot recover unfinished requests")?;
     engine.spawn_retention();
 
     let state = AppState {

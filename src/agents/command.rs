@@ -474,7 +474,6 @@ fn failure(message: impl Into<String>) -> AgentFailure {
 mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
-    use tokio::sync::mpsc;
 
     fn formation(dir: &Path) -> Formation {
         Formation {
@@ -546,12 +545,9 @@ mod tests {
         env: &[(&str, &str)],
         message: &str,
     ) -> (Result<AgentOutput, AgentFailure>, Vec<AgentEvent>) {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, recorded) = Events::recorder();
         let result = run(&formation(dir), &spec(argv, retryable, env), request(message), tx).await;
-        let mut events = Vec::new();
-        while let Ok(event) = rx.try_recv() {
-            events.push(event);
-        }
+        let events = recorded.lock().unwrap().clone();
         (result, events)
     }
 
@@ -755,16 +751,16 @@ sleep 300
 echo '{"result": "should never get here"}'
 "#;
         let dir = script_dir(script);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = Events::channel();
         let formation = formation(dir.path());
         let spec = spec(&["sh", "agent.sh"], &[], &[]);
         let mut fut = Box::pin(run(&formation, &spec, request(""), tx));
 
         let event = tokio::select! {
             outcome = &mut fut => panic!("finished early: {outcome:?}"),
-            event = rx.recv() => event,
+            event = rx.recv() => event.progress,
         };
-        let Some(AgentEvent::Progress(ProgressUpdate { message: Some(pids), .. })) = event else {
+        let Some(ProgressUpdate { message: Some(pids), .. }) = event else {
             panic!("expected progress with pids, got {event:?}");
         };
         let pids: Vec<i32> = pids.split_whitespace().filter_map(|p| p.parse().ok()).collect();

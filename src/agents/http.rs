@@ -216,7 +216,6 @@ mod tests {
     use axum::response::IntoResponse;
     use axum::routing::post;
     use axum::{Json, Router};
-    use tokio::sync::mpsc;
 
     fn request(message: &str) -> AgentRequest {
         AgentRequest {
@@ -243,12 +242,9 @@ mod tests {
     async fn call(url: &str, message: &str) -> (Result<AgentOutput, AgentFailure>, Vec<AgentEvent>) {
         let spec = http_agent("remote", url);
         let formation = formation_with_agents(vec![spec.clone()]);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, recorded) = Events::recorder();
         let out = super::super::run(&AgentContext::new(), &formation, &spec, request(message), tx).await;
-        let mut events = Vec::new();
-        while let Ok(e) = rx.try_recv() {
-            events.push(e);
-        }
+        let events = recorded.lock().unwrap().clone();
         (out, events)
     }
 

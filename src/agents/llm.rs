@@ -56,7 +56,6 @@ use futures::StreamExt;
 use reqwest::header::CONTENT_TYPE;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 use super::http::{error_detail, host_of, read_limited, retry_after, status_failure, status_text, transport_failure};
 use super::{AgentContext, AgentEvent, AgentFailure, AgentOutput, AgentRequest, Events, ProgressUpdate};
@@ -606,7 +605,7 @@ async fn agent_tool(
         history: Vec::new(),
     };
     // The inner agent's events are dropped on purpose (see the module doc).
-    let (inner_events, _) = mpsc::unbounded_channel();
+    let (inner_events, _) = Events::channel();
     match run_nested(ctx, formation, spec, inner, inner_events, depth + 1).await {
         Ok(output) => output.text,
         Err(failure) => format!("error: agent {agent_id} failed: {}", failure.message),
@@ -669,12 +668,9 @@ mod tests {
         formation: &Formation,
         request: AgentRequest,
     ) -> (Result<AgentOutput, AgentFailure>, Vec<AgentEvent>) {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, recorded) = Events::recorder();
         let out = crate::agents::run(&AgentContext::new(), formation, &formation.agents[0], request, tx).await;
-        let mut events = Vec::new();
-        while let Ok(e) = rx.try_recv() {
-            events.push(e);
-        }
+        let events = recorded.lock().unwrap().clone();
         (out, events)
     }
 
@@ -724,7 +720,7 @@ mod tests {
         fn assert_send<T: Send>(_: &T) {}
         let ctx = AgentContext::new();
         let formation = formation_with_agents(vec![llm_agent("main", "http://127.0.0.1:1/v1")]);
-        let (tx, _) = mpsc::unbounded_channel();
+        let (tx, _) = Events::channel();
         let fut = crate::agents::run(&ctx, &formation, &formation.agents[0], request("x"), tx);
         assert_send(&fut);
     }
@@ -948,7 +944,7 @@ mod tests {
         llm.push(Reply::Hang { partial: "Thinking".into() });
         let formation = formation_with_agents(vec![llm_agent("main", &llm.base_url())]);
         let ctx = AgentContext::new();
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = Events::channel();
         {
             let work = crate::agents::run(&ctx, &formation, &formation.agents[0], request("x"), tx);
             tokio::pin!(work);
@@ -957,10 +953,9 @@ mod tests {
                 _ = &mut work => panic!("a hanging stream cannot finish"),
                 content = async {
                     loop {
-                        match rx.recv().await {
-                            Some(AgentEvent::Content(c)) => return Some(c),
-                            Some(_) => continue,
-                            None => return None,
+                        let pending = rx.recv().await;
+                        if !pending.text.is_empty() {
+                            return Some(pending.text.concat());
                         }
                     }
                 } => content,
@@ -999,7 +994,7 @@ mod tests {
     fn streamed_tool_call_deltas_are_assembled() {
         let ctx = AgentContext::new();
         let client = ModelClient::new(&ctx, "http://127.0.0.1:1/v1", "openai/x", None);
-        let (tx, _) = mpsc::unbounded_channel();
+        let (tx, _) = Events::channel();
         let mut state = StreamState::default();
         let frames = [
             r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"id":"a","function":{"name":"f","arguments":"{\"x\""}}]}}]}"#,

@@ -6,13 +6,13 @@
 //! process group is killed, an HTTP call is abandoned.
 
 pub mod command;
+pub mod events;
 pub mod http;
 pub mod llm;
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
 use crate::formation::{AgentKind, AgentSpec, Formation};
 
@@ -86,8 +86,7 @@ impl AgentFailure {
     }
 }
 
-/// Where an agent sends its events. Sending never blocks; a closed receiver is fine.
-pub type Events = mpsc::UnboundedSender<AgentEvent>;
+pub use events::Events;
 
 /// Shared resources of all agents (one HTTP client with its connection pool).
 #[derive(Clone)]

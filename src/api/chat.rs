@@ -71,6 +71,12 @@ pub async fn accept(
     if let Some(url) = &body.webhook_url {
         crate::webhooks::target::check_target(url, &state.allow_webhook_hosts).await?;
     }
+    let fingerprint = fingerprint(&[
+        &agent_id,
+        &message,
+        body.session_id.as_deref().unwrap_or(""),
+        body.webhook_url.as_deref().unwrap_or(""),
+    ]);
     let estimate = state.engine.estimate(&formation, &agent_id, &message).await;
     let plan = decide(&formation.overlord.async_, body.async_, body.threshold_seconds, estimate.seconds);
     let request = NewRequest {
@@ -88,13 +94,27 @@ pub async fn accept(
         ),
         agent_id,
         message,
-        mode: plan.mode().to_string(),
+        mode: plan.mode(),
         estimated_seconds: estimate.seconds,
         idempotency_key: auth::header(headers, auth::IDEMPOTENCY_KEY).map(str::to_string),
+        fingerprint,
         webhook_url: body.webhook_url,
+        workflow_timeout_ms: i64::try_from(formation.overlord.timeouts.workflow().as_millis()).unwrap_or(i64::MAX),
         created_at: crate::time::now_ms(),
     };
     Ok(Accepted { formation, request, plan })
+}
+
+/// A digest of what a request asks, to tell an idempotency key reused for a
+/// different request from a retry of the same one.
+fn fingerprint(parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update((part.len() as u64).to_le_bytes());
+        hash.update(part.as_bytes());
+    }
+    hex::encode(&hash.finalize()[..16])
 }
 
 pub async fn chat(
@@ -131,8 +151,9 @@ pub async fn run_and_answer(state: &AppState, accepted: Accepted) -> ApiResult<R
         if let Some(finished) = waited {
             return answer_final(&finished, key);
         }
-        // Still running at the threshold (or shutting down): answer with the id.
-        live.promote();
+        // Still running at the threshold (or shutting down): answer with the id,
+        // and remember that it was (the request now gets the formation's webhook).
+        state.engine.promote(live).await;
     }
     Ok(accepted_response(&formation.id, &record, key))
 }

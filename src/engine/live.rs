@@ -1,5 +1,7 @@
-//! The in-memory side of a running request: its cancel token, the broadcast of
-//! its events to live watchers, and the signal that it has ended.
+//! The in-memory side of a running request: its cancel token, the lease its
+//! runner holds, the broadcast of its events to live watchers, and the signals
+//! that it has ended (`done`) or that its work here has stopped (`stopped`;
+//! without `done`, the request was handed back to be run again).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -8,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Progress, RequestRecord};
+use crate::store::{Lease, Progress, RequestRecord};
 
 /// Events kept for a slow watcher before it misses some (it then catches up
 /// from the final state).
@@ -28,6 +30,11 @@ pub enum LiveEvent {
 pub struct LiveRequest {
     /// Cancelled to stop the work.
     pub cancel: CancellationToken,
+    /// Cancelled when the lease was found taken over: the work stops and
+    /// records nothing.
+    pub(crate) lost: CancellationToken,
+    /// The lease of the current attempt, and when (monotonic) it was claimed.
+    lease: Mutex<Option<(Lease, std::time::Instant)>>,
     /// Created on the first subscription: most requests are never watched live,
     /// and a queued request should cost little memory.
     events: Mutex<Option<broadcast::Sender<LiveEvent>>>,
@@ -45,6 +52,8 @@ impl LiveRequest {
     pub fn new(record: &RequestRecord) -> LiveRequest {
         LiveRequest {
             cancel: CancellationToken::new(),
+            lost: CancellationToken::new(),
+            lease: Mutex::new(None),
             events: Mutex::new(None),
             done: watch::channel(None).0,
             stopped: watch::channel(false).0,
@@ -53,7 +62,27 @@ impl LiveRequest {
         }
     }
 
-    /// The request's current state (committed to the store).
+    pub(crate) fn set_lease(&self, lease: Lease) {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some((lease, std::time::Instant::now()));
+    }
+
+    /// The lease of the current attempt, if one was claimed.
+    pub(crate) fn lease(&self) -> Option<Lease> {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner()).map(|(lease, _)| lease)
+    }
+
+    /// When the current lease was claimed.
+    pub(crate) fn claimed_at(&self) -> Option<std::time::Instant> {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner()).map(|(_, at)| at)
+    }
+
+    /// Whether the request has ended (its final record is known here).
+    pub fn is_done(&self) -> bool {
+        self.done.borrow().is_some()
+    }
+
+    /// The request's current state (what the store holds, or fresher: progress
+    /// is shown at once and written at a limited rate).
     pub fn snapshot(&self) -> RequestRecord {
         self.record.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -107,7 +136,17 @@ impl LiveRequest {
 
     /// Waits (up to `limit`) until the request's task has exited, so its work has stopped.
     pub async fn stopped(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.until_stopped()).await;
+    }
+
+    /// Waits until the request's task has exited.
+    pub async fn until_stopped(&self) {
         let mut rx = self.stopped.subscribe();
-        let _ = tokio::time::timeout(limit, rx.wait_for(|stopped| *stopped)).await;
+        let _ = rx.wait_for(|stopped| *stopped).await;
+    }
+
+    /// Whether the request's task has exited.
+    pub fn has_stopped(&self) -> bool {
+        *self.stopped.borrow()
     }
 }

@@ -1,35 +1,42 @@
 //! The request engine: runs accepted requests in the background.
 //!
-//! Each request gets one task. The task waits for a slot in its formation's
-//! worker pool (FIFO, `overlord.max_concurrent_requests`), then runs attempts of
-//! its agent under the task and workflow timeouts, retrying retryable failures
-//! with backoff, until it ends. Everything it learns goes to the store first;
-//! live watchers (a waiting sync caller, SSE streams) get the same events from a
-//! broadcast channel. Cancel and timeout drop the agent's future, which stops its
-//! work (see `agents`).
+//! Each request has one owner in this process: a supervised task
+//! (`supervisor.rs`) that waits for a slot in its formation's worker pool
+//! (FIFO, `overlord.max_concurrent_requests`), claims an attempt under a lease
+//! (`leases.rs`), runs its agent under the task and workflow timeouts, and
+//! retries retryable failures with backoff (`run.rs`), until the request ends,
+//! someone else ends it, or the server stops. Everything durable goes to the
+//! store, fenced by the lease; live watchers (a waiting sync caller, SSE
+//! streams) get the same events from a broadcast channel. Cancel and timeout
+//! drop the agent's future, which stops its work (see `agents`).
 //!
-//! Requests the store holds as unfinished at start-up are run again
-//! ([`Engine::recover`]): at-least-once, and the attempt count says so.
+//! A sweeper (`sweeper.rs`) starts every unfinished request that nobody holds:
+//! at start-up (after a crash or restart: at-least-once, `attempts` says so),
+//! when a lease expires, and when a request's formation comes back.
 
+mod leases;
 mod live;
 mod pool;
+mod run;
+mod supervisor;
+mod sweeper;
 
+pub use leases::{owner_id, LEASE};
 pub use live::{LiveEvent, LiveRequest};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::agents::{self, AgentContext, AgentEvent, AgentFailure, AgentRequest, Turn};
+use crate::agents::{AgentContext, Turn};
 use crate::formation::Formation;
-use crate::overlord::{backoff, estimate};
+use crate::overlord::estimate;
 use crate::registry::Registry;
 use crate::store::{
-    ErrorInfo, Inserted, NewDelivery, NewRequest, Outcome, Progress, RequestRecord, RequestResult, Status, Store,
-    StoreResult,
+    Inserted, Lease, NewDelivery, NewRequest, Outcome, Progress, RequestRecord, Status, Store, StoreError, StoreResult,
 };
 use crate::time::now_ms;
 use crate::webhooks::Dispatcher;
@@ -51,6 +58,20 @@ pub struct Submitted {
     pub events: Option<tokio::sync::broadcast::Receiver<LiveEvent>>,
 }
 
+/// Why `submit` stored nothing.
+#[derive(Debug)]
+pub enum SubmitError {
+    Store(StoreError),
+    /// The idempotency key belongs to an earlier request that asked something else.
+    KeyReused(Box<RequestRecord>),
+}
+
+impl From<StoreError> for SubmitError {
+    fn from(e: StoreError) -> Self {
+        SubmitError::Store(e)
+    }
+}
+
 /// Why a cancel did not happen.
 #[derive(Debug)]
 pub enum CancelError {
@@ -63,12 +84,17 @@ pub struct Engine {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     agents: AgentContext,
+    /// This process's name in leases and claims.
+    owner: String,
+    /// The requests this process runs: at most one task each.
     running: Mutex<HashMap<String, Arc<LiveRequest>>>,
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     /// Recent durations (ms) per (formation, agent), newest first.
     durations: Mutex<HashMap<(String, String), Vec<i64>>>,
     /// Woken whenever a request ends with a webhook delivery to make.
     deliveries: Arc<Dispatcher>,
+    /// Wakes the sweeper (a formation was loaded, a request handed back).
+    sweep: Notify,
     shutdown: CancellationToken,
 }
 
@@ -77,22 +103,30 @@ impl Engine {
         store: Arc<dyn Store>,
         registry: Arc<Registry>,
         deliveries: Arc<Dispatcher>,
+        owner: String,
         shutdown: CancellationToken,
     ) -> Arc<Engine> {
         Arc::new(Engine {
             store,
             registry,
             agents: AgentContext::new(),
+            owner,
             running: Mutex::new(HashMap::new()),
             pools: Mutex::new(HashMap::new()),
             durations: Mutex::new(HashMap::new()),
             deliveries,
+            sweep: Notify::new(),
             shutdown,
         })
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// This process's name in leases and claims.
+    pub fn owner(&self) -> &str {
+        &self.owner
     }
 
     /// Estimates how long `message` will take on `agent_id` of `formation`,
@@ -129,23 +163,37 @@ impl Engine {
     /// Stores a new request durably, then starts it in the background. With
     /// `follow`, the caller also gets a subscription to its events, made before
     /// the work can publish any.
+    ///
+    /// The work is detached from the caller: once the insert is under way, the
+    /// request is committed and started even if the caller goes away (an HTTP
+    /// client that disconnects drops its handler's future, not this task). An
+    /// idempotent replay of a request that is not running anywhere starts it.
     pub async fn submit(
         self: &Arc<Self>,
         formation: Arc<Formation>,
         request: NewRequest,
         follow: bool,
-    ) -> StoreResult<Submitted> {
-        match self.store.insert(request).await? {
-            Inserted::Created(record) => {
-                let (live, events) = self.start(formation, record.clone(), follow);
-                Ok(Submitted { record, live: Some(live), events })
+    ) -> Result<Submitted, SubmitError> {
+        let engine = self.clone();
+        let accepting = tokio::spawn(async move {
+            match engine.store.insert(request, &engine.owner, leases::lease_ms()).await? {
+                Inserted::Created(record) => {
+                    let (live, events) = engine.start(formation, record.clone(), follow);
+                    Ok(Submitted { record, live: Some(live), events })
+                }
+                Inserted::Existing(record) if record.status.is_final() => {
+                    Ok(Submitted { record, live: None, events: None })
+                }
+                Inserted::Existing(record) => {
+                    // Running here, or started here now (the claim decides if
+                    // another server holds it).
+                    let (live, events) = engine.start(formation, record.clone(), follow);
+                    Ok(Submitted { record: live.snapshot(), live: Some(live), events })
+                }
+                Inserted::KeyReused(record) => Err(SubmitError::KeyReused(Box::new(record))),
             }
-            Inserted::Existing(record) => {
-                let live = self.live(&record.id);
-                let events = live.as_deref().filter(|_| follow).map(LiveRequest::subscribe);
-                Ok(Submitted { record, live, events })
-            }
-        }
+        });
+        accepting.await.map_err(|e| SubmitError::Store(StoreError(format!("accepting the request failed: {e}"))))?
     }
 
     /// The live handle of a request running in this process.
@@ -153,50 +201,40 @@ impl Engine {
         self.running.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
     }
 
-    /// Runs every request the store holds as unfinished (after a crash or restart).
-    pub async fn recover(self: &Arc<Self>) -> StoreResult<usize> {
-        let unfinished = self.store.unfinished().await?;
-        let count = unfinished.len();
-        for record in unfinished {
-            match self.registry.get(&record.formation_id) {
-                Some(formation) => {
-                    self.start(formation, record, false);
-                }
-                None => {
-                    let error = ErrorInfo {
-                        kind: "formation_unavailable".into(),
-                        message: format!("formation `{}` is no longer loaded", record.formation_id),
-                        retryable: false,
-                    };
-                    self.complete(&record, None, Outcome::Failed(error)).await?;
-                }
-            }
-        }
-        if count > 0 {
-            tracing::info!(count, "recovered unfinished requests");
-        }
-        Ok(count)
+    fn running_snapshot(&self) -> Vec<(String, Arc<LiveRequest>)> {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.iter().map(|(id, live)| (id.clone(), live.clone())).collect()
     }
 
-    /// Starts a request's task; returns its live handle and, with `follow`, a
-    /// subscription to its events made before the task runs.
+    fn is_running(&self, id: &str) -> bool {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).contains_key(id)
+    }
+
+    fn forget(&self, id: &str) {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+
+    /// Starts a request's supervised task, unless this process already runs
+    /// it; returns its live handle and, with `follow`, a subscription to its
+    /// events made before the task runs.
     fn start(
         self: &Arc<Self>,
         formation: Arc<Formation>,
         record: RequestRecord,
         follow: bool,
     ) -> (Arc<LiveRequest>, Option<tokio::sync::broadcast::Receiver<LiveEvent>>) {
-        let live = Arc::new(LiveRequest::new(&record));
+        let live = {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(live) = running.get(&record.id) {
+                let events = follow.then(|| live.subscribe());
+                return (live.clone(), events);
+            }
+            let live = Arc::new(LiveRequest::new(&record));
+            running.insert(record.id.clone(), live.clone());
+            live
+        };
         let events = follow.then(|| live.subscribe());
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(record.id.clone(), live.clone());
-        let engine = self.clone();
-        let task_live = live.clone();
-        tokio::spawn(async move {
-            let id = record.id.clone();
-            engine.drive(formation, record, &task_live).await;
-            engine.running.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
-            task_live.mark_stopped();
-        });
+        self.spawn_request(formation, record, live.clone());
         (live, events)
     }
 
@@ -206,138 +244,6 @@ impl Engine {
         let pool = pools.entry(formation.id.clone()).or_insert_with(|| Arc::new(Pool::new(size)));
         pool.resize(size);
         pool.clone()
-    }
-
-    /// The whole life of one request in this process.
-    async fn drive(&self, formation: Arc<Formation>, record: RequestRecord, live: &LiveRequest) {
-        let pool = self.pool(&formation);
-        let _permit = tokio::select! {
-            permit = pool.acquire() => permit,
-            _ = live.cancel.cancelled() => return,
-            _ = self.shutdown.cancelled() => return,
-        };
-        // Boxed: a request waiting for a slot holds only this small future, not
-        // the largest state of the agent's work.
-        let outcome = match Box::pin(self.attempts(&formation, &record, live)).await {
-            Ok(Some(outcome)) => outcome,
-            Ok(None) => return, // cancelled (already recorded) or shutting down
-            Err(e) => {
-                tracing::error!(request = %record.id, error = %e, "store failed while running a request");
-                return;
-            }
-        };
-        if let Err(e) = self.complete(&record, Some(live), outcome).await {
-            tracing::error!(request = %record.id, error = %e, "could not record the end of a request");
-        }
-    }
-
-    /// Runs attempts until success, a final failure, cancel or shutdown (`None`).
-    async fn attempts(
-        &self,
-        formation: &Formation,
-        record: &RequestRecord,
-        live: &LiveRequest,
-    ) -> StoreResult<Option<Outcome>> {
-        let Some(spec) = formation.agent(Some(&record.agent_id)) else {
-            return Ok(Some(Outcome::Failed(ErrorInfo {
-                kind: "unknown_agent".into(),
-                message: format!("agent `{}` is not in formation `{}`", record.agent_id, formation.id),
-                retryable: false,
-            })));
-        };
-        let timeouts = &formation.overlord.timeouts;
-        let policy = &formation.overlord.retry;
-        let first_start = record.started_at.unwrap_or_else(now_ms);
-        let workflow_deadline_ms = first_start + (timeouts.workflow_timeout * 1000.0) as i64;
-        let history = self.session_history(record).await;
-
-        loop {
-            let now = now_ms();
-            let Some(attempt) = self.store.start_attempt(&record.id, now).await? else {
-                return Ok(None);
-            };
-            live.apply(|r| {
-                r.status = Status::Processing;
-                r.attempts = attempt;
-                r.started_at.get_or_insert(now);
-            });
-            let remaining = Duration::from_millis((workflow_deadline_ms - now_ms()).max(0) as u64);
-            let (limit, limit_name, limit_secs) = if timeouts.task() <= remaining {
-                (timeouts.task(), "task_timeout", timeouts.task_timeout)
-            } else {
-                (remaining, "workflow_timeout", timeouts.workflow_timeout)
-            };
-            let request = AgentRequest {
-                request_id: record.id.clone(),
-                formation_id: record.formation_id.clone(),
-                agent_id: record.agent_id.clone(),
-                user_id: record.user_id.clone(),
-                session_id: record.session_id.clone(),
-                message: record.message.clone(),
-                attempt,
-                history: history.clone(),
-            };
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let work = agents::run(&self.agents, formation, spec, request, tx);
-            tokio::pin!(work);
-            let deadline = tokio::time::sleep(limit);
-            tokio::pin!(deadline);
-            let ended = loop {
-                tokio::select! {
-                    result = &mut work => break Ended::Ran(result),
-                    Some(event) = rx.recv() => self.on_event(record, live, event).await,
-                    _ = live.cancel.cancelled() => break Ended::Cancelled,
-                    _ = &mut deadline => break Ended::TimedOut,
-                    _ = self.shutdown.cancelled() => break Ended::Shutdown,
-                }
-            };
-            // Events sent just before the end still count.
-            while let Ok(event) = rx.try_recv() {
-                self.on_event(record, live, event).await;
-            }
-            match ended {
-                Ended::Ran(Ok(output)) => {
-                    return Ok(Some(Outcome::Completed(RequestResult {
-                        text: output.text,
-                        artifacts: output.artifacts,
-                    })));
-                }
-                Ended::Ran(Err(failure)) => {
-                    if !failure.retryable || attempt >= policy.max_attempts {
-                        return Ok(Some(Outcome::Failed(error_info(failure, attempt))));
-                    }
-                    // Our backoff is capped at max_delay; a delay the other side
-                    // asked for (Retry-After) is honoured in full, within the
-                    // workflow timeout.
-                    let until_deadline = Duration::from_millis((workflow_deadline_ms - now_ms()).max(0) as u64);
-                    let delay = backoff::honour_retry_after(
-                        backoff::jittered(policy, attempt),
-                        failure.retry_after,
-                        until_deadline,
-                    );
-                    if delay >= until_deadline {
-                        return Ok(Some(Outcome::Failed(timeout_error("workflow_timeout", timeouts.workflow_timeout))));
-                    }
-                    let note = format!(
-                        "attempt {attempt} of {} failed ({}); retrying in {:.1}s",
-                        policy.max_attempts,
-                        failure.message,
-                        delay.as_secs_f64()
-                    );
-                    tracing::warn!(request = %record.id, "{note}");
-                    let progress = Progress { message: Some(note), ..Progress::default() };
-                    self.store.record_progress(&record.id, &progress).await?;
-                    live.apply(|r| apply_progress(r, &progress));
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = live.cancel.cancelled() => return Ok(None),
-                        _ = self.shutdown.cancelled() => return Ok(None),
-                    }
-                }
-                Ended::TimedOut => return Ok(Some(Outcome::Failed(timeout_error(limit_name, limit_secs)))),
-                Ended::Cancelled | Ended::Shutdown => return Ok(None),
-            }
-        }
     }
 
     async fn session_history(&self, record: &RequestRecord) -> Vec<Turn> {
@@ -355,40 +261,21 @@ impl Engine {
             .collect()
     }
 
-    async fn on_event(&self, record: &RequestRecord, live: &LiveRequest, event: AgentEvent) {
-        match event {
-            AgentEvent::Progress(update) => {
-                let progress = Progress {
-                    progress: update.progress.map(|p| p.clamp(0.0, 100.0)),
-                    current_step: update.step,
-                    total_steps: update.total_steps,
-                    completed_steps: update.completed_steps,
-                    message: update.message,
-                };
-                match self.store.record_progress(&record.id, &progress).await {
-                    Ok(()) => live.apply(|r| apply_progress(r, &progress)),
-                    Err(e) => tracing::warn!(request = %record.id, error = %e, "could not record progress"),
-                }
-                live.publish(LiveEvent::Progress(progress));
-            }
-            AgentEvent::Content(text) => live.publish(LiveEvent::Content(text)),
-        }
-    }
-
-    /// Ends a request (first writer wins), queues its webhook, and tells the
-    /// watchers of `live`, its handle when it runs in this process. Returns
-    /// whether this call ended it.
+    /// Ends a request (first writer wins; with `fence`, only under that lease),
+    /// queues its webhook, and tells the watchers of `live`, its handle when it
+    /// runs in this process. Returns whether this call ended it.
     async fn complete(
         &self,
         record: &RequestRecord,
         live: Option<&LiveRequest>,
-        outcome: Outcome,
+        outcome: &Outcome,
+        fence: Option<Lease>,
     ) -> StoreResult<bool> {
         let delivery = self
             .webhook_target(record, live)
             .map(|url| NewDelivery { id: format!("msg_{}", uuid::Uuid::new_v4().simple()), url });
         let has_delivery = delivery.is_some();
-        if !self.store.finish(&record.id, &outcome, now_ms(), delivery).await? {
+        if !self.store.finish(&record.id, outcome, now_ms(), delivery, fence).await? {
             return Ok(false);
         }
         if has_delivery {
@@ -409,11 +296,22 @@ impl Engine {
         if let Some(url) = &record.webhook_url {
             return Some(url.clone());
         }
-        let answered_async = record.mode == "async" || live.is_some_and(|l| l.promoted());
+        let answered_async = record.answered_async || live.is_some_and(|l| l.promoted());
         if !answered_async {
             return None;
         }
         self.registry.get(&record.formation_id)?.overlord.async_.webhook_url.clone()
+    }
+
+    /// Records that a caller who meant to wait was answered 202 (at the
+    /// threshold, or at shutdown), so the request gets the formation's webhook
+    /// even if it ends after a restart.
+    pub async fn promote(&self, live: &LiveRequest) {
+        live.promote();
+        let id = live.snapshot().id;
+        if let Err(e) = self.store.mark_answered_async(&id).await {
+            tracing::warn!(request = %id, error = %e, "could not record the promotion to async");
+        }
     }
 
     /// Cancels a request: a pending one never starts; a running one is stopped
@@ -424,7 +322,7 @@ impl Engine {
         }
         let live = self.live(&record.id);
         let outcome = Outcome::Cancelled { message: "Request cancelled by user".into() };
-        let ended = self.complete(record, live.as_deref(), outcome).await.map_err(CancelError::Store)?;
+        let ended = self.complete(record, live.as_deref(), &outcome, None).await.map_err(CancelError::Store)?;
         if !ended {
             let now = self.store.get(&record.id).await.map_err(CancelError::Store)?;
             return Err(CancelError::AlreadyFinished(now.map(|r| r.status).unwrap_or(record.status)));
@@ -438,7 +336,9 @@ impl Engine {
     }
 
     /// Waits for a request to end, up to `limit` (forever with `None`).
-    /// Returns the final record, or `None` if it is still running at the limit.
+    /// Returns the final record, or `None` if it is still running at the limit
+    /// or its work here stopped without an end (handed back at shutdown, or
+    /// taken over by another server).
     pub async fn wait(&self, live: &LiveRequest, limit: Option<Duration>) -> Option<RequestRecord> {
         let mut done = live.done();
         let finished = async {
@@ -446,8 +346,13 @@ impl Engine {
                 if let Some(record) = done.borrow_and_update().clone() {
                     return Some(record);
                 }
-                if done.changed().await.is_err() {
-                    return None;
+                tokio::select! {
+                    changed = done.changed() => {
+                        if changed.is_err() {
+                            return None;
+                        }
+                    }
+                    _ = live.until_stopped() => return done.borrow().clone(),
                 }
             }
         };
@@ -501,20 +406,13 @@ impl Engine {
     }
 }
 
-enum Ended {
-    Ran(Result<agents::AgentOutput, AgentFailure>),
-    Cancelled,
-    TimedOut,
-    Shutdown,
-}
-
-fn error_info(failure: AgentFailure, attempts: u32) -> ErrorInfo {
-    let message = if failure.retryable && attempts > 1 {
-        format!("{} (gave up after {attempts} attempts)", failure.message)
-    } else {
-        failure.message
-    };
-    ErrorInfo { kind: failure.kind, message, retryable: failure.retryable }
+/// Merges progress reports: `update`'s fields replace those of `into`.
+fn apply_fields(into: &mut Progress, update: Progress) {
+    into.progress = update.progress.or(into.progress);
+    into.current_step = update.current_step.or(into.current_step.take());
+    into.total_steps = update.total_steps.or(into.total_steps);
+    into.completed_steps = update.completed_steps.or(into.completed_steps);
+    into.message = update.message.or(into.message.take());
 }
 
 /// What `Store::record_progress` does to a record: given fields replace the
@@ -537,14 +435,6 @@ fn apply_progress(record: &mut RequestRecord, progress: &Progress) {
     }
 }
 
-fn timeout_error(limit: &str, seconds: f64) -> ErrorInfo {
-    ErrorInfo {
-        kind: "timeout".into(),
-        message: format!("request exceeded {limit} ({seconds}s) and was stopped"),
-        retryable: false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,10 +449,12 @@ mod tests {
             session_id: Some("s".into()),
             agent_id: "a".into(),
             message: "m".into(),
-            mode: "async".into(),
+            mode: crate::store::Mode::Async,
             estimated_seconds: 1.0,
             idempotency_key: None,
+            fingerprint: String::new(),
             webhook_url: None,
+            workflow_timeout_ms: 60_000,
             created_at: 1,
         }
     }
@@ -573,7 +465,7 @@ mod tests {
     async fn progress_applied_in_memory_matches_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
-        let Inserted::Created(mut copy) = store.insert(request("r1")).await.unwrap() else { panic!() };
+        let Inserted::Created(mut copy) = store.insert(request("r1"), "me", 30_000).await.unwrap() else { panic!() };
         let updates = [
             Progress {
                 progress: Some(20.0),
@@ -586,7 +478,7 @@ mod tests {
             Progress::default(),
         ];
         for update in &updates {
-            store.record_progress("r1", update).await.unwrap();
+            store.record_progress("r1", None, update).await.unwrap();
             apply_progress(&mut copy, update);
             assert_eq!(store.get("r1").await.unwrap().unwrap(), copy);
         }

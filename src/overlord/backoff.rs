@@ -28,6 +28,14 @@ pub fn jittered(policy: &RetryPolicy, attempt: u32) -> Duration {
     retry_delay(policy, attempt, rand::random::<f64>())
 }
 
+/// `initial × 2^(n-1)` capped at `max` (n = 1 is the first retry): the plain
+/// doubling used where no formation policy applies (recording an end while the
+/// store refuses writes, webhook deliveries).
+pub fn doubling(initial: Duration, n: u32, max: Duration) -> Duration {
+    let factor = 2u32.saturating_pow(n.saturating_sub(1).min(31));
+    initial.saturating_mul(factor).min(max)
+}
+
 /// The policy's cap on any delay.
 pub fn max_delay(policy: &RetryPolicy) -> Duration {
     seconds(non_negative(policy.max_delay))
@@ -55,6 +63,16 @@ fn seconds(value: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn doubling_starts_at_initial_and_stops_at_max() {
+        let (initial, max) = (Duration::from_millis(100), Duration::from_secs(30));
+        assert_eq!(doubling(initial, 0, max), initial);
+        assert_eq!(doubling(initial, 1, max), initial);
+        assert_eq!(doubling(initial, 3, max), Duration::from_millis(400));
+        assert_eq!(doubling(initial, 40, max), max);
+        assert_eq!(doubling(initial, u32::MAX, max), max);
+    }
 
     fn policy(initial: f64, max: f64, factor: f64) -> RetryPolicy {
         RetryPolicy { max_attempts: 5, initial_delay: initial, max_delay: max, backoff_factor: factor }

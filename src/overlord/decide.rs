@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::formation::{AsyncMode, AsyncSettings};
+use crate::store::Mode;
 
 /// How the caller is answered.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -15,11 +16,11 @@ pub enum Plan {
 }
 
 impl Plan {
-    /// The mode recorded with the request: `sync` or `async`.
-    pub fn mode(self) -> &'static str {
+    /// The mode recorded with the request.
+    pub fn mode(self) -> Mode {
         match self {
-            Plan::Async => "async",
-            Plan::Wait { .. } => "sync",
+            Plan::Async => Mode::Async,
+            Plan::Wait { .. } => Mode::Sync,
         }
     }
 }

@@ -47,6 +47,32 @@ impl Status {
     }
 }
 
+/// How a request's caller is answered: with the result (`sync`) or at once
+/// with the request id (`async`, a 202).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Sync,
+    Async,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Sync => "sync",
+            Mode::Async => "async",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "sync" => Some(Mode::Sync),
+            "async" => Some(Mode::Async),
+            _ => None,
+        }
+    }
+}
+
 /// A request as accepted, before it is stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewRequest {
@@ -57,11 +83,17 @@ pub struct NewRequest {
     pub session_id: Option<String>,
     pub agent_id: String,
     pub message: String,
-    /// How the caller is answered: `sync` or `async`.
-    pub mode: String,
+    /// How the caller is answered.
+    pub mode: Mode,
     pub estimated_seconds: f64,
     pub idempotency_key: Option<String>,
+    /// A digest of what was asked (agent, message, session, webhook), so an
+    /// idempotency key reused for a different request is told apart.
+    pub fingerprint: String,
     pub webhook_url: Option<String>,
+    /// The formation's `workflow_timeout` when the request was accepted: how
+    /// long it may wait for its formation if that is not loaded.
+    pub workflow_timeout_ms: i64,
     pub created_at: i64,
 }
 
@@ -101,10 +133,15 @@ pub struct RequestRecord {
     pub session_id: Option<String>,
     pub agent_id: String,
     pub message: String,
-    pub mode: String,
+    pub mode: Mode,
+    /// Whether the caller was answered with the id (async, or a sync caller
+    /// promoted to 202 at the threshold or at shutdown): such requests get the
+    /// formation's webhook.
+    pub answered_async: bool,
     pub estimated_seconds: f64,
     pub idempotency_key: Option<String>,
     pub webhook_url: Option<String>,
+    pub workflow_timeout_ms: i64,
     pub status: Status,
     /// 0-100.
     pub progress: f64,
@@ -133,10 +170,12 @@ impl RequestRecord {
             session_id: request.session_id,
             agent_id: request.agent_id,
             message: request.message,
+            answered_async: request.mode == Mode::Async,
             mode: request.mode,
             estimated_seconds: request.estimated_seconds,
             idempotency_key: request.idempotency_key,
             webhook_url: request.webhook_url,
+            workflow_timeout_ms: request.workflow_timeout_ms,
             status: Status::Pending,
             progress: 0.0,
             current_step: None,
@@ -195,6 +234,34 @@ pub enum Inserted {
     /// The idempotency key matched an earlier request of the same formation and
     /// user: that one is returned and nothing new is stored.
     Existing(RequestRecord),
+    /// The idempotency key matched an earlier request that asked something
+    /// else (another fingerprint): nothing is stored.
+    KeyReused(RequestRecord),
+}
+
+/// A runner's hold on a request. Every write the runner makes is fenced by
+/// its epoch: once another runner has taken the request over (a newer epoch),
+/// the old runner's writes change nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub epoch: i64,
+}
+
+/// What `claim` gives a runner: the attempt it starts and the lease it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub attempt: u32,
+    pub lease: Lease,
+}
+
+/// Whether the store is taking writes, as last seen.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoreHealth {
+    pub writable: bool,
+    /// The last write error while writes fail.
+    pub error: Option<String>,
+    /// When writes started failing (ms).
+    pub failing_since: Option<i64>,
 }
 
 /// Filters for listing a user's requests.
@@ -228,6 +295,9 @@ pub struct Delivery {
     pub last_error: Option<String>,
 }
 
+/// Who holds claims and leases: one id per running server process.
+pub type Owner = str;
+
 /// The result of one delivery attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeliveryUpdate {
@@ -252,9 +322,11 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// The durable request store. Every write is committed durably before it returns.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Persists a new request in `pending`. When `idempotency_key` is set and an
-    /// earlier request of the same formation and user has it, returns that one.
-    async fn insert(&self, request: NewRequest) -> StoreResult<Inserted>;
+    /// Persists a new request in `pending`, held by `owner` (the server that
+    /// accepted it runs it) until `now + lease_ms` unless renewed. When
+    /// `idempotency_key` is set and an earlier request of the same formation and
+    /// user has it, returns that one.
+    async fn insert(&self, request: NewRequest, owner: &Owner, lease_ms: i64) -> StoreResult<Inserted>;
 
     /// One request by id.
     async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>>;
@@ -262,20 +334,50 @@ pub trait Store: Send + Sync + 'static {
     /// A user's requests in a formation, newest first.
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<RequestRecord>>;
 
-    /// Begins an attempt: a `pending` or `processing` request becomes
-    /// `processing`, `attempts` grows by one, `started_at` is set if unset.
-    /// Returns the attempt number, or `None` when the request is already final.
-    async fn start_attempt(&self, id: &str, now: i64) -> StoreResult<Option<u32>>;
+    /// Begins an attempt under a lease for `owner`: a `pending` or
+    /// `processing` request that no other owner holds (or whose lease expired
+    /// before `now`) becomes `processing`, `attempts` grows by one,
+    /// `started_at` is set if unset, the lease epoch grows by one and the lease
+    /// runs until `now + lease_ms`. `None` when the request is final or held.
+    async fn claim(&self, id: &str, owner: &Owner, now: i64, lease_ms: i64) -> StoreResult<Option<Claim>>;
 
-    /// Records progress of a non-final request (ignored once final).
-    async fn record_progress(&self, id: &str, progress: &Progress) -> StoreResult<()>;
+    /// Extends every lease `owner` holds to `now + lease_ms`; returns the ids
+    /// of the requests it still holds (a request missing was taken over or ended).
+    async fn renew_leases(&self, owner: &Owner, now: i64, lease_ms: i64) -> StoreResult<Vec<String>>;
+
+    /// Gives a request back unfinished (shutdown, or its formation went away):
+    /// anyone may claim it again at once. Fenced by `lease`.
+    async fn release(&self, id: &str, lease: Lease) -> StoreResult<bool>;
+
+    /// Clears every lease and delivery claim not held by `owner`. Only for a
+    /// store one server has to itself (the data folder's lock proves the
+    /// others dead), at start-up.
+    async fn clear_others_leases(&self, owner: &Owner) -> StoreResult<u64>;
+
+    /// Records progress of a non-final request; with `fence`, only while that
+    /// lease is current. Returns `false` (changing nothing) when the request is
+    /// final or the lease lost.
+    async fn record_progress(&self, id: &str, fence: Option<Lease>, progress: &Progress) -> StoreResult<bool>;
+
+    /// Records that the caller was answered with the id (promotion to 202).
+    async fn mark_answered_async(&self, id: &str) -> StoreResult<()>;
 
     /// Ends a non-final request, writing the webhook outbox row (if any) in the
-    /// same transaction. Returns `false`, changing nothing, if it was already final.
-    async fn finish(&self, id: &str, outcome: &Outcome, now: i64, delivery: Option<NewDelivery>) -> StoreResult<bool>;
+    /// same transaction. With `fence`, only while that lease is current (a
+    /// runner's end); without (a user's cancel), whoever comes first. Returns
+    /// `false`, changing nothing, if it was already final or the fence failed.
+    async fn finish(
+        &self,
+        id: &str,
+        outcome: &Outcome,
+        now: i64,
+        delivery: Option<NewDelivery>,
+        fence: Option<Lease>,
+    ) -> StoreResult<bool>;
 
-    /// Requests left `pending` or `processing`, oldest first (for recovery).
-    async fn unfinished(&self) -> StoreResult<Vec<RequestRecord>>;
+    /// Requests left `pending` or `processing` that nobody holds: no lease, or
+    /// another owner's that expired before `now`. Oldest first, at most `limit`.
+    async fn claimable(&self, owner: &Owner, now: i64, limit: usize) -> StoreResult<Vec<RequestRecord>>;
 
     /// Deletes requests (and their deliveries) that ended before `cutoff`: of
     /// one formation, or of all with `None`.
@@ -294,9 +396,22 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<(String, String)>>;
 
-    /// Pending deliveries whose time has come, oldest first.
-    async fn due_deliveries(&self, now: i64, limit: usize) -> StoreResult<Vec<Delivery>>;
+    /// Claims pending deliveries whose time has come and that nobody holds
+    /// (or whose claim expired), oldest first, for `owner` until
+    /// `now + claim_ms`: each is returned to one claimer only.
+    async fn claim_deliveries(
+        &self,
+        owner: &Owner,
+        now: i64,
+        limit: usize,
+        claim_ms: i64,
+    ) -> StoreResult<Vec<Delivery>>;
 
-    /// Records the result of a delivery attempt (attempts grows by one).
-    async fn record_delivery(&self, id: &str, update: &DeliveryUpdate) -> StoreResult<()>;
+    /// Records the result of an attempt of a delivery `owner` claimed
+    /// (attempts grows by one, the claim is released). `false` if the claim
+    /// was lost or the delivery is no longer pending.
+    async fn record_delivery(&self, id: &str, owner: &Owner, update: &DeliveryUpdate) -> StoreResult<bool>;
+
+    /// Whether writes are getting through, as last seen.
+    fn health(&self) -> StoreHealth;
 }

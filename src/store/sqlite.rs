@@ -34,8 +34,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use super::{
-    Delivery, DeliveryUpdate, ErrorInfo, Inserted, ListQuery, NewDelivery, NewRequest, Outcome, Progress,
-    RequestRecord, RequestResult, Status, Store, StoreError, StoreResult, WebhookState,
+    Claim, Delivery, DeliveryUpdate, ErrorInfo, Inserted, Lease, ListQuery, Mode, NewDelivery, NewRequest, Outcome,
+    Owner, Progress, RequestRecord, RequestResult, Status, Store, StoreError, StoreHealth, StoreResult, WebhookState,
 };
 
 /// The most commands one transaction carries.
@@ -52,7 +52,8 @@ const MMAP_BYTES: i64 = 256 * 1024 * 1024;
 
 /// Schema migrations; `PRAGMA user_version` is the number applied so far.
 /// Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE requests (
     id                TEXT PRIMARY KEY,
     formation_id      TEXT NOT NULL,
@@ -103,7 +104,22 @@ CREATE TABLE deliveries (
     created_at      INTEGER NOT NULL
 );
 CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
-"#];
+"#,
+    r#"
+-- Leases: the runner of an attempt holds (owner, epoch, expiry); its writes are
+-- fenced by the epoch. Whether the caller got a 202 is kept with the request.
+ALTER TABLE requests ADD COLUMN answered_async INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE requests ADD COLUMN fingerprint TEXT;
+ALTER TABLE requests ADD COLUMN workflow_timeout_ms INTEGER NOT NULL DEFAULT 3600000;
+ALTER TABLE requests ADD COLUMN lease_owner TEXT;
+ALTER TABLE requests ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE requests ADD COLUMN lease_expires_at INTEGER;
+UPDATE requests SET answered_async = 1 WHERE mode = 'async';
+-- Deliveries are claimed by one sender at a time.
+ALTER TABLE deliveries ADD COLUMN claimed_by TEXT;
+ALTER TABLE deliveries ADD COLUMN claim_expires_at INTEGER;
+"#,
+];
 
 /// `SELECT <every record column> FROM requests r LEFT JOIN deliveries d <tail>`.
 macro_rules! select_records {
@@ -125,6 +141,7 @@ pub struct SqliteStore {
     thread: Mutex<Option<JoinHandle<()>>>,
     readers: Arc<ReadPool>,
     commits: Arc<AtomicU64>,
+    health: Arc<Mutex<StoreHealth>>,
 }
 
 impl SqliteStore {
@@ -150,6 +167,8 @@ impl SqliteStore {
         // Pages are read through a memory map rather than copied by read(2).
         conn.pragma_update(None, "mmap_size", MMAP_BYTES).map_err(opening)?;
         migrate(&mut conn).map_err(|e| StoreError(format!("migrate {}: {}", path.display(), e.0)))?;
+        // A data folder we cannot write to is found now, not at the first request.
+        probe_write(&conn).map_err(|e| StoreError(format!("{} is not writable: {e}", path.display())))?;
 
         let readers = Arc::new(ReadPool { path: path.clone(), idle: Mutex::new(Vec::new()) });
         // Open one reader now so a database readers cannot open fails here, not later.
@@ -157,17 +176,25 @@ impl SqliteStore {
         readers.put(first);
 
         let commits = Arc::new(AtomicU64::new(0));
+        let health = Arc::new(Mutex::new(StoreHealth { writable: true, error: None, failing_since: None }));
         let (sender, receiver) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("muxi-store-writer".into())
             .spawn({
-                let commits = commits.clone();
-                move || writer_loop(conn, receiver, commits)
+                let (commits, health) = (commits.clone(), health.clone());
+                move || writer_loop(conn, receiver, commits, health)
             })
             .map_err(|e| StoreError(format!("cannot start the writer thread: {e}")))?;
 
         tracing::debug!(path = %path.display(), "sqlite store open");
-        Ok(SqliteStore { path, writer: Mutex::new(Some(sender)), thread: Mutex::new(Some(thread)), readers, commits })
+        Ok(SqliteStore {
+            path,
+            writer: Mutex::new(Some(sender)),
+            thread: Mutex::new(Some(thread)),
+            readers,
+            commits,
+            health,
+        })
     }
 
     /// The database file.
@@ -268,6 +295,8 @@ trait Job: Send {
     fn run(&mut self, conn: &Connection) -> bool;
     /// Answers the caller once the fate of the batch is known.
     fn answer(self: Box<Self>, batch: Result<(), &StoreError>);
+    /// The job's error when it says the storage itself failed (disk full, I/O, read-only).
+    fn storage_failure(&self) -> Option<String>;
 }
 
 struct Write<T, F> {
@@ -303,9 +332,57 @@ where
         // The caller may have gone away (its future dropped); the write stands.
         let _ = self.reply.send(result);
     }
+
+    fn storage_failure(&self) -> Option<String> {
+        match &self.out {
+            Some(Err(e)) if is_storage_failure(e) => Some(format!("{}: {e}", self.name)),
+            _ => None,
+        }
+    }
 }
 
-fn writer_loop(mut conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>, commits: Arc<AtomicU64>) {
+/// Errors that come from the storage rather than from the request.
+fn is_storage_failure(err: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        err.sqlite_error_code(),
+        Some(DiskFull | SystemIoFailure | ReadOnly | CannotOpen | DatabaseCorrupt | NotADatabase | DatabaseBusy)
+    )
+}
+
+/// Writes one row and syncs it: proves the folder and the file take writes.
+fn probe_write(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL); \
+         INSERT INTO meta (key, value) VALUES ('opened_at', strftime('%s','now')) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value;",
+    )
+}
+
+/// Notes the outcome of a batch: a failed commit marks the store unwritable
+/// until a later commit succeeds.
+fn note_health(health: &Mutex<StoreHealth>, outcome: &StoreResult<()>) {
+    let mut health = health.lock().unwrap_or_else(|e| e.into_inner());
+    match outcome {
+        Ok(()) if !health.writable => {
+            tracing::info!("store writes succeed again");
+            *health = StoreHealth { writable: true, error: None, failing_since: None };
+        }
+        Ok(()) => {}
+        Err(e) => {
+            health.writable = false;
+            health.error = Some(e.0.clone());
+            health.failing_since.get_or_insert_with(crate::time::now_ms);
+        }
+    }
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    queue: mpsc::Receiver<Box<dyn Job>>,
+    commits: Arc<AtomicU64>,
+    health: Arc<Mutex<StoreHealth>>,
+) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     // `recv` fails only once every sender is gone and the queue is empty.
     while let Ok(first) = queue.recv() {
@@ -317,6 +394,13 @@ fn writer_loop(mut conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>, commit
             }
         }
         let outcome = run_batch(&mut conn, &mut batch);
+        if let (Ok(()), Some(failure)) = (&outcome, batch.iter().find_map(|job| job.storage_failure())) {
+            // The batch committed, but a write in it failed for want of storage.
+            note_health(&health, &Err(StoreError(failure)));
+        } else {
+            note_health(&health, &outcome);
+        }
+
         match &outcome {
             Ok(()) => {
                 commits.fetch_add(1, Ordering::Relaxed);
@@ -406,6 +490,11 @@ fn status_column(row: &Row, column: &str) -> rusqlite::Result<Status> {
     Status::parse(&text).ok_or_else(|| conversion_error(row, column, UnknownStatus(text)))
 }
 
+fn mode_column(row: &Row, column: &str) -> rusqlite::Result<Mode> {
+    let text: String = row.get(column)?;
+    Mode::parse(&text).ok_or_else(|| conversion_error(row, column, UnknownStatus(text)))
+}
+
 /// A row of [`select_records!`].
 fn record_from_row(row: &Row) -> rusqlite::Result<RequestRecord> {
     let result = match row.get::<_, Option<String>>("result_text")? {
@@ -428,10 +517,12 @@ fn record_from_row(row: &Row) -> rusqlite::Result<RequestRecord> {
         session_id: row.get("session_id")?,
         agent_id: row.get("agent_id")?,
         message: row.get("message")?,
-        mode: row.get("mode")?,
+        mode: mode_column(row, "mode")?,
+        answered_async: row.get("answered_async")?,
         estimated_seconds: row.get("estimated_seconds")?,
         idempotency_key: row.get("idempotency_key")?,
         webhook_url: row.get("webhook_url")?,
+        workflow_timeout_ms: row.get("workflow_timeout_ms")?,
         status: status_column(row, "status")?,
         progress: row.get("progress")?,
         current_step: row.get("current_step")?,
@@ -474,24 +565,31 @@ fn to_json(name: &str, value: &impl serde::Serialize) -> StoreResult<String> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn insert(&self, request: NewRequest) -> StoreResult<Inserted> {
+    async fn insert(&self, request: NewRequest, owner: &Owner, lease_ms: i64) -> StoreResult<Inserted> {
+        let owner = owner.to_owned();
         self.write("insert", move |conn| {
             if let Some(key) = &request.idempotency_key {
                 let existing = conn
                     .prepare_cached(select_records!(
                         "WHERE r.formation_id = ?1 AND r.user_id = ?2 AND r.idempotency_key = ?3"
                     ))?
-                    .query_row(params![request.formation_id, request.user_id, key], record_from_row)
+                    .query_row(params![request.formation_id, request.user_id, key], |row| {
+                        Ok((record_from_row(row)?, row.get::<_, Option<String>>("fingerprint")?))
+                    })
                     .optional()?;
-                if let Some(existing) = existing {
-                    return Ok(Inserted::Existing(existing));
+                if let Some((existing, fingerprint)) = existing {
+                    // Rows from before fingerprints were kept match any request.
+                    return Ok(match fingerprint {
+                        Some(f) if f != request.fingerprint => Inserted::KeyReused(existing),
+                        _ => Inserted::Existing(existing),
+                    });
                 }
             }
             conn.prepare_cached(
                 "INSERT INTO requests (id, formation_id, formation_version, user_id, session_id, \
-                 agent_id, message, mode, estimated_seconds, idempotency_key, webhook_url, status, \
-                 created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', ?12)",
+                 agent_id, message, mode, answered_async, estimated_seconds, idempotency_key, fingerprint, \
+                 webhook_url, workflow_timeout_ms, status, created_at, lease_owner, lease_expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'pending', ?15, ?16, ?17)",
             )?
             .execute(params![
                 request.id,
@@ -501,11 +599,16 @@ impl Store for SqliteStore {
                 request.session_id,
                 request.agent_id,
                 request.message,
-                request.mode,
+                request.mode.as_str(),
+                request.mode == Mode::Async,
                 request.estimated_seconds,
                 request.idempotency_key,
+                request.fingerprint,
                 request.webhook_url,
+                request.workflow_timeout_ms,
                 request.created_at,
+                owner,
+                request.created_at.saturating_add(lease_ms),
             ])?;
             Ok(Inserted::Created(RequestRecord::accepted(request)))
         })
@@ -536,46 +639,115 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn start_attempt(&self, id: &str, now: i64) -> StoreResult<Option<u32>> {
-        let id = id.to_owned();
-        self.write("start_attempt", move |conn| {
+    async fn claim(&self, id: &str, owner: &Owner, now: i64, lease_ms: i64) -> StoreResult<Option<Claim>> {
+        let (id, owner) = (id.to_owned(), owner.to_owned());
+        self.write("claim", move |conn| {
             conn.prepare_cached(
                 "UPDATE requests SET status = 'processing', attempts = attempts + 1, \
-                 started_at = COALESCE(started_at, ?2) \
-                 WHERE id = ?1 AND status IN ('pending', 'processing') RETURNING attempts",
+                 started_at = COALESCE(started_at, ?2), lease_owner = ?3, lease_epoch = lease_epoch + 1, \
+                 lease_expires_at = ?2 + ?4 \
+                 WHERE id = ?1 AND status IN ('pending', 'processing') \
+                 AND (lease_owner IS NULL OR lease_owner = ?3 OR lease_expires_at <= ?2) \
+                 RETURNING attempts, lease_epoch",
             )?
-            .query_row(params![id, now], |row| row.get(0))
+            .query_row(params![id, now, owner, lease_ms], |row| {
+                Ok(Claim { attempt: row.get(0)?, lease: Lease { epoch: row.get(1)? } })
+            })
             .optional()
         })
         .await
     }
 
-    async fn record_progress(&self, id: &str, progress: &Progress) -> StoreResult<()> {
+    async fn renew_leases(&self, owner: &Owner, now: i64, lease_ms: i64) -> StoreResult<Vec<String>> {
+        let owner = owner.to_owned();
+        self.write("renew_leases", move |conn| {
+            conn.prepare_cached(
+                "UPDATE requests SET lease_expires_at = ?2 + ?3 \
+                 WHERE lease_owner = ?1 AND status IN ('pending', 'processing') RETURNING id",
+            )?
+            .query_map(params![owner, now, lease_ms], |row| row.get(0))?
+            .collect()
+        })
+        .await
+    }
+
+    async fn release(&self, id: &str, lease: Lease) -> StoreResult<bool> {
+        let id = id.to_owned();
+        self.write("release", move |conn| {
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE requests SET lease_owner = NULL, lease_expires_at = NULL \
+                     WHERE id = ?1 AND lease_epoch = ?2 AND status IN ('pending', 'processing')",
+                )?
+                .execute(params![id, lease.epoch])?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn clear_others_leases(&self, owner: &Owner) -> StoreResult<u64> {
+        let owner = owner.to_owned();
+        self.write("clear_others_leases", move |conn| {
+            let requests = conn
+                .prepare_cached(
+                    "UPDATE requests SET lease_owner = NULL, lease_expires_at = NULL \
+                     WHERE lease_owner IS NOT NULL AND lease_owner != ?1 AND status IN ('pending', 'processing')",
+                )?
+                .execute([&owner])?;
+            conn.prepare_cached(
+                "UPDATE deliveries SET claimed_by = NULL, claim_expires_at = NULL \
+                 WHERE claimed_by IS NOT NULL AND claimed_by != ?1 AND status = 'pending'",
+            )?
+            .execute([&owner])?;
+            Ok(requests as u64)
+        })
+        .await
+    }
+
+    async fn record_progress(&self, id: &str, fence: Option<Lease>, progress: &Progress) -> StoreResult<bool> {
         let id = id.to_owned();
         let progress = progress.clone();
         self.write("record_progress", move |conn| {
-            conn.prepare_cached(
-                "UPDATE requests SET progress = COALESCE(?2, progress), \
-                 current_step = COALESCE(?3, current_step), \
-                 total_steps = COALESCE(?4, total_steps), \
-                 completed_steps = COALESCE(?5, completed_steps), \
-                 status_message = COALESCE(?6, status_message) \
-                 WHERE id = ?1 AND status IN ('pending', 'processing')",
-            )?
-            .execute(params![
-                id,
-                progress.progress,
-                progress.current_step,
-                progress.total_steps,
-                progress.completed_steps,
-                progress.message,
-            ])?;
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE requests SET progress = COALESCE(?2, progress), \
+                     current_step = COALESCE(?3, current_step), \
+                     total_steps = COALESCE(?4, total_steps), \
+                     completed_steps = COALESCE(?5, completed_steps), \
+                     status_message = COALESCE(?6, status_message) \
+                     WHERE id = ?1 AND status IN ('pending', 'processing') AND (?7 IS NULL OR lease_epoch = ?7)",
+                )?
+                .execute(params![
+                    id,
+                    progress.progress,
+                    progress.current_step,
+                    progress.total_steps,
+                    progress.completed_steps,
+                    progress.message,
+                    fence.map(|l| l.epoch),
+                ])?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
+    async fn mark_answered_async(&self, id: &str) -> StoreResult<()> {
+        let id = id.to_owned();
+        self.write("mark_answered_async", move |conn| {
+            conn.prepare_cached("UPDATE requests SET answered_async = 1 WHERE id = ?1")?.execute([id])?;
             Ok(())
         })
         .await
     }
 
-    async fn finish(&self, id: &str, outcome: &Outcome, now: i64, delivery: Option<NewDelivery>) -> StoreResult<bool> {
+    async fn finish(
+        &self,
+        id: &str,
+        outcome: &Outcome,
+        now: i64,
+        delivery: Option<NewDelivery>,
+        fence: Option<Lease>,
+    ) -> StoreResult<bool> {
         let id = id.to_owned();
         let status = outcome.status().as_str();
         let (result_text, artifacts, error, message) = match outcome {
@@ -590,10 +762,12 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "UPDATE requests SET status = ?2, result_text = ?3, artifacts = ?4, error = ?5, \
                      status_message = COALESCE(?6, status_message), completed_at = ?7, \
-                     progress = CASE WHEN ?2 = 'completed' THEN 100 ELSE progress END \
-                     WHERE id = ?1 AND status IN ('pending', 'processing')",
+                     progress = CASE WHEN ?2 = 'completed' THEN 100 ELSE progress END, \
+                     lease_owner = NULL, lease_expires_at = NULL \
+                     WHERE id = ?1 AND status IN ('pending', 'processing') \
+                     AND (?8 IS NULL OR lease_epoch = ?8)",
                 )?
-                .execute(params![id, status, result_text, artifacts, error, message, now])?;
+                .execute(params![id, status, result_text, artifacts, error, message, now, fence.map(|l| l.epoch)])?;
             if changed == 0 {
                 return Ok(false);
             }
@@ -610,12 +784,15 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn unfinished(&self) -> StoreResult<Vec<RequestRecord>> {
-        self.read("unfinished", |conn| {
+    async fn claimable(&self, owner: &Owner, now: i64, limit: usize) -> StoreResult<Vec<RequestRecord>> {
+        let owner = owner.to_owned();
+        self.read("claimable", move |conn| {
             conn.prepare_cached(select_records!(
-                "WHERE r.status IN ('pending', 'processing') ORDER BY r.created_at, r.id"
+                "WHERE r.status IN ('pending', 'processing') \
+                 AND (r.lease_owner IS NULL OR (r.lease_owner != ?1 AND r.lease_expires_at <= ?2)) \
+                 ORDER BY r.created_at, r.id LIMIT ?3"
             ))?
-            .query_map([], record_from_row)?
+            .query_map(params![owner, now, sql_limit(limit)], record_from_row)?
             .collect()
         })
         .await
@@ -679,36 +856,66 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn due_deliveries(&self, now: i64, limit: usize) -> StoreResult<Vec<Delivery>> {
-        self.read("due_deliveries", move |conn| {
-            conn.prepare_cached(
-                "SELECT * FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?1 \
-                 ORDER BY created_at, id LIMIT ?2",
-            )?
-            .query_map(params![now, sql_limit(limit)], delivery_from_row)?
-            .collect()
+    async fn claim_deliveries(
+        &self,
+        owner: &Owner,
+        now: i64,
+        limit: usize,
+        claim_ms: i64,
+    ) -> StoreResult<Vec<Delivery>> {
+        // Most polls find nothing due: a read answers them without a write.
+        let any_due = self
+            .read("claim_deliveries", move |conn| {
+                conn.prepare_cached(
+                    "SELECT EXISTS (SELECT 1 FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?1 \
+                     AND (claimed_by IS NULL OR claim_expires_at <= ?1))",
+                )?
+                .query_row([now], |row| row.get::<_, bool>(0))
+            })
+            .await?;
+        if !any_due {
+            return Ok(Vec::new());
+        }
+        let owner = owner.to_owned();
+        self.write("claim_deliveries", move |conn| {
+            let mut claimed: Vec<Delivery> = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET claimed_by = ?1, claim_expires_at = ?2 + ?4 \
+                     WHERE id IN (SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?2 \
+                     AND (claimed_by IS NULL OR claim_expires_at <= ?2) ORDER BY created_at, id LIMIT ?3) \
+                     RETURNING *",
+                )?
+                .query_map(params![owner, now, sql_limit(limit), claim_ms], delivery_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            claimed.sort_by(|a, b| (a.next_attempt_at, &a.id).cmp(&(b.next_attempt_at, &b.id)));
+            Ok(claimed)
         })
         .await
     }
 
-    async fn record_delivery(&self, id: &str, update: &DeliveryUpdate) -> StoreResult<()> {
-        let id = id.to_owned();
+    async fn record_delivery(&self, id: &str, owner: &Owner, update: &DeliveryUpdate) -> StoreResult<bool> {
+        let (id, owner) = (id.to_owned(), owner.to_owned());
         let (status, error, next_attempt_at) = match update.clone() {
             DeliveryUpdate::Delivered => ("delivered", None, None),
             DeliveryUpdate::Retry { error, next_attempt_at } => ("pending", Some(error), Some(next_attempt_at)),
             DeliveryUpdate::Failed { error } => ("failed", Some(error), None),
         };
         self.write("record_delivery", move |conn| {
-            // Only a pending delivery moves: delivered and failed are final.
-            conn.prepare_cached(
-                "UPDATE deliveries SET attempts = attempts + 1, status = ?2, last_error = ?3, \
-                 next_attempt_at = COALESCE(?4, next_attempt_at) \
-                 WHERE id = ?1 AND status = 'pending'",
-            )?
-            .execute(params![id, status, error, next_attempt_at])?;
-            Ok(())
+            // Only a pending delivery this owner holds moves: delivered and failed are final.
+            let changed = conn
+                .prepare_cached(
+                    "UPDATE deliveries SET attempts = attempts + 1, status = ?2, last_error = ?3, \
+                     next_attempt_at = COALESCE(?4, next_attempt_at), claimed_by = NULL, claim_expires_at = NULL \
+                     WHERE id = ?1 AND status = 'pending' AND claimed_by = ?5",
+                )?
+                .execute(params![id, status, error, next_attempt_at, owner])?;
+            Ok(changed > 0)
         })
         .await
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.health.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -716,6 +923,48 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    /// The trait's calls as the tests below use them: one owner, no fences.
+    trait Simple {
+        async fn put(&self, request: NewRequest) -> StoreResult<Inserted>;
+        async fn start_attempt(&self, id: &str, now: i64) -> StoreResult<Option<u32>>;
+        async fn progress(&self, id: &str, progress: &Progress) -> StoreResult<bool>;
+        async fn end(&self, id: &str, outcome: &Outcome, now: i64, delivery: Option<NewDelivery>) -> StoreResult<bool>;
+        async fn unfinished(&self) -> StoreResult<Vec<RequestRecord>>;
+        async fn due_deliveries(&self, now: i64, limit: usize) -> StoreResult<Vec<Delivery>>;
+        async fn delivery_result(&self, id: &str, update: &DeliveryUpdate) -> StoreResult<bool>;
+    }
+
+    const ME: &str = "me";
+    const LEASE_MS: i64 = 30_000;
+
+    impl Simple for SqliteStore {
+        async fn put(&self, request: NewRequest) -> StoreResult<Inserted> {
+            self.insert(request, ME, LEASE_MS).await
+        }
+        async fn start_attempt(&self, id: &str, now: i64) -> StoreResult<Option<u32>> {
+            Ok(self.claim(id, ME, now, LEASE_MS).await?.map(|c| c.attempt))
+        }
+        async fn progress(&self, id: &str, progress: &Progress) -> StoreResult<bool> {
+            self.record_progress(id, None, progress).await
+        }
+        async fn end(&self, id: &str, outcome: &Outcome, now: i64, delivery: Option<NewDelivery>) -> StoreResult<bool> {
+            self.finish(id, outcome, now, delivery, None).await
+        }
+        /// Everything unfinished, as another server would see it once every lease expired.
+        async fn unfinished(&self) -> StoreResult<Vec<RequestRecord>> {
+            self.claimable("another", i64::MAX, usize::MAX).await
+        }
+        /// A claim that expires at once: a read of what is due.
+        async fn due_deliveries(&self, now: i64, limit: usize) -> StoreResult<Vec<Delivery>> {
+            self.claim_deliveries(ME, now, limit, 0).await
+        }
+        async fn delivery_result(&self, id: &str, update: &DeliveryUpdate) -> StoreResult<bool> {
+            let conn = Connection::open(self.path()).expect("open");
+            conn.execute("UPDATE deliveries SET claimed_by = ?1 WHERE id = ?2", params![ME, id]).expect("claim");
+            self.record_delivery(id, ME, update).await
+        }
+    }
 
     fn open() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -732,10 +981,12 @@ mod tests {
             session_id: None,
             agent_id: "researcher".into(),
             message: format!("message of {id}"),
-            mode: "async".into(),
+            mode: Mode::Async,
             estimated_seconds: 42.5,
             idempotency_key: None,
+            fingerprint: format!("fp of {id}"),
             webhook_url: None,
+            workflow_timeout_ms: 60_000,
             created_at,
         }
     }
@@ -743,7 +994,7 @@ mod tests {
     fn created(inserted: Inserted) -> RequestRecord {
         match inserted {
             Inserted::Created(record) => record,
-            Inserted::Existing(record) => {
+            Inserted::Existing(record) | Inserted::KeyReused(record) => {
                 panic!("expected a new request, got existing {}", record.id)
             }
         }
@@ -770,7 +1021,7 @@ mod tests {
             webhook_url: Some("https://example.com/hook".into()),
             ..request("req_1", 1_000)
         };
-        let inserted = created(store.insert(new.clone()).await.expect("insert"));
+        let inserted = created(store.put(new.clone()).await.expect("insert"));
         assert_eq!(inserted, get(&store, "req_1").await);
         assert_eq!(inserted.status, Status::Pending);
         assert_eq!((inserted.attempts, inserted.progress), (0, 0.0));
@@ -783,13 +1034,13 @@ mod tests {
             completed_steps: Some(3),
             message: Some("Analyzing third source".into()),
         };
-        store.record_progress("req_1", &progress).await.expect("progress");
+        store.progress("req_1", &progress).await.expect("progress");
         let result = RequestResult {
             text: "the report".into(),
             artifacts: vec![serde_json::json!("report.pdf"), serde_json::json!({"name": "x"})],
         };
         let finished =
-            store.finish("req_1", &Outcome::Completed(result.clone()), 5_000, delivery("wh_1")).await.expect("finish");
+            store.end("req_1", &Outcome::Completed(result.clone()), 5_000, delivery("wh_1")).await.expect("finish");
         assert!(finished);
 
         let expected = RequestRecord {
@@ -801,9 +1052,11 @@ mod tests {
             agent_id: new.agent_id,
             message: new.message,
             mode: new.mode,
+            answered_async: true,
             estimated_seconds: new.estimated_seconds,
             idempotency_key: new.idempotency_key,
             webhook_url: new.webhook_url,
+            workflow_timeout_ms: 60_000,
             status: Status::Completed,
             progress: 100.0,
             current_step: Some("step 3".into()),
@@ -822,9 +1075,9 @@ mod tests {
         assert_eq!(expected.duration_ms(), Some(3_000));
 
         // A failure keeps its error info.
-        store.insert(request("req_2", 1_100)).await.expect("insert");
+        store.put(request("req_2", 1_100)).await.expect("insert");
         let error = ErrorInfo { kind: "tool_error".into(), message: "boom".into(), retryable: true };
-        assert!(store.finish("req_2", &Outcome::Failed(error.clone()), 6_000, None).await.expect("finish"));
+        assert!(store.end("req_2", &Outcome::Failed(error.clone()), 6_000, None).await.expect("finish"));
         let failed = get(&store, "req_2").await;
         assert_eq!((failed.status, failed.error, failed.result), (Status::Failed, Some(error), None));
         assert_eq!(failed.progress, 0.0);
@@ -838,20 +1091,74 @@ mod tests {
         let keyed = |id: &str, user: &str| NewRequest {
             user_id: user.into(),
             idempotency_key: Some("same-key".into()),
+            fingerprint: "same".into(),
             ..request(id, 1_000)
         };
-        let first = created(store.insert(keyed("req_a", "alice")).await.expect("insert"));
-        match store.insert(keyed("req_b", "alice")).await.expect("insert") {
+        let first = created(store.put(keyed("req_a", "alice")).await.expect("insert"));
+        match store.put(keyed("req_b", "alice")).await.expect("insert") {
             Inserted::Existing(existing) => assert_eq!(existing, first),
             other => panic!("expected the existing request, got {other:?}"),
         }
         assert_eq!(store.get("req_b").await.expect("get"), None);
-        created(store.insert(keyed("req_c", "bob")).await.expect("insert"));
+        created(store.put(keyed("req_c", "bob")).await.expect("insert"));
         let other_formation = NewRequest { formation_id: "f2".into(), ..keyed("req_d", "alice") };
-        created(store.insert(other_formation).await.expect("insert"));
+        created(store.put(other_formation).await.expect("insert"));
         // No key: never deduplicated.
-        created(store.insert(request("req_e", 1_000)).await.expect("insert"));
-        created(store.insert(request("req_f", 1_000)).await.expect("insert"));
+        created(store.put(request("req_e", 1_000)).await.expect("insert"));
+        created(store.put(request("req_f", 1_000)).await.expect("insert"));
+        // The same key for something else: told apart, nothing stored.
+        let other = NewRequest { fingerprint: "another question".into(), ..keyed("req_g", "alice") };
+        match store.put(other).await.expect("insert") {
+            Inserted::KeyReused(existing) => assert_eq!(existing.id, first.id),
+            other => panic!("expected the key to be refused, got {other:?}"),
+        }
+        assert_eq!(store.get("req_g").await.expect("get"), None);
+    }
+
+    #[tokio::test]
+    async fn leases_fence_the_writes_of_a_runner_taken_over() {
+        let (_dir, store) = open();
+        store.put(request("req_1", 1_000)).await.expect("insert");
+        // "me" accepted it and holds it: nobody else may claim it.
+        assert_eq!(store.claim("req_1", "other", 2_000, LEASE_MS).await.expect("claim"), None);
+        assert!(store.claimable("other", 2_000, 10).await.expect("claimable").is_empty());
+        let mine = store.claim("req_1", ME, 2_000, LEASE_MS).await.expect("claim").expect("mine");
+        assert_eq!(mine.attempt, 1);
+        // Renewal keeps it; time passes without renewal and it expires.
+        assert_eq!(store.renew_leases(ME, 3_000, LEASE_MS).await.expect("renew"), vec!["req_1".to_string()]);
+        let later = 3_000 + LEASE_MS;
+        assert_eq!(store.claimable("other", later, 10).await.expect("claimable").len(), 1);
+        let theirs = store.claim("req_1", "other", later, LEASE_MS).await.expect("claim").expect("taken over");
+        assert_eq!(theirs.attempt, 2, "at-least-once: the takeover is another attempt");
+        assert!(theirs.lease.epoch > mine.lease.epoch);
+        // The old runner wakes up: its writes change nothing, and it learns it lost.
+        let progress = Progress { progress: Some(50.0), ..Progress::default() };
+        assert!(!store.record_progress("req_1", Some(mine.lease), &progress).await.expect("progress"));
+        assert!(!store.finish("req_1", &completed("stale"), later, None, Some(mine.lease)).await.expect("finish"));
+        assert!(store.renew_leases(ME, later, LEASE_MS).await.expect("renew").is_empty());
+        // The new runner's writes land.
+        assert!(store.record_progress("req_1", Some(theirs.lease), &progress).await.expect("progress"));
+        assert!(store.finish("req_1", &completed("fresh"), later, None, Some(theirs.lease)).await.expect("finish"));
+        let record = get(&store, "req_1").await;
+        assert_eq!(record.result.map(|r| r.text).as_deref(), Some("fresh"));
+    }
+
+    #[tokio::test]
+    async fn a_delivery_is_claimed_by_one_sender_at_a_time() {
+        let (_dir, store) = open();
+        store.put(request("req_1", 1)).await.expect("insert");
+        store.end("req_1", &completed("a"), 10, delivery("wh_1")).await.expect("finish");
+        let first = store.claim_deliveries("a", 100, 10, 1_000).await.expect("claim");
+        assert_eq!(first.len(), 1);
+        assert!(store.claim_deliveries("b", 100, 10, 1_000).await.expect("claim").is_empty(), "claimed once");
+        // Only the claimer records the attempt; then it is free again.
+        let retry = DeliveryUpdate::Retry { error: "HTTP 500".into(), next_attempt_at: 200 };
+        assert!(!store.record_delivery("wh_1", "b", &retry).await.expect("record"));
+        assert!(store.record_delivery("wh_1", "a", &retry).await.expect("record"));
+        assert_eq!(store.claim_deliveries("b", 200, 10, 1_000).await.expect("claim").len(), 1);
+        // A claimer that died loses its claim when it expires.
+        assert!(store.claim_deliveries("a", 1_100, 10, 1_000).await.expect("claim").is_empty());
+        assert_eq!(store.claim_deliveries("a", 1_200, 10, 1_000).await.expect("claim").len(), 1);
     }
 
     #[tokio::test]
@@ -862,8 +1169,12 @@ mod tests {
             .map(|i| {
                 let store = store.clone();
                 tokio::spawn(async move {
-                    let new = NewRequest { idempotency_key: Some("k".into()), ..request(&format!("req_{i}"), 1_000) };
-                    store.insert(new).await.expect("insert")
+                    let new = NewRequest {
+                        idempotency_key: Some("k".into()),
+                        fingerprint: "same".into(),
+                        ..request(&format!("req_{i}"), 1_000)
+                    };
+                    store.put(new).await.expect("insert")
                 })
             })
             .collect();
@@ -878,6 +1189,7 @@ mod tests {
                 Inserted::Existing(r) => {
                     ids.insert(r.id);
                 }
+                Inserted::KeyReused(r) => panic!("same request, same fingerprint: {}", r.id),
             }
         }
         assert_eq!(created_count, 1);
@@ -899,7 +1211,7 @@ mod tests {
                         let store = store.clone();
                         async move {
                             let n = (t * PER_TASK + i) as i64;
-                            store.insert(request(&format!("req_{t}_{i}"), n)).await
+                            store.put(request(&format!("req_{t}_{i}"), n)).await
                         }
                     });
                     for inserted in futures::future::join_all(inserts).await {
@@ -932,12 +1244,12 @@ mod tests {
     #[tokio::test]
     async fn a_failing_write_fails_only_its_caller() {
         let (_dir, store) = open();
-        store.insert(request("dup", 1)).await.expect("insert");
+        store.put(request("dup", 1)).await.expect("insert");
         // Queue many writes at once so they share batches with the failing ones.
         let before = store.commits();
         let writes = (0..100).map(|i| {
             let id = if i % 10 == 0 { "dup".to_owned() } else { format!("ok_{i}") };
-            store.insert(request(&id, 2))
+            store.put(request(&id, 2))
         });
         let results = futures::future::join_all(writes).await;
         let commits = store.commits() - before;
@@ -957,33 +1269,30 @@ mod tests {
     #[tokio::test]
     async fn finish_happens_exactly_once() {
         let (_dir, store) = open();
-        store.insert(request("req_1", 1)).await.expect("insert");
+        store.put(request("req_1", 1)).await.expect("insert");
         store.start_attempt("req_1", 2).await.expect("start");
-        assert!(store.finish("req_1", &completed("first"), 3, delivery("wh_1")).await.expect("finish"));
+        assert!(store.end("req_1", &completed("first"), 3, delivery("wh_1")).await.expect("finish"));
         let after_first = get(&store, "req_1").await;
 
         let cancel = Outcome::Cancelled { message: "too late".into() };
-        assert!(!store.finish("req_1", &cancel, 4, delivery("wh_2")).await.expect("finish"));
-        assert!(!store.finish("req_1", &completed("second"), 5, None).await.expect("finish"));
+        assert!(!store.end("req_1", &cancel, 4, delivery("wh_2")).await.expect("finish"));
+        assert!(!store.end("req_1", &completed("second"), 5, None).await.expect("finish"));
         assert_eq!(store.start_attempt("req_1", 6).await.expect("start"), None);
-        store
-            .record_progress("req_1", &Progress { progress: Some(5.0), ..Progress::default() })
-            .await
-            .expect("progress");
+        store.progress("req_1", &Progress { progress: Some(5.0), ..Progress::default() }).await.expect("progress");
         assert_eq!(get(&store, "req_1").await, after_first);
         let due = store.due_deliveries(i64::MAX, 10).await.expect("due");
         assert_eq!(due.len(), 1, "only the first finish wrote an outbox row");
         assert_eq!(due[0].id, "wh_1");
         // Unknown requests are not finished either.
-        assert!(!store.finish("nope", &completed("x"), 7, delivery("wh_3")).await.expect("finish"));
+        assert!(!store.end("nope", &completed("x"), 7, delivery("wh_3")).await.expect("finish"));
     }
 
     #[tokio::test]
     async fn cancel_before_start() {
         let (_dir, store) = open();
-        store.insert(request("req_1", 1)).await.expect("insert");
+        store.put(request("req_1", 1)).await.expect("insert");
         let cancel = Outcome::Cancelled { message: "Request cancelled by user".into() };
-        assert!(store.finish("req_1", &cancel, 2, None).await.expect("finish"));
+        assert!(store.end("req_1", &cancel, 2, None).await.expect("finish"));
         assert_eq!(store.start_attempt("req_1", 3).await.expect("start"), None);
         let record = get(&store, "req_1").await;
         assert_eq!(record.status, Status::Cancelled);
@@ -995,7 +1304,7 @@ mod tests {
     #[tokio::test]
     async fn attempts_count_and_started_at_sticks() {
         let (_dir, store) = open();
-        store.insert(request("req_1", 1)).await.expect("insert");
+        store.put(request("req_1", 1)).await.expect("insert");
         assert_eq!(store.start_attempt("req_1", 10).await.expect("start"), Some(1));
         assert_eq!(store.start_attempt("req_1", 20).await.expect("start"), Some(2));
         let record = get(&store, "req_1").await;
@@ -1006,7 +1315,7 @@ mod tests {
     #[tokio::test]
     async fn progress_keeps_fields_it_does_not_name() {
         let (_dir, store) = open();
-        store.insert(request("req_1", 1)).await.expect("insert");
+        store.put(request("req_1", 1)).await.expect("insert");
         let full = Progress {
             progress: Some(20.0),
             current_step: Some("one".into()),
@@ -1014,10 +1323,10 @@ mod tests {
             completed_steps: Some(1),
             message: Some("started".into()),
         };
-        store.record_progress("req_1", &full).await.expect("progress");
+        store.progress("req_1", &full).await.expect("progress");
         let partial = Progress { progress: Some(45.0), completed_steps: Some(2), ..Progress::default() };
-        store.record_progress("req_1", &partial).await.expect("progress");
-        store.record_progress("req_1", &Progress::default()).await.expect("progress");
+        store.progress("req_1", &partial).await.expect("progress");
+        store.progress("req_1", &Progress::default()).await.expect("progress");
         let record = get(&store, "req_1").await;
         assert_eq!(record.progress, 45.0);
         assert_eq!(record.current_step.as_deref(), Some("one"));
@@ -1025,19 +1334,19 @@ mod tests {
         assert_eq!(record.completed_steps, Some(2));
         assert_eq!(record.status_message.as_deref(), Some("started"));
         // Progress on an unknown request is ignored.
-        store.record_progress("nope", &full).await.expect("progress");
+        store.progress("nope", &full).await.expect("progress");
     }
 
     #[tokio::test]
     async fn outbox_row_comes_only_with_finish() {
         let (_dir, store) = open();
-        store.insert(request("req_1", 1)).await.expect("insert");
-        store.insert(request("req_2", 2)).await.expect("insert");
+        store.put(request("req_1", 1)).await.expect("insert");
+        store.put(request("req_2", 2)).await.expect("insert");
         assert!(store.due_deliveries(i64::MAX, 10).await.expect("due").is_empty());
         assert_eq!(get(&store, "req_1").await.webhook, None);
 
-        store.finish("req_1", &completed("a"), 100, delivery("wh_1")).await.expect("finish");
-        store.finish("req_2", &completed("b"), 50, delivery("wh_2")).await.expect("finish");
+        store.end("req_1", &completed("a"), 100, delivery("wh_1")).await.expect("finish");
+        store.end("req_2", &completed("b"), 50, delivery("wh_2")).await.expect("finish");
         assert!(store.due_deliveries(49, 10).await.expect("due").is_empty());
         let due = store.due_deliveries(100, 10).await.expect("due");
         assert_eq!(
@@ -1076,13 +1385,13 @@ mod tests {
     async fn delivery_updates() {
         let (_dir, store) = open();
         for id in ["req_1", "req_2"] {
-            store.insert(request(id, 1)).await.expect("insert");
+            store.put(request(id, 1)).await.expect("insert");
         }
-        store.finish("req_1", &completed("a"), 10, delivery("wh_1")).await.expect("finish");
-        store.finish("req_2", &completed("b"), 10, delivery("wh_2")).await.expect("finish");
+        store.end("req_1", &completed("a"), 10, delivery("wh_1")).await.expect("finish");
+        store.end("req_2", &completed("b"), 10, delivery("wh_2")).await.expect("finish");
 
         let retry = DeliveryUpdate::Retry { error: "HTTP 503".into(), next_attempt_at: 1_000 };
-        store.record_delivery("wh_1", &retry).await.expect("record");
+        store.delivery_result("wh_1", &retry).await.expect("record");
         let due: Vec<String> = store.due_deliveries(999, 10).await.expect("due").into_iter().map(|d| d.id).collect();
         assert_eq!(due, ["wh_2"]);
         let due = store.due_deliveries(1_000, 10).await.expect("due");
@@ -1094,13 +1403,13 @@ mod tests {
             Some(WebhookState { status: "pending".into(), attempts: 1, last_error: Some("HTTP 503".into()) })
         );
 
-        store.record_delivery("wh_1", &DeliveryUpdate::Delivered).await.expect("record");
+        store.delivery_result("wh_1", &DeliveryUpdate::Delivered).await.expect("record");
         assert_eq!(
             get(&store, "req_1").await.webhook,
             Some(WebhookState { status: "delivered".into(), attempts: 2, last_error: None })
         );
 
-        store.record_delivery("wh_2", &DeliveryUpdate::Failed { error: "gone".into() }).await.expect("record");
+        store.delivery_result("wh_2", &DeliveryUpdate::Failed { error: "gone".into() }).await.expect("record");
         assert_eq!(
             get(&store, "req_2").await.webhook,
             Some(WebhookState { status: "failed".into(), attempts: 1, last_error: Some("gone".into()) })
@@ -1108,7 +1417,7 @@ mod tests {
         assert!(store.due_deliveries(i64::MAX, 10).await.expect("due").is_empty());
 
         // Delivered and failed are final.
-        store.record_delivery("wh_2", &DeliveryUpdate::Delivered).await.expect("record");
+        store.delivery_result("wh_2", &DeliveryUpdate::Delivered).await.expect("record");
         assert_eq!(get(&store, "req_2").await.webhook.expect("webhook").status, "failed");
     }
 
@@ -1117,16 +1426,16 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (done, running, waiting) = {
             let store = SqliteStore::open(dir.path()).expect("open");
-            store.insert(request("req_done", 1)).await.expect("insert");
-            store.insert(request("req_running", 2)).await.expect("insert");
-            store.insert(request("req_waiting", 3)).await.expect("insert");
+            store.put(request("req_done", 1)).await.expect("insert");
+            store.put(request("req_running", 2)).await.expect("insert");
+            store.put(request("req_waiting", 3)).await.expect("insert");
             store.start_attempt("req_running", 5).await.expect("start");
             store.start_attempt("req_done", 5).await.expect("start");
-            store.finish("req_done", &completed("ok"), 9, delivery("wh_1")).await.expect("finish");
+            store.end("req_done", &completed("ok"), 9, delivery("wh_1")).await.expect("finish");
             let records =
                 (get(&store, "req_done").await, get(&store, "req_running").await, get(&store, "req_waiting").await);
             store.close();
-            assert!(store.insert(request("late", 10)).await.is_err(), "writes fail once closed");
+            assert!(store.put(request("late", 10)).await.is_err(), "writes fail once closed");
             records
         };
         let store = SqliteStore::open(dir.path()).expect("reopen");
@@ -1135,17 +1444,17 @@ mod tests {
         assert_eq!(unfinished, vec![running, waiting]);
         assert_eq!(store.due_deliveries(i64::MAX, 10).await.expect("due").len(), 1);
         // And it still takes writes.
-        created(store.insert(request("req_new", 11)).await.expect("insert"));
+        created(store.put(request("req_new", 11)).await.expect("insert"));
     }
 
     #[tokio::test]
     async fn purge_removes_old_finished_requests_and_their_deliveries() {
         let (_dir, store) = open();
         for (id, created_at) in [("old", 1), ("recent", 2), ("running", 3), ("waiting", 4)] {
-            store.insert(request(id, created_at)).await.expect("insert");
+            store.put(request(id, created_at)).await.expect("insert");
         }
-        store.finish("old", &completed("a"), 100, delivery("wh_old")).await.expect("finish");
-        store.finish("recent", &completed("b"), 200, delivery("wh_recent")).await.expect("finish");
+        store.end("old", &completed("a"), 100, delivery("wh_old")).await.expect("finish");
+        store.end("recent", &completed("b"), 200, delivery("wh_recent")).await.expect("finish");
         store.start_attempt("running", 10).await.expect("start");
 
         // Another formation's purge leaves these alone.
@@ -1166,11 +1475,11 @@ mod tests {
     async fn list_is_newest_first_filtered_and_limited() {
         let (_dir, store) = open();
         for (id, created_at) in [("a", 1), ("b", 3), ("c", 2), ("d", 3)] {
-            store.insert(request(id, created_at)).await.expect("insert");
+            store.put(request(id, created_at)).await.expect("insert");
         }
-        store.insert(NewRequest { user_id: "bob".into(), ..request("bob_1", 5) }).await.expect("insert");
-        store.insert(NewRequest { formation_id: "f2".into(), ..request("f2_1", 5) }).await.expect("insert");
-        store.finish("c", &completed("x"), 10, None).await.expect("finish");
+        store.put(NewRequest { user_id: "bob".into(), ..request("bob_1", 5) }).await.expect("insert");
+        store.put(NewRequest { formation_id: "f2".into(), ..request("f2_1", 5) }).await.expect("insert");
+        store.end("c", &completed("x"), 10, None).await.expect("finish");
 
         let list = |status: Option<Status>, limit: usize| {
             let store = &store;
@@ -1198,16 +1507,16 @@ mod tests {
             ("r4", "researcher", 30, 60),
         ];
         for (id, agent, started, done) in runs {
-            store.insert(NewRequest { agent_id: agent.into(), ..request(id, 1) }).await.expect("insert");
+            store.put(NewRequest { agent_id: agent.into(), ..request(id, 1) }).await.expect("insert");
             store.start_attempt(id, started).await.expect("start");
-            store.finish(id, &completed("ok"), done, None).await.expect("finish");
+            store.end(id, &completed("ok"), done, None).await.expect("finish");
         }
         // Failed and unfinished requests do not count.
-        store.insert(request("failed", 1)).await.expect("insert");
+        store.put(request("failed", 1)).await.expect("insert");
         store.start_attempt("failed", 1).await.expect("start");
         let error = ErrorInfo { kind: "x".into(), message: "y".into(), retryable: false };
-        store.finish("failed", &Outcome::Failed(error), 1_000, None).await.expect("finish");
-        store.insert(request("running", 1)).await.expect("insert");
+        store.end("failed", &Outcome::Failed(error), 1_000, None).await.expect("finish");
+        store.put(request("running", 1)).await.expect("insert");
         store.start_attempt("running", 1).await.expect("start");
 
         assert_eq!(store.recent_durations("f1", "researcher", 10).await.expect("durations"), [300, 100, 30]);
@@ -1224,14 +1533,14 @@ mod tests {
             ..request(id, created_at)
         };
         for (id, created_at) in [("t1", 1), ("t2", 2), ("t3", 3), ("t4", 4)] {
-            store.insert(turn(id, created_at, "s1")).await.expect("insert");
-            store.finish(id, &completed(&format!("answer {id}")), 10, None).await.expect("finish");
+            store.put(turn(id, created_at, "s1")).await.expect("insert");
+            store.end(id, &completed(&format!("answer {id}")), 10, None).await.expect("finish");
         }
-        store.insert(turn("pending", 5, "s1")).await.expect("insert");
-        store.insert(turn("other", 6, "s2")).await.expect("insert");
-        store.finish("other", &completed("other"), 10, None).await.expect("finish");
-        store.insert(NewRequest { user_id: "bob".into(), ..turn("bob", 7, "s1") }).await.expect("insert");
-        store.finish("bob", &completed("bob"), 10, None).await.expect("finish");
+        store.put(turn("pending", 5, "s1")).await.expect("insert");
+        store.put(turn("other", 6, "s2")).await.expect("insert");
+        store.end("other", &completed("other"), 10, None).await.expect("finish");
+        store.put(NewRequest { user_id: "bob".into(), ..turn("bob", 7, "s1") }).await.expect("insert");
+        store.end("bob", &completed("bob"), 10, None).await.expect("finish");
 
         let turns = store.session_turns("f1", "alice", "s1", 3).await.expect("turns");
         let expected: Vec<(String, String)> =

@@ -5,15 +5,16 @@
 //! [`POLL_INTERVAL`] (or at once when [`Dispatcher::notify`] is called, which the
 //! engine does after finishing a request) and runs each delivery as its own task,
 //! bounded by the formation's `webhook_timeout`: a receiver that hangs only ever
-//! holds up its own delivery. Ids of running deliveries are kept in memory so the
-//! next poll does not start the same one twice.
+//! holds up its own delivery. Each poll *claims* the rows it starts (one
+//! `UPDATE ... RETURNING` in the store, naming this process until the claim
+//! expires), so a delivery is sent by one sender at a time, here or on another
+//! server; a sender that dies loses its claims when they expire.
 //!
 //! Delivery is at least once: a crash between a receiver's 2xx and the store write
 //! sends the event again after restart, with the same `webhook-id` for
 //! de-duplication.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
@@ -38,6 +39,8 @@ const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// The longest `webhook_timeout` honoured per attempt.
 const MAX_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a claimed delivery stays with its sender: the longest attempt, and a margin.
+const CLAIM: Duration = Duration::from_secs(MAX_ATTEMPT_TIMEOUT.as_secs() + 60);
 /// On shutdown, how long running attempts may take to finish before being dropped
 /// (a dropped attempt stays pending in the store and is sent again after restart).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -52,7 +55,8 @@ pub struct Dispatcher {
     allow_hosts: Vec<String>,
     client: reqwest::Client,
     wake: Notify,
-    in_flight: Mutex<HashSet<String>>,
+    /// This process's name in delivery claims.
+    owner: String,
     shutdown_grace: Duration,
 }
 
@@ -82,12 +86,14 @@ impl Settings {
 }
 
 impl Dispatcher {
-    /// A dispatcher over `store`; `allow_hosts` may be webhook targets even when they
-    /// resolve to internal addresses. Fails only if the HTTP client cannot be built.
+    /// A dispatcher over `store`, claiming deliveries as `owner`; `allow_hosts`
+    /// may be webhook targets even when they resolve to internal addresses.
+    /// Fails only if the HTTP client cannot be built.
     pub fn new(
         store: Arc<dyn Store>,
         lookup: FormationLookup,
         allow_hosts: Vec<String>,
+        owner: String,
     ) -> Result<Self, reqwest::Error> {
         let client = webhook_client(&allow_hosts)?;
         Ok(Dispatcher {
@@ -96,7 +102,7 @@ impl Dispatcher {
             allow_hosts,
             client,
             wake: Notify::new(),
-            in_flight: Mutex::new(HashSet::new()),
+            owner,
             shutdown_grace: SHUTDOWN_GRACE,
         })
     }
@@ -138,40 +144,23 @@ impl Dispatcher {
         })
     }
 
-    fn in_flight(&self) -> MutexGuard<'_, HashSet<String>> {
-        self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Starts every due delivery that is not already running.
+    /// Claims due deliveries and starts each as its own task.
     async fn poll(self: &Arc<Self>, tasks: &mut JoinSet<()>) {
-        let running = self.in_flight().len();
-        let room = BATCH.min(MAX_IN_FLIGHT.saturating_sub(running));
+        let room = BATCH.min(MAX_IN_FLIGHT.saturating_sub(tasks.len()));
         if room == 0 {
             return;
         }
-        // Running deliveries are still due in the store: ask for enough rows that
-        // they cannot crowd out the ones waiting behind them.
-        let due = match self.store.due_deliveries(crate::time::now_ms(), room + running).await {
+        let claim_ms = CLAIM.as_millis() as i64;
+        let due = match self.store.claim_deliveries(&self.owner, crate::time::now_ms(), room, claim_ms).await {
             Ok(due) => due,
             Err(err) => {
                 tracing::warn!(error = %err, "webhook dispatcher: cannot read the outbox");
                 return;
             }
         };
-        let mut started = 0;
         for delivery in due {
-            if started == room {
-                break;
-            }
-            if !self.in_flight().insert(delivery.id.clone()) {
-                continue;
-            }
-            started += 1;
             let this = Arc::clone(self);
-            tasks.spawn(async move {
-                let _guard = InFlight { dispatcher: &this, id: delivery.id.clone() };
-                this.run(delivery).await;
-            });
+            tasks.spawn(async move { this.run(delivery).await });
         }
     }
 
@@ -192,8 +181,12 @@ impl Dispatcher {
                 delivery = %delivery.id, request = %delivery.request_id, %host, %error, "webhook delivery failed"
             ),
         }
-        if let Err(err) = self.store.record_delivery(&delivery.id, &update).await {
-            tracing::warn!(delivery = %delivery.id, error = %err, "cannot record a webhook attempt");
+        match self.store.record_delivery(&delivery.id, &self.owner, &update).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(delivery = %delivery.id, "the delivery's claim expired before its attempt was recorded")
+            }
+            Err(err) => tracing::warn!(delivery = %delivery.id, error = %err, "cannot record a webhook attempt"),
         }
     }
 
@@ -242,18 +235,6 @@ impl Dispatcher {
     }
 }
 
-/// Removes a delivery from the in-flight set when its task ends, however it ends.
-struct InFlight<'a> {
-    dispatcher: &'a Dispatcher,
-    id: String,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.dispatcher.in_flight().remove(&self.id);
-    }
-}
-
 /// The update after a retryable failure, `attempts_before` attempts having been made
 /// before this one and `retries` more allowed after the first.
 fn retry_update(attempts_before: u32, retries: u32, error: String, retry_after: Option<Duration>) -> DeliveryUpdate {
@@ -279,15 +260,12 @@ fn backoff(made: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
 mod tests {
     use super::*;
 
-    use std::collections::HashMap;
+    use std::sync::Mutex;
 
-    use async_trait::async_trait;
     use axum::http::StatusCode as AxStatus;
 
-    use crate::store::{
-        Inserted, ListQuery, NewDelivery, NewRequest, Outcome, Progress, RequestRecord, RequestResult, Status,
-        StoreError, StoreResult,
-    };
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{Mode, NewDelivery, NewRequest, Outcome, RequestResult, WebhookState};
 
     #[test]
     fn backoff_doubles_with_cap_and_honours_retry_after() {
@@ -343,101 +321,51 @@ mod tests {
         }
     }
 
-    /// An in-memory outbox and request table: just what the dispatcher uses.
-    #[derive(Default)]
-    struct MemStore {
-        records: Mutex<HashMap<String, RequestRecord>>,
-        deliveries: Mutex<Vec<Delivery>>,
+    /// A real store in a temporary folder, with requests ended with a delivery.
+    struct Outbox {
+        _dir: tempfile::TempDir,
+        store: Arc<SqliteStore>,
     }
 
-    fn unused<T>() -> StoreResult<T> {
-        Err(StoreError("not used by the dispatcher".into()))
-    }
+    impl Outbox {
+        fn new() -> Outbox {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let store = Arc::new(SqliteStore::open(dir.path()).expect("store"));
+            Outbox { _dir: dir, store }
+        }
 
-    #[async_trait]
-    impl Store for MemStore {
-        async fn insert(&self, _: NewRequest) -> StoreResult<Inserted> {
-            unused()
-        }
-        async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
-            Ok(self.records.lock().expect("lock").get(id).cloned())
-        }
-        async fn list(&self, _: &ListQuery) -> StoreResult<Vec<RequestRecord>> {
-            unused()
-        }
-        async fn start_attempt(&self, _: &str, _: i64) -> StoreResult<Option<u32>> {
-            unused()
-        }
-        async fn record_progress(&self, _: &str, _: &Progress) -> StoreResult<()> {
-            unused()
-        }
-        async fn finish(&self, _: &str, _: &Outcome, _: i64, _: Option<NewDelivery>) -> StoreResult<bool> {
-            unused()
-        }
-        async fn unfinished(&self) -> StoreResult<Vec<RequestRecord>> {
-            unused()
-        }
-        async fn purge_finished_before(&self, _: Option<&str>, _: i64) -> StoreResult<u64> {
-            unused()
-        }
-        async fn recent_durations(&self, _: &str, _: &str, _: usize) -> StoreResult<Vec<i64>> {
-            unused()
-        }
-        async fn session_turns(&self, _: &str, _: &str, _: &str, _: usize) -> StoreResult<Vec<(String, String)>> {
-            unused()
-        }
-        async fn due_deliveries(&self, now: i64, limit: usize) -> StoreResult<Vec<Delivery>> {
-            let deliveries = self.deliveries.lock().expect("lock");
-            Ok(deliveries
-                .iter()
-                .filter(|d| d.status == "pending" && d.next_attempt_at <= now)
-                .take(limit)
-                .cloned()
-                .collect())
-        }
-        async fn record_delivery(&self, id: &str, update: &DeliveryUpdate) -> StoreResult<()> {
-            let mut deliveries = self.deliveries.lock().expect("lock");
-            let Some(d) = deliveries.iter_mut().find(|d| d.id == id) else {
-                return Err(StoreError(format!("no delivery {id}")));
-            };
-            d.attempts += 1;
-            match update {
-                DeliveryUpdate::Delivered => d.status = "delivered".into(),
-                DeliveryUpdate::Retry { error, next_attempt_at } => {
-                    d.last_error = Some(error.clone());
-                    d.next_attempt_at = *next_attempt_at;
-                }
-                DeliveryUpdate::Failed { error } => {
-                    d.status = "failed".into();
-                    d.last_error = Some(error.clone());
-                }
-            }
-            Ok(())
-        }
-    }
-
-    impl MemStore {
-        fn add(&self, request_id: &str, formation_id: &str, url: &str) {
-            let mut record = crate::webhooks::payload::tests::record(Status::Completed);
-            record.id = request_id.into();
-            record.formation_id = formation_id.into();
-            record.result = Some(RequestResult { text: format!("answer {request_id}"), artifacts: vec![] });
-            self.records.lock().expect("lock").insert(request_id.into(), record);
-            self.deliveries.lock().expect("lock").push(Delivery {
-                id: format!("wh_{request_id}"),
-                request_id: request_id.into(),
+        /// A completed request of `formation_id` whose webhook goes to `url`.
+        async fn add(&self, request_id: &str, formation_id: &str, url: &str) {
+            let request = NewRequest {
+                id: request_id.into(),
                 formation_id: formation_id.into(),
-                url: url.into(),
-                attempts: 0,
-                next_attempt_at: 0,
-                status: "pending".into(),
-                last_error: None,
-            });
+                formation_version: "1".into(),
+                user_id: "u".into(),
+                session_id: None,
+                agent_id: "a".into(),
+                message: "m".into(),
+                mode: Mode::Async,
+                estimated_seconds: 1.0,
+                idempotency_key: None,
+                fingerprint: String::new(),
+                webhook_url: Some(url.into()),
+                workflow_timeout_ms: 60_000,
+                created_at: 1,
+            };
+            self.store.insert(request, "test", 1).await.expect("insert");
+            let outcome = Outcome::Completed(RequestResult { text: format!("answer {request_id}"), artifacts: vec![] });
+            let delivery = NewDelivery { id: format!("wh_{request_id}"), url: url.into() };
+            assert!(self.store.finish(request_id, &outcome, 2, Some(delivery), None).await.expect("finish"));
         }
 
-        fn delivery(&self, request_id: &str) -> Delivery {
-            let deliveries = self.deliveries.lock().expect("lock");
-            deliveries.iter().find(|d| d.request_id == request_id).cloned().expect("delivery")
+        async fn webhook(&self, request_id: &str) -> WebhookState {
+            self.store.get(request_id).await.expect("get").expect("request").webhook.expect("delivery")
+        }
+
+        fn next_attempt_at(&self, request_id: &str) -> i64 {
+            let conn = rusqlite::Connection::open(self.store.path()).expect("open");
+            conn.query_row("SELECT next_attempt_at FROM deliveries WHERE request_id = ?1", [request_id], |r| r.get(0))
+                .expect("row")
         }
     }
 
@@ -480,9 +408,9 @@ mod tests {
         (format!("http://{addr}"), seen)
     }
 
-    async fn wait_until(mut done: impl FnMut() -> bool) {
+    async fn wait_until<F: std::future::Future<Output = bool>>(mut done: impl FnMut() -> F) {
         for _ in 0..100 {
-            if done() {
+            if done().await {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -493,34 +421,37 @@ mod tests {
     #[tokio::test]
     async fn delivers_without_waiting_for_a_hanging_receiver() {
         let (base, seen) = receiver().await;
-        let store = Arc::new(MemStore::default());
-        store.add("req_slow", "f", &format!("{base}/slow"));
-        store.add("req_ok", "f", &format!("{base}/ok"));
-        store.add("req_orphan", "gone", &format!("{base}/ok"));
+        let outbox = Outbox::new();
+        outbox.add("req_slow", "f", &format!("{base}/slow")).await;
+        outbox.add("req_ok", "f", &format!("{base}/ok")).await;
+        outbox.add("req_orphan", "gone", &format!("{base}/ok")).await;
         let mut f = formation("f");
         f.overlord.async_.webhook_timeout = 30.0;
         let f = Arc::new(f);
         let lookup: FormationLookup = Arc::new(move |id: &str| (id == "f").then(|| f.clone()));
-        let dispatcher = Dispatcher::new(store.clone(), lookup, vec!["127.0.0.1".into()]).expect("dispatcher");
+        let dispatcher =
+            Dispatcher::new(outbox.store.clone(), lookup, vec!["127.0.0.1".into()], "me".into()).expect("dispatcher");
         let dispatcher = Arc::new(dispatcher.with_shutdown_grace(Duration::from_millis(100)));
         let shutdown = CancellationToken::new();
         let handle = dispatcher.clone().spawn(shutdown.clone());
         dispatcher.notify();
 
-        wait_until(|| store.delivery("req_ok").status == "delivered").await;
+        wait_until(|| async { outbox.webhook("req_ok").await.status == "delivered" }).await;
         let bodies = seen.lock().expect("lock").clone();
         assert_eq!(bodies.len(), 1, "delivered exactly once");
         assert_eq!(bodies[0]["request_id"], "req_ok");
         assert_eq!(bodies[0]["response"][0]["text"], "answer req_ok");
         assert_eq!(bodies[0]["webhook_url"], format!("{base}/ok"));
 
-        wait_until(|| store.delivery("req_orphan").status == "failed").await;
-        assert_eq!(store.delivery("req_orphan").last_error.as_deref(), Some("formation no longer loaded"));
+        wait_until(|| async { outbox.webhook("req_orphan").await.status == "failed" }).await;
+        assert_eq!(outbox.webhook("req_orphan").await.last_error.as_deref(), Some("formation no longer loaded"));
 
-        // The hanging one is still running, started once, not recorded yet.
-        let slow = store.delivery("req_slow");
+        // The hanging one is still running, started once, not recorded yet,
+        // and claimed: no other sender may take it.
+        let slow = outbox.webhook("req_slow").await;
         assert_eq!((slow.status.as_str(), slow.attempts), ("pending", 0));
-        assert!(dispatcher.in_flight().contains("wh_req_slow"));
+        let others = outbox.store.claim_deliveries("another", crate::time::now_ms(), 10, 1000).await.expect("claim");
+        assert!(others.is_empty(), "a claimed delivery went to a second sender: {others:?}");
 
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(10), handle).await.expect("stops").expect("joins");
@@ -529,39 +460,41 @@ mod tests {
     #[tokio::test]
     async fn retries_after_a_server_error() {
         let (base, _seen) = receiver().await;
-        let store = Arc::new(MemStore::default());
-        store.add("req_1", "f", &format!("{base}/flaky"));
+        let outbox = Outbox::new();
+        outbox.add("req_1", "f", &format!("{base}/flaky")).await;
         let f = Arc::new(formation("f"));
         let lookup: FormationLookup = Arc::new(move |_: &str| Some(f.clone()));
-        let dispatcher =
-            Arc::new(Dispatcher::new(store.clone(), lookup, vec!["127.0.0.1".into()]).expect("dispatcher"));
+        let dispatcher = Arc::new(
+            Dispatcher::new(outbox.store.clone(), lookup, vec!["127.0.0.1".into()], "me".into()).expect("dispatcher"),
+        );
         let shutdown = CancellationToken::new();
         let handle = dispatcher.clone().spawn(shutdown.clone());
 
-        wait_until(|| store.delivery("req_1").attempts == 1).await;
-        let first = store.delivery("req_1");
+        wait_until(|| async { outbox.webhook("req_1").await.attempts == 1 }).await;
+        let first = outbox.webhook("req_1").await;
         assert_eq!((first.status.as_str(), first.last_error.as_deref()), ("pending", Some("HTTP 500")));
         // Backoff after the first failure: 1 s +/- 25 %.
-        let wait = first.next_attempt_at - crate::time::now_ms();
+        let wait = outbox.next_attempt_at("req_1") - crate::time::now_ms();
         assert!(wait <= 1250, "{wait}");
 
-        wait_until(|| store.delivery("req_1").status == "delivered").await;
-        assert_eq!(store.delivery("req_1").attempts, 2);
+        wait_until(|| async { outbox.webhook("req_1").await.status == "delivered" }).await;
+        assert_eq!(outbox.webhook("req_1").await.attempts, 2);
         shutdown.cancel();
         let _ = handle.await;
     }
 
     #[tokio::test]
     async fn refused_targets_fail_at_send_time() {
-        let store = Arc::new(MemStore::default());
-        store.add("req_1", "f", "http://169.254.169.254/latest/meta-data");
+        let outbox = Outbox::new();
+        outbox.add("req_1", "f", "http://169.254.169.254/latest/meta-data").await;
         let f = Arc::new(formation("f"));
         let lookup: FormationLookup = Arc::new(move |_: &str| Some(f.clone()));
-        let dispatcher = Arc::new(Dispatcher::new(store.clone(), lookup, vec![]).expect("dispatcher"));
+        let dispatcher =
+            Arc::new(Dispatcher::new(outbox.store.clone(), lookup, vec![], "me".into()).expect("dispatcher"));
         let shutdown = CancellationToken::new();
         let handle = dispatcher.clone().spawn(shutdown.clone());
-        wait_until(|| store.delivery("req_1").status == "failed").await;
-        let error = store.delivery("req_1").last_error.unwrap_or_default();
+        wait_until(|| async { outbox.webhook("req_1").await.status == "failed" }).await;
+        let error = outbox.webhook("req_1").await.last_error.unwrap_or_default();
         assert!(error.contains("cloud metadata"), "{error}");
         shutdown.cancel();
         let _ = handle.await;

@@ -1,0 +1,72 @@
+//! Leases: how one runner owns a request's attempt, and how a dead one is noticed.
+//!
+//! The server that accepts a request holds it from the insert on: the store
+//! row names this process (its [`owner_id`]) and an expiry. A background task
+//! renews every lease this process holds in one write every [`RENEW_EVERY`];
+//! a request whose lease expired (its server died or stalled) may be claimed
+//! by anyone, and each claim raises the lease epoch, so writes of the old
+//! runner (fenced by its epoch) change nothing. A request that this process
+//! still runs but no longer holds is stopped here without recording anything.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Engine;
+use crate::time::now_ms;
+
+/// How long a lease lasts without renewal.
+pub const LEASE: Duration = Duration::from_secs(30);
+/// How often this process renews its leases (a third of [`LEASE`]).
+pub const RENEW_EVERY: Duration = Duration::from_secs(10);
+
+/// [`LEASE`] in the store's milliseconds.
+pub fn lease_ms() -> i64 {
+    LEASE.as_millis() as i64
+}
+
+/// A name for this server process, unique across restarts and hosts.
+pub fn owner_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    let host = if host.is_empty() { "host" } else { host };
+    format!("{host}:{}:{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+impl Engine {
+    /// Renews this process's leases until shutdown, stopping the work of any
+    /// request whose lease was taken over.
+    pub(super) fn spawn_lease_renewal(self: &Arc<Self>) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RENEW_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = engine.shutdown.cancelled() => return,
+                }
+                engine.renew_leases().await;
+            }
+        });
+    }
+
+    async fn renew_leases(&self) {
+        let started = Instant::now();
+        let held = match self.store.renew_leases(&self.owner, now_ms(), lease_ms()).await {
+            Ok(held) => held.into_iter().collect::<HashSet<String>>(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew leases; they expire in {LEASE:?} unless a renewal gets through");
+                return;
+            }
+        };
+        for (id, live) in self.running_snapshot() {
+            // A lease claimed after the renewal began is not in its answer.
+            let claimed_before = live.claimed_at().is_some_and(|at| at < started);
+            if claimed_before && !held.contains(&id) && !live.is_done() {
+                tracing::warn!(request = %id, "lease lost to another runner: stopping the work here");
+                live.lost.cancel();
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! The sweeper: the one path by which unfinished work nobody runs is started.
+//!
+//! It looks for requests that are unfinished and claimable by this process
+//! (no lease, an expired one, or its own while no task here runs them) at
+//! start-up and then every [`SWEEP_EVERY`]. Each is started, unless its
+//! formation is not loaded: it then waits, with a note in its status, until
+//! the formation comes back or its workflow timeout (counted from acceptance)
+//! passes, when it fails with `formation_unavailable`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Engine;
+use crate::store::{ErrorInfo, Outcome, Progress, RequestRecord};
+use crate::time::now_ms;
+
+/// How often unowned work is looked for.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// The most requests one sweep starts.
+const SWEEP_BATCH: usize = 1000;
+
+impl Engine {
+    /// At start-up: takes over the work of servers that died, then starts the
+    /// leases' renewal and the sweeper. With `exclusive` (the data folder's
+    /// lock proves no other server uses the store), every lease of another
+    /// owner is cleared at once instead of waiting for it to expire.
+    pub async fn recover(self: &Arc<Self>, exclusive: bool) -> crate::store::StoreResult<usize> {
+        if exclusive {
+            let cleared = self.store.clear_others_leases(&self.owner).await?;
+            if cleared > 0 {
+                tracing::info!(count = cleared, "took over requests left by a stopped server");
+            }
+        }
+        let started = self.sweep().await?;
+        if started > 0 {
+            tracing::info!(count = started, "recovered unfinished requests");
+        }
+        self.spawn_lease_renewal();
+        self.spawn_sweeper();
+        Ok(started)
+    }
+
+    /// Asks the sweeper to look now (a formation was loaded).
+    pub fn wake_sweeper(&self) {
+        self.sweep.notify_one();
+    }
+
+    fn spawn_sweeper(self: &Arc<Self>) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(SWEEP_EVERY) => {}
+                    _ = engine.sweep.notified() => {}
+                    _ = engine.shutdown.cancelled() => return,
+                }
+                if let Err(e) = engine.sweep().await {
+                    tracing::warn!(error = %e, "cannot look for unfinished requests");
+                }
+            }
+        });
+    }
+
+    /// One pass; returns how many requests it started.
+    async fn sweep(self: &Arc<Self>) -> crate::store::StoreResult<usize> {
+        if self.shutdown.is_cancelled() {
+            return Ok(0);
+        }
+        let now = now_ms();
+        let mut started = 0;
+        for record in self.store.claimable(&self.owner, now, SWEEP_BATCH).await? {
+            if self.is_running(&record.id) {
+                continue;
+            }
+            match self.registry.get(&record.formation_id) {
+                Some(formation) => {
+                    self.start(formation, record, false);
+                    started += 1;
+                }
+                None => self.wait_for_formation(record, now).await,
+            }
+        }
+        Ok(started)
+    }
+
+    async fn wait_for_formation(&self, record: RequestRecord, now: i64) {
+        let gives_up_at = record.created_at.saturating_add(record.workflow_timeout_ms.max(0));
+        if now >= gives_up_at {
+            let error = ErrorInfo {
+                kind: "formation_unavailable".into(),
+                message: format!(
+                    "formation `{}` was not loaded again within the workflow timeout ({}s)",
+                    record.formation_id,
+                    record.workflow_timeout_ms / 1000
+                ),
+                retryable: false,
+            };
+            if let Err(e) = self.complete(&record, None, &Outcome::Failed(error), None).await {
+                tracing::warn!(request = %record.id, error = %e, "cannot fail a request whose formation is gone");
+            }
+            return;
+        }
+        let note = format!("waiting for formation `{}` to be loaded", record.formation_id);
+        if record.status_message.as_deref() != Some(note.as_str()) {
+            tracing::warn!(request = %record.id, formation = %record.formation_id, "formation not loaded: the request waits");
+            let progress = Progress { message: Some(note), ..Progress::default() };
+            if let Err(e) = self.store.record_progress(&record.id, None, &progress).await {
+                tracing::warn!(request = %record.id, error = %e, "cannot note the wait for the formation");
+            }
+        }
+    }
+}
