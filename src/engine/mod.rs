@@ -20,6 +20,8 @@ mod pool;
 mod run;
 mod supervisor;
 mod sweeper;
+#[cfg(test)]
+mod tests;
 
 pub use leases::{owner_id, LEASE};
 pub use live::{LiveEvent, LiveRequest};
@@ -436,7 +438,7 @@ fn apply_progress(record: &mut RequestRecord, progress: &Progress) {
 }
 
 #[cfg(test)]
-mod tests {
+mod progress_tests {
     use super::*;
     use crate::store::sqlite::SqliteStore;
 

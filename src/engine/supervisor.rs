@@ -12,6 +12,7 @@
 //! Whatever happens, a guard removes it from the running set and tells the
 //! waiters and streams that its work here has stopped.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,29 +46,34 @@ impl Engine {
     ) {
         let engine = self.clone();
         tokio::spawn(async move {
-            let _running = Running { engine: &engine, id: &record.id, live: &live };
-            let work = AssertUnwindSafe(engine.run(&formation, &record, &live)).catch_unwind().await;
-            let end = work.unwrap_or_else(|panic| {
-                let what = panic_message(&*panic);
-                tracing::error!(request = %record.id, panic = %what, "the request's work panicked");
-                End::Finish(Outcome::Failed(ErrorInfo {
-                    kind: "internal_error".into(),
-                    message: format!("the request's work failed unexpectedly ({what})"),
-                    retryable: false,
-                }))
-            });
-            match end {
-                End::Finish(outcome) => engine.record_end(&record, &live, outcome).await,
-                End::Gone => {}
-                End::HandBack => {
-                    if let Some(lease) = live.lease() {
-                        if let Err(e) = engine.store.release(&record.id, lease).await {
-                            tracing::debug!(request = %record.id, error = %e, "could not release the lease");
-                        }
+            let work = engine.run(&formation, &record, &live);
+            engine.supervise(&record, &live, work).await;
+        });
+    }
+
+    /// Drives `work` to its end and acts on how it ended, whatever that is.
+    pub(super) async fn supervise(&self, record: &RequestRecord, live: &LiveRequest, work: impl Future<Output = End>) {
+        let _running = Running { engine: self, id: &record.id, live };
+        let end = AssertUnwindSafe(work).catch_unwind().await.unwrap_or_else(|panic| {
+            let what = panic_message(&*panic);
+            tracing::error!(request = %record.id, panic = %what, "the request's work panicked");
+            End::Finish(Outcome::Failed(ErrorInfo {
+                kind: "internal_error".into(),
+                message: format!("the request's work failed unexpectedly ({what})"),
+                retryable: false,
+            }))
+        });
+        match end {
+            End::Finish(outcome) => self.record_end(record, live, outcome).await,
+            End::Gone => {}
+            End::HandBack => {
+                if let Some(lease) = live.lease() {
+                    if let Err(e) = self.store.release(&record.id, lease).await {
+                        tracing::debug!(request = %record.id, error = %e, "could not release the lease");
                     }
                 }
             }
-        });
+        }
     }
 
     /// Records a request's end, retrying with backoff while the store refuses
