@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -147,11 +147,16 @@ async fn edits_reload_without_restart_and_invalid_edits_keep_the_old_version() {
     // A typo: the file fails validation, the previous version keeps serving.
     fx.write("alpha.afs", &formation_yaml("alpha", "async:\n  threshhold_seconds: 60\n"));
     let failure = eventually(WAIT, "failure in /health", || async {
-        let (_, body) = json(server.get("/health").send().await.unwrap()).await;
+        let (name, key) = admin_key("alpha");
+        let (_, body) = json(server.get("/health").header(name, key).send().await.unwrap()).await;
         let failures = body["data"]["failures"].as_array().cloned().unwrap_or_default();
         failures.into_iter().next()
     })
     .await;
+    // Without the admin key: that a file failed, not where it is.
+    let (_, anonymous) = json(server.get("/health").send().await.unwrap()).await;
+    assert_eq!(anonymous["data"]["failures"][0], json!({"still_serving": "alpha", "errors": 1}));
+    assert!(!anonymous.to_string().contains(".afs"), "no file paths without the key: {anonymous}");
     assert!(failure["file"].as_str().unwrap().ends_with("alpha.afs"));
     let errors = failure["errors"].to_string();
     assert!(errors.contains("threshhold_seconds"), "{errors}");

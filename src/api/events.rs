@@ -81,7 +81,7 @@ fn sse(
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
-        let finished = pump(&state, &record, live.as_deref(), events, &tx).await;
+        let finished = pump(&state, &record, live, events, &tx).await;
         // A server shutting down is not a client going away: the request stays
         // unfinished and is run again after the restart.
         if !finished && cancel_on_disconnect && !state.shutdown.is_cancelled() {
@@ -101,12 +101,15 @@ fn sse(
 async fn pump(
     state: &AppState,
     record: &RequestRecord,
-    live: Option<&LiveRequest>,
+    live: Option<Arc<LiveRequest>>,
     events: Option<broadcast::Receiver<LiveEvent>>,
     tx: &mpsc::Sender<Event>,
 ) -> bool {
     let mut events = events;
-    let mut done = live.map(LiveRequest::done);
+    let mut done = live.as_deref().map(LiveRequest::done);
+    // The work here can stop without an end (handed back at shutdown, or taken
+    // over by another server): the stream then follows the store.
+    let mut live = live;
     // The current state first, so a client that comes back later catches up.
     let opening = record
         .status_message
@@ -125,10 +128,11 @@ async fn pump(
         if let Some(finished) = ended {
             return finish(tx, &finished).await;
         }
-        let next = match (&mut events, &mut done) {
-            (Some(events), Some(done)) => tokio::select! {
+        let next = match (&mut events, &mut done, live.as_deref()) {
+            (Some(events), Some(done), Some(running)) => tokio::select! {
                 event = events.recv() => Next::Event(event),
                 _ = done.changed() => Next::Check,
+                _ = running.until_stopped() => Next::Stopped,
                 _ = tx.closed() => return false,
                 _ = state.shutdown.cancelled() => return false,
             },
@@ -151,6 +155,13 @@ async fn pump(
             Next::Event(Ok(LiveEvent::Content(text))) => token(record, "content", &text, json!({})),
             Next::Event(Ok(LiveEvent::Finished(finished))) => return finish(tx, &finished).await,
             Next::Event(Err(broadcast::error::RecvError::Lagged(_))) | Next::Check => continue,
+            Next::Stopped => {
+                if done.as_ref().is_some_and(|rx| rx.borrow().is_some()) {
+                    continue;
+                }
+                (events, done, live) = (None, None, None);
+                continue;
+            }
             Next::Event(Err(broadcast::error::RecvError::Closed)) => {
                 events = None;
                 done = None;
@@ -159,9 +170,10 @@ async fn pump(
             Next::Poll => match state.engine.store().get(&record.id).await {
                 Ok(Some(current)) if current.status.is_final() => return finish(tx, &current).await,
                 Ok(Some(current)) => {
-                    if let Some(live) = state.engine.live(&record.id) {
-                        events = Some(live.subscribe());
-                        done = Some(live.done());
+                    if let Some(running) = state.engine.live(&record.id) {
+                        events = Some(running.subscribe());
+                        done = Some(running.done());
+                        live = Some(running);
                     }
                     let text = current.current_step.clone().unwrap_or_default();
                     if text.is_empty() {
@@ -181,6 +193,7 @@ async fn pump(
 enum Next {
     Event(Result<LiveEvent, broadcast::error::RecvError>),
     Check,
+    Stopped,
     Poll,
 }
 

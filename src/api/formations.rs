@@ -11,14 +11,43 @@ use super::{envelope, AppState};
 use crate::error::ApiResult;
 
 /// `GET /health`: what is loaded, and what failed to load.
-pub async fn server_health(State(state): State<AppState>) -> Response {
+///
+/// Anyone may ask; file paths and error texts (which name files) are shown only
+/// to a caller presenting the admin key of a loaded formation.
+pub async fn server_health(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let live = state.registry.snapshot();
+    let admin = auth::header(&headers, auth::ADMIN_KEY).is_some_and(|presented| {
+        live.formations
+            .values()
+            .any(|f| f.keys.admin.as_deref().is_some_and(|key| crate::keys::matches(key, presented)))
+    });
     let formations: Vec<Value> = live
         .formations
         .values()
-        .map(|f| json!({ "id": f.id, "version": f.version, "revision": f.revision, "file": f.source }))
+        .map(|f| {
+            let mut entry = json!({ "id": f.id, "version": f.version, "revision": f.revision });
+            if admin {
+                entry["file"] = json!(f.source);
+            }
+            entry
+        })
         .collect();
-    let healthy = live.failures.is_empty() && live.problems.is_empty();
+    let failures: Vec<Value> = live
+        .failures
+        .iter()
+        .map(|failure| match admin {
+            true => json!(failure),
+            false => json!({ "still_serving": failure.still_serving, "errors": failure.errors.len() }),
+        })
+        .collect();
+    let problems = if admin { json!(live.problems) } else { json!(live.problems.len()) };
+    let store = state.engine.store().health();
+    let store = json!({
+        "writable": store.writable,
+        "failing_since": store.failing_since.map(crate::time::rfc3339),
+        "error": if admin { store.error } else { None },
+    });
+    let healthy = live.failures.is_empty() && live.problems.is_empty() && store["writable"] == true;
     envelope::ok(
         "health",
         None,
@@ -27,8 +56,9 @@ pub async fn server_health(State(state): State<AppState>) -> Response {
             "status": if healthy { "healthy" } else { "degraded" },
             "version": env!("CARGO_PKG_VERSION"),
             "formations": formations,
-            "failures": live.failures,
-            "problems": live.problems,
+            "failures": failures,
+            "problems": problems,
+            "store": store,
         }),
     )
 }

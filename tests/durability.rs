@@ -1,0 +1,278 @@
+//! Every accepted request reaches exactly one end: faults caused for real
+//! against the real binary (clients that vanish, a full disk, a formation that
+//! does not load, a second server on the same folder).
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const AGENT: &str = r#"#!/usr/bin/env python3
+import json, sys, time
+req = json.load(sys.stdin)
+msg = req["message"]
+if msg.startswith("sleep:"):
+    time.sleep(float(msg[6:]))
+print(json.dumps({"result": "done: " + msg[:40]}), flush=True)
+"#;
+
+fn fixture(extra: &str) -> Fixture {
+    let fx = Fixture::new();
+    fx.script("f/agent.py", AGENT);
+    let agents = "agents:\n  - id: worker\n    estimated_seconds: 0.2\n    command: [\"python3\", \"agent.py\"]\n";
+    fx.write("f/formation.afs", &formation_yaml("f", &format!("{extra}{agents}")));
+    fx
+}
+
+/// A POST written in full on a raw socket, which is then closed at once.
+fn post_and_vanish(server: &Server, body: &str, idempotency_key: &str) {
+    let addr = server.base.trim_start_matches("http://");
+    let mut socket = TcpStream::connect(addr).unwrap();
+    let request = format!(
+        "POST /api/f/v1/chat HTTP/1.1\r\nHost: {addr}\r\nX-Muxi-Client-Key: client-f\r\nX-Muxi-User-ID: u1\r\n\
+         X-Muxi-Idempotency-Key: {idempotency_key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).unwrap();
+    drop(socket);
+}
+
+#[tokio::test]
+async fn requests_of_clients_that_vanish_right_after_sending_all_run() {
+    let fx = fixture("async:\n  mode: async\n");
+    let server = fx.start();
+    let caller = server.caller("f", "u1");
+    let n = 40;
+    for i in 0..n {
+        post_and_vanish(&server, &json!({ "message": format!("job {i}") }).to_string(), &format!("key-{i}"));
+    }
+    // A request the server read before the client left may or may not have
+    // been accepted; each one that was committed runs to its end, without a
+    // restart and without anyone asking again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let committed = caller.list("?limit=500").await;
+    for request in &committed {
+        let id = request["request_id"].as_str().or(request["id"].as_str()).unwrap().to_string();
+        assert_eq!(caller.finished(&id).await["status"], "completed");
+    }
+    // A retry with the same key gets the same request (or makes it, if the
+    // first never got in), and it ends.
+    for i in 0..n {
+        let response = caller
+            .request(reqwest::Method::POST, "/chat")
+            .header("X-Muxi-Idempotency-Key", format!("key-{i}"))
+            .json(&json!({ "message": format!("job {i}") }))
+            .send()
+            .await
+            .unwrap();
+        let (code, body) = json(response).await;
+        assert!(code == 202 || code == 200, "{code}: {body}");
+        let data = caller.finished(&request_id(&body)).await;
+        assert_eq!(data["status"], "completed", "{data}");
+    }
+    let all = caller.list("?limit=500").await;
+    assert_eq!(all.len(), n, "one request per key");
+}
+
+#[tokio::test]
+async fn a_replay_with_the_same_key_and_another_body_is_refused() {
+    let fx = fixture("async:\n  mode: async\n");
+    let server = fx.start();
+    let caller = server.caller("f", "u1");
+    let send = |message: &str| {
+        caller
+            .request(reqwest::Method::POST, "/chat")
+            .header("X-Muxi-Idempotency-Key", "k1")
+            .json(&json!({ "message": message }))
+            .send()
+    };
+    let (code, first) = json(send("first").await.unwrap()).await;
+    assert_eq!(code, 202, "{first}");
+    let (code, again) = json(send("first").await.unwrap()).await;
+    assert_eq!(code, 202, "{again}");
+    assert_eq!(request_id(&again), request_id(&first));
+    let (code, other) = json(send("second").await.unwrap()).await;
+    assert_eq!(code, 409, "{other}");
+    assert_eq!(other["code"], "idempotency_key_reused");
+    assert_eq!(other["error"]["details"]["request_id"], request_id(&first).as_str());
+    assert_eq!(caller.list("").await.len(), 1, "nothing new stored");
+}
+
+#[tokio::test]
+async fn unfinished_requests_wait_for_their_formation_to_load() {
+    let fx = fixture("async:\n  mode: async\n");
+    let server = fx.start();
+    let caller = server.caller("f", "u1");
+    let (code, body, _) = caller.chat(json!({ "message": "sleep:4" })).await;
+    assert_eq!(code, 202, "{body}");
+    let id = request_id(&body);
+    eventually(Duration::from_secs(30), "the attempt to start", || async {
+        (caller.data(&id).await["status"] == "processing").then_some(())
+    })
+    .await;
+    server.kill();
+
+    // At the next start the formation does not load (a secret is missing).
+    let broken = formation_yaml(
+        "f",
+        "async:\n  mode: async\nllm:\n  api_keys:\n    openai: ${{ secrets.NOT_SET_YET }}\nagents:\n  - id: worker\n    command: [\"python3\", \"agent.py\"]\n",
+    );
+    fx.write("f/formation.afs", &broken);
+    let server = fx.start();
+    let health = || async { json(server.get("/health").send().await.unwrap()).await.1 };
+    assert!(health().await["data"]["formations"].as_array().unwrap().is_empty(), "f is not served");
+    // The request waits, and says why, in the store.
+    let data_dir = fx.data.clone();
+    let note = eventually(Duration::from_secs(30), "the waiting note", || {
+        let data_dir = data_dir.clone();
+        let id = id.clone();
+        async move { stored_field(&data_dir, &id, "status_message").filter(|m| m.contains("waiting for formation")) }
+    })
+    .await;
+    assert!(note.contains("`f`"), "{note}");
+    assert_eq!(stored_field(&fx.data, &id, "status").as_deref(), Some("processing"));
+
+    // The formation is fixed: the request runs again and ends.
+    fx.write(
+        "f/formation.afs",
+        &formation_yaml(
+            "f",
+            "async:\n  mode: async\nagents:\n  - id: worker\n    command: [\"python3\", \"agent.py\"]\n",
+        ),
+    );
+    let caller = server.caller("f", "u1");
+    eventually(Duration::from_secs(30), "f served again", || async {
+        (caller.status(&id).await.0 == 200).then_some(())
+    })
+    .await;
+    let data = caller.finished(&id).await;
+    assert_eq!(data["status"], "completed", "{data}");
+    assert_eq!(data["attempts"], 2, "at-least-once: the interrupted attempt counts");
+}
+
+/// A column of a stored request, read straight from the database file.
+fn stored_field(data_dir: &Path, id: &str, column: &str) -> Option<String> {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import sqlite3,sys; c=sqlite3.connect('file:{}?mode=ro', uri=True); \
+             r=c.execute('SELECT {column} FROM requests WHERE id=?', (sys.argv[1],)).fetchone(); \
+             print(r[0] if r and r[0] is not None else '')",
+            data_dir.join("muxi.db").display()
+        ))
+        .arg(id)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!text.is_empty()).then_some(text)
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_folder_is_refused() {
+    let fx = fixture("");
+    let _first = fx.start();
+    let out = Command::new(BIN)
+        .args(["serve", fx.formations.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&fx.data)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use by another muxi-rt"), "{stderr}");
+}
+
+/// A tmpfs of `size` mounted on a fresh folder; unmounted on drop.
+struct Tmpfs {
+    _root: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("disk");
+        std::fs::create_dir_all(&path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mounting a tmpfs needs root (CI runs as root)");
+        Tmpfs { _root: root, path }
+    }
+
+    /// Fills the disk; returns the filler's path.
+    fn fill(&self) -> PathBuf {
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        let _ = file.sync_all();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_503_and_shows_in_health_then_recovers() {
+    let mut fx = fixture("async:\n  mode: async\n");
+    let disk = Tmpfs::mount("16m");
+    fx.data = disk.path.join("data");
+    let server = fx.start();
+    let caller = server.caller("f", "u1");
+    let (code, body, _) = caller.chat(json!({ "message": "before" })).await;
+    assert_eq!(code, 202, "{body}");
+
+    let filler = disk.fill();
+    // A large message needs pages the database does not have yet.
+    let big = "x".repeat(700 * 1024);
+    let (code, body, headers) = caller.chat(json!({ "message": big })).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["code"], "storage_unavailable");
+    assert!(headers.contains_key("retry-after"));
+    let (_, health) = json(server.get("/health").send().await.unwrap()).await;
+    assert_eq!(health["data"]["store"]["writable"], false, "{health}");
+    assert_eq!(health["data"]["status"], "degraded");
+
+    // Space comes back: writes work again and health says so.
+    std::fs::remove_file(filler).unwrap();
+    let (code, body, _) = caller.chat(json!({ "message": big })).await;
+    assert_eq!(code, 202, "{body}");
+    let id = request_id(&body);
+    assert_eq!(caller.finished(&id).await["status"], "completed");
+    let (_, health) = json(server.get("/health").send().await.unwrap()).await;
+    assert_eq!(health["data"]["store"]["writable"], true, "{health}");
+    drop(server);
+}
+
+#[tokio::test]
+async fn a_read_only_data_folder_is_refused_at_start() {
+    let mut fx = fixture("");
+    let disk = Tmpfs::mount("4m");
+    fx.data = disk.path.join("data");
+    let data = fx.data.clone();
+    fx.start().terminate();
+    let status = Command::new("mount").args(["-o", "remount,ro"]).arg(&disk.path).status().unwrap();
+    assert!(status.success());
+    let out = Command::new(BIN)
+        .args(["serve", fx.formations.to_str().unwrap(), "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a server that cannot write must not start");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(stderr.contains("not writable") || stderr.contains("read-only"), "{stderr}");
+}
