@@ -232,6 +232,15 @@ fn validate_reports_each_problem_with_file_line_and_column() {
     assert_eq!(code, 1);
     assert!(out.contains("type.afs:10:") && out.contains("async.threshold_seconds"), "{out}");
 
+    // A number of seconds beyond the schema's maximum (no Duration holds 1e300).
+    let (code, out) = validate_one(
+        &fx,
+        "huge.afs",
+        &formation_yaml("huge", "overlord:\n  workflow:\n    timeouts:\n      task_timeout: 1e300\n"),
+    );
+    assert_eq!(code, 1);
+    assert!(out.contains("huge.afs:12:7: overlord.workflow.timeouts.task_timeout: must be at most"), "{out}");
+
     let (code, out) = validate_one(
         &fx,
         "retry.afs",

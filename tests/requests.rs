@@ -405,6 +405,8 @@ async fn bad_input_is_refused_with_a_clear_code_and_nothing_is_stored() {
         (br#"{"message": "hi", "async": "yes"}"#.to_vec(), 400, "invalid_request"),
         (br#"{"message": "hi", "agent_id": "ghost"}"#.to_vec(), 422, "unknown_agent"),
         (br#"{"message": "hi", "threshold_seconds": -1}"#.to_vec(), 400, "invalid_request"),
+        // Beyond any Duration: a clear 400, not a panic and an empty reply.
+        (br#"{"message": "hi", "threshold_seconds": 1e20}"#.to_vec(), 400, "invalid_request"),
     ];
     for (body, want_status, want_code) in cases {
         let (status, reply) = json(raw(body).await.unwrap()).await;

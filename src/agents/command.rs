@@ -298,8 +298,10 @@ fn explicit_failure(error: &Value, line: &Map<String, Value>) -> AgentFailure {
     let kind = fields.get("type").and_then(Value::as_str).unwrap_or(KIND);
     let retryable = fields.get("retryable").and_then(Value::as_bool).unwrap_or(false);
     let mut failure = AgentFailure::new(kind, message, retryable);
-    failure.retry_after =
-        fields.get("retry_after").and_then(Value::as_f64).and_then(|s| Duration::try_from_secs_f64(s).ok());
+    failure.retry_after = fields
+        .get("retry_after")
+        .and_then(Value::as_f64)
+        .and_then(|s| (!s.is_nan() && s >= 0.0).then(|| crate::time::seconds_clamped(s, crate::time::MAX_RETRY_AFTER)));
     failure
 }
 

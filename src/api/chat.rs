@@ -53,8 +53,11 @@ pub async fn accept(
         return Err(ApiError::new(Code::MissingMessage, "`message` is required and must not be empty"));
     }
     if let Some(t) = body.threshold_seconds {
-        if !(t.is_finite() && t > 0.0) {
-            return Err(ApiError::new(Code::InvalidRequest, "`threshold_seconds` must be a number above 0"));
+        if !(t > 0.0 && crate::time::seconds(t).is_some()) {
+            return Err(ApiError::new(
+                Code::InvalidRequest,
+                format!("`threshold_seconds` must be a number above 0 and at most {}", crate::time::MAX_SECONDS),
+            ));
         }
     }
     let agent = formation.agent(body.agent_id.as_deref()).ok_or_else(|| {

@@ -248,7 +248,7 @@ impl Engine {
         let timeouts = &formation.overlord.timeouts;
         let policy = &formation.overlord.retry;
         let first_start = record.started_at.unwrap_or_else(now_ms);
-        let workflow_deadline_ms = first_start + (timeouts.workflow_timeout * 1000.0) as i64;
+        let workflow_deadline_ms = first_start.saturating_add(crate::time::millis(timeouts.workflow_timeout));
         let history = self.session_history(record).await;
 
         loop {

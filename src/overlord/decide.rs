@@ -45,7 +45,7 @@ pub fn decide(
             if estimated_seconds >= threshold {
                 Plan::Async
             } else {
-                Plan::Wait { limit: Some(Duration::from_secs_f64(threshold)) }
+                Plan::Wait { limit: Some(crate::time::seconds_clamped(threshold, Duration::MAX)) }
             }
         }
     }

@@ -72,8 +72,7 @@ impl Settings {
             .clone()
             .filter(|s| !s.is_empty())
             .or_else(|| formation.keys.admin.clone().filter(|s| !s.is_empty()));
-        let timeout = Duration::try_from_secs_f64(a.webhook_timeout)
-            .ok()
+        let timeout = crate::time::seconds(a.webhook_timeout)
             .filter(|t| !t.is_zero())
             .unwrap_or(Duration::from_secs(10))
             .min(MAX_ATTEMPT_TIMEOUT);
@@ -271,7 +270,7 @@ fn retry_update(attempts_before: u32, retries: u32, error: String, retry_after: 
 fn backoff(made: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
     let exponent = made.saturating_sub(1).min(16) as i32;
     let base = INITIAL_BACKOFF.as_secs_f64() * 2f64.powi(exponent) * jitter;
-    let delay = Duration::from_secs_f64(base.clamp(0.0, MAX_BACKOFF.as_secs_f64()));
+    let delay = crate::time::seconds_clamped(base, MAX_BACKOFF);
     delay.max(retry_after.unwrap_or_default())
 }
 
