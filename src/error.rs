@@ -19,6 +19,7 @@ pub enum Code {
     RequestAlreadyFinished,
     InvalidJson,
     InvalidRequest,
+    InvalidUserId,
     MissingMessage,
     UnknownAgent,
     PayloadTooLarge,
@@ -46,6 +47,7 @@ impl Code {
             Code::RequestAlreadyFinished => "request_already_finished",
             Code::InvalidJson => "invalid_json",
             Code::InvalidRequest => "invalid_request",
+            Code::InvalidUserId => "invalid_user_id",
             Code::MissingMessage => "missing_message",
             Code::UnknownAgent => "unknown_agent",
             Code::PayloadTooLarge => "payload_too_large",
@@ -74,7 +76,9 @@ impl Code {
             Code::RequestAlreadyFinished | Code::RequestCancelled => StatusCode::CONFLICT,
             Code::RequestFailed => StatusCode::BAD_GATEWAY,
             Code::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Code::InvalidJson | Code::InvalidRequest | Code::MissingMessage => StatusCode::BAD_REQUEST,
+            Code::InvalidJson | Code::InvalidRequest | Code::InvalidUserId | Code::MissingMessage => {
+                StatusCode::BAD_REQUEST
+            }
             Code::UnknownAgent | Code::MissingTriggerData | Code::InvalidWebhookUrl | Code::WebhookTargetRefused => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }

@@ -433,6 +433,60 @@ async fn bad_input_is_refused_with_a_clear_code_and_nothing_is_stored() {
     assert!(list(&server, "u1", "").await.is_empty(), "nothing was stored");
 }
 
+/// A user id that is not visible ASCII is refused, never read as another user
+/// (it used to become `default`); ids and keys are bounded.
+#[tokio::test]
+async fn user_ids_and_identifiers_are_checked() {
+    let fx = fixture("async:\n  mode: sync\n");
+    let server = fx.start();
+    let (name, key) = client_key("f");
+    let (_, body, _) = chat(&server, "default", json!({"message": "mine"})).await;
+    let id = request_id(&body);
+    let as_user = |user: &[u8], method: reqwest::Method, path: &str| {
+        server
+            .http
+            .request(method, server.url(&format!("/api/f/v1{path}")))
+            .header(name, key.clone())
+            .header("X-Muxi-User-ID", reqwest::header::HeaderValue::from_bytes(user).unwrap())
+    };
+    for user in ["alic\u{e9}".as_bytes(), b"al ice", &[b'u'; 257]] {
+        let (code, reply) =
+            json(as_user(user, reqwest::Method::GET, &format!("/requests/{id}")).send().await.unwrap()).await;
+        assert_eq!((code, reply["code"].as_str()), (400, Some("invalid_user_id")), "{reply}");
+        assert!(reply["message"].as_str().unwrap().contains("X-Muxi-User-ID"), "{reply}");
+        let (code, reply) =
+            json(as_user(user, reqwest::Method::POST, "/chat").json(&json!({"message": "hi"})).send().await.unwrap())
+                .await;
+        assert_eq!((code, reply["code"].as_str()), (400, Some("invalid_user_id")), "{reply}");
+    }
+    let long = "x".repeat(257);
+    let cases = [
+        (json!({"message": "hi", "user_id": "b\u{f6}b"}), "invalid_user_id"),
+        (json!({"message": "hi", "session_id": long}), "invalid_request"),
+        (json!({"message": "hi", "agent_id": long}), "invalid_request"),
+        (
+            json!({"message": "hi", "webhook_url": format!("https://example.com/{}", "x".repeat(3000))}),
+            "invalid_request",
+        ),
+    ];
+    for (body, want) in cases {
+        let (code, reply, _) = chat(&server, "u1", body).await;
+        assert_eq!((code, reply["code"].as_str()), (400, Some(want)), "{reply}");
+    }
+    let (code, reply) = json(
+        as_user(b"u1", reqwest::Method::POST, "/chat")
+            .header("X-Muxi-Idempotency-Key", long.as_str())
+            .json(&json!({"message": "hi"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((code, reply["code"].as_str()), (400, Some("invalid_request")), "{reply}");
+    assert!(list(&server, "u1", "").await.is_empty(), "nothing was stored");
+    assert_eq!(list(&server, "default", "").await.len(), 1);
+}
+
 #[tokio::test]
 async fn errors_on_streams_arrive_as_sse_error_frames() {
     let fx = fixture(AUTO);

@@ -60,6 +60,20 @@ pub async fn accept(
             ));
         }
     }
+    let user_id = auth::user_id(headers, body.user_id.as_deref())?;
+    let idempotency_key = auth::idempotency_key(headers)?;
+    if let Some(id) = &body.agent_id {
+        auth::check_id("`agent_id`", id)?;
+    }
+    if let Some(session) = body.session_id.as_deref().filter(|s| !s.trim().is_empty()) {
+        auth::check_id("`session_id`", session)?;
+    }
+    if body.webhook_url.as_ref().is_some_and(|url| url.len() > auth::MAX_URL_LEN) {
+        return Err(ApiError::new(
+            Code::InvalidRequest,
+            format!("`webhook_url` must be at most {} characters", auth::MAX_URL_LEN),
+        ));
+    }
     let agent = formation.agent(body.agent_id.as_deref()).ok_or_else(|| {
         let known: Vec<&str> = formation.agents.iter().map(|a| a.id.as_str()).collect();
         match &body.agent_id {
@@ -82,7 +96,7 @@ pub async fn accept(
         id: format!("req_{}", uuid::Uuid::now_v7().simple()),
         formation_id: formation.id.clone(),
         formation_version: format!("{}+{}", formation.version, formation.revision),
-        user_id: auth::user_id(headers, body.user_id.as_deref()),
+        user_id,
         // Every request belongs to a session; one is opened when none is named.
         session_id: Some(
             body.session_id
@@ -93,7 +107,7 @@ pub async fn accept(
         message,
         mode: plan.mode().to_string(),
         estimated_seconds: estimate.seconds,
-        idempotency_key: auth::header(headers, auth::IDEMPOTENCY_KEY).map(str::to_string),
+        idempotency_key,
         webhook_url: body.webhook_url,
         created_at: crate::time::now_ms(),
     };

@@ -25,7 +25,7 @@ pub async fn find(
     request_id: &str,
 ) -> ApiResult<RequestRecord> {
     auth::authorize(state, formation_id, headers, Role::Client)?;
-    let user = auth::user_id(headers, None);
+    let user = auth::user_id(headers, None)?;
     // A request running here is answered from memory; others from the store.
     let record = match state.engine.live(request_id) {
         Some(live) => Some(live.snapshot()),
@@ -74,7 +74,7 @@ pub async fn list(
             )
         })?),
     };
-    let query = ListQuery { formation_id: id, user_id: auth::user_id(&headers, None), status, limit };
+    let query = ListQuery { formation_id: id, user_id: auth::user_id(&headers, None)?, status, limit };
     let records = state.engine.store().list(&query).await?;
     let requests: Vec<Value> = records.iter().map(views::request_status).collect();
     Ok(envelope::ok("request.list", None, None, json!({ "requests": requests, "count": requests.len() })))
