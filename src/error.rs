@@ -23,6 +23,8 @@ pub enum Code {
     MissingMessage,
     UnknownAgent,
     PayloadTooLarge,
+    HeadersTooLarge,
+    BodyReadTimeout,
     TriggerNotFound,
     MissingTriggerData,
     InvalidWebhookUrl,
@@ -51,6 +53,8 @@ impl Code {
             Code::MissingMessage => "missing_message",
             Code::UnknownAgent => "unknown_agent",
             Code::PayloadTooLarge => "payload_too_large",
+            Code::HeadersTooLarge => "headers_too_large",
+            Code::BodyReadTimeout => "body_read_timeout",
             Code::TriggerNotFound => "trigger_not_found",
             Code::MissingTriggerData => "missing_trigger_data",
             Code::InvalidWebhookUrl => "invalid_webhook_url",
@@ -83,6 +87,8 @@ impl Code {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Code::BodyReadTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -148,6 +154,10 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert("retry-after", HeaderValue::from_static("5"));
+        }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body is still on the wire: do not reuse the connection.
+            response.headers_mut().insert("connection", HeaderValue::from_static("close"));
         }
         response
     }

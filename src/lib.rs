@@ -11,6 +11,7 @@ pub mod api;
 pub mod engine;
 pub mod error;
 pub mod formation;
+pub mod http_server;
 pub mod keys;
 pub mod overlord;
 pub mod registry;

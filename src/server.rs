@@ -75,7 +75,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port.
     println!("muxi-rt listening on http://{addr}");
 
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown({
+    let server = crate::http_server::serve(listener, api::router(state), {
         let shutdown = shutdown.clone();
         async move {
             signals.wait().await;
@@ -83,7 +83,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
-    let server = tokio::spawn(async move { server.await });
+    let server = tokio::spawn(server);
     shutdown.cancelled().await;
     match tokio::time::timeout(GRACE, server).await {
         Ok(result) => result??,

@@ -25,6 +25,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 
 /// The error for a body that could not be read (too large, broken connection).
 pub fn unreadable(rejection: BytesRejection) -> ApiError {
+    if let Some(timeout) = super::limits::timed_out(&rejection) {
+        return ApiError::new(Code::BodyReadTimeout, timeout.to_string());
+    }
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(Code::PayloadTooLarge, format!("the request body is larger than {MAX_BODY_BYTES} bytes"))
     } else {

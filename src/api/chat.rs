@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::auth::{self, Role};
 use super::body::JsonBody;
+use super::extract::Path;
 use super::{envelope, views, AppState};
 use crate::engine::Submitted;
 use crate::error::{ApiError, ApiResult, Code};

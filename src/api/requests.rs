@@ -1,7 +1,8 @@
 //! The caller's requests: status, list, cancel. Scoped to the caller's user id:
 //! another user's request answers 404, as if it did not exist.
 
-use axum::extract::{Path, Query, State};
+use super::extract::{Path, Query};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;

@@ -13,9 +13,10 @@
 //! or the call asks to wait (`use_async: false` in the body, or `?async=false` /
 //! `?use_async=false`; the body wins over the query).
 
+use super::extract::{Path, Query};
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
@@ -147,13 +148,12 @@ pub async fn fire(
     State(state): State<AppState>,
     Path((id, name)): Path<(String, String)>,
     headers: HeaderMap,
-    query: Result<Query<FireParams>, QueryRejection>,
+    query: Result<Query<FireParams>, ApiError>,
     raw: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let formation = auth::authorize(&state, &id, &headers, Role::Client)?;
     let trigger = find(&formation, &name)?.clone();
-    let Query(params) =
-        query.map_err(|e| ApiError::new(Code::InvalidRequest, format!("cannot read the query string: {e}")))?;
+    let Query(params) = query?;
     let call = Call::parse(&raw.map_err(body::unreadable)?)?;
 
     let message = render(&trigger, &call.data).map_err(|missing| {

@@ -1,0 +1,91 @@
+//! Issue 8: what a hostile or broken client sends is refused in the JSON error
+//! envelope with a stable code, and slow clients cannot hold connections open.
+//! Through the real binary, with raw TCP where reqwest would not misbehave.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn fixture() -> Fixture {
+    let fx = Fixture::new();
+    fx.script(
+        "f/agent.py",
+        "#!/usr/bin/env python3\nimport json, sys\njson.load(sys.stdin)\nprint(json.dumps({\"result\": \"ok\"}))\n",
+    );
+    fx.write(
+        "f/formation.afs",
+        &formation_yaml("f", "agents:\n  - id: worker\n    command: [\"python3\", \"agent.py\"]\n"),
+    );
+    fx
+}
+
+/// Status and JSON body of a raw HTTP/1.1 answer (`Content-Length` framed).
+fn parse(answer: &str) -> (u16, Value) {
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP answer: {answer:?}"));
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {answer}"));
+    (status, body)
+}
+
+#[tokio::test]
+async fn rejections_are_json_with_a_stable_code() {
+    let fx = fixture();
+    let server = fx.start();
+    let caller = server.caller("f", "u1");
+    let get = |path: &str| caller.request(reqwest::Method::GET, path).send();
+
+    // A path segment that is not UTF-8, in a request id and in a formation id.
+    let (code, body) = json(get("/requests/%FF%FE").await.unwrap()).await;
+    assert_eq!((code, body["code"].as_str()), (400, Some("invalid_request")), "{body}");
+    let (code, body) = json(server.get("/api/%FF/v1/health").send().await.unwrap()).await;
+    assert_eq!((code, body["code"].as_str()), (400, Some("invalid_request")), "{body}");
+
+    // A duplicate query field, and a malformed one.
+    let (code, body) = json(get("/requests?limit=1&limit=2").await.unwrap()).await;
+    assert_eq!((code, body["code"].as_str()), (400, Some("invalid_request")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("duplicate"), "{body}");
+    let (code, body) = json(get("/requests?limit=abc").await.unwrap()).await;
+    assert_eq!((code, body["code"].as_str()), (400, Some("invalid_request")), "{body}");
+
+    // Headers too large: a JSON 431.
+    let answer = server
+        .raw(
+            format!("GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "a".repeat(40_000))
+                .as_bytes(),
+            Duration::from_secs(30),
+        )
+        .expect("answered and closed");
+    let (code, body) = parse(&answer);
+    assert_eq!((code, body["code"].as_str()), (431, Some("headers_too_large")), "{body}");
+
+    // Still serving.
+    assert_eq!(server.get("/health").send().await.unwrap().status(), 200);
+}
+
+/// `MUXI_READ_TIMEOUT_SECS=1` only makes the test quick; the default is 30 s.
+#[tokio::test]
+async fn slow_clients_are_cut_off() {
+    let fx = fixture();
+    let server = Server::start(&fx, &[], &[("MUXI_READ_TIMEOUT_SECS", "1")]);
+
+    // Half a request head, never finished: the connection is closed, unanswered.
+    let answer = server.raw(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow:", Duration::from_secs(20));
+    let answer = answer.expect("the server closed a connection whose headers never ended");
+    assert!(!answer.contains("200 OK"), "{answer}");
+
+    // A body that stops arriving: a JSON 408, and the connection closed.
+    let (name, key) = client_key("f");
+    let head = format!(
+        "POST /api/f/v1/chat HTTP/1.1\r\nHost: x\r\n{name}: {key}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"message\": "
+    );
+    let answer = server.raw(head.as_bytes(), Duration::from_secs(20)).expect("answered and closed");
+    let (code, body) = parse(&answer);
+    assert_eq!((code, body["code"].as_str()), (408, Some("body_read_timeout")), "{body}");
+    assert!(server.caller("f", "default").list("").await.is_empty(), "nothing was stored");
+
+    // Still serving.
+    assert_eq!(server.get("/health").send().await.unwrap().status(), 200);
+}
