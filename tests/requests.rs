@@ -124,7 +124,8 @@ async fn async_mode_answers_202_at_once_then_completes_in_the_background() {
         body["data"]["session_id"].as_str().unwrap().starts_with("sess_"),
         "a session is opened when none is named"
     );
-    assert!(body["data"]["estimated_time"].as_str().unwrap().contains("second"), "{body}");
+    let estimated_time = body["data"]["estimated_time"].as_str().unwrap();
+    assert_eq!(estimated_time, "about 1 second (declared)", "{body}");
     assert_eq!(headers["location"], format!("/api/f/v1/requests/{id}").as_str());
     assert!(headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
     let data = finished(&server, "u1", &id).await;
@@ -163,6 +164,28 @@ async fn auto_mode_promotes_a_quick_looking_request_at_the_threshold() {
     let (_, now) = status(&server, "u1", &id).await;
     assert_eq!(now["data"]["status"], "processing");
     assert_eq!(finished(&server, "u1", &id).await["status"], "completed");
+}
+
+/// An agent with no history and no declared estimate: auto mode does not send
+/// its work async on a guess from the message; it waits up to the threshold.
+#[tokio::test]
+async fn auto_mode_waits_when_the_estimate_rests_on_nothing() {
+    let fx = Fixture::new();
+    fx.script("f/agent.py", AGENT);
+    let agents = "agents:\n  - id: guess\n    command: [\"python3\", \"agent.py\"]\n";
+    fx.write(
+        "f/formation.afs",
+        &formation_yaml("f", &format!("async:\n  mode: auto\n  threshold_seconds: 2\n{agents}")),
+    );
+    let server = fx.start();
+    // The message alone is guessed at 2 s (the threshold): still answered with the result.
+    let (code, body, _) = chat(&server, "u1", json!({"message": "sleep:0.2"})).await;
+    assert_eq!(code, 200, "{body}");
+    // Work that outlasts the threshold is promoted, saying the estimate was a guess.
+    let (code, body, _) = chat(&server, "u1", json!({"message": "sleep:4"})).await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["data"]["estimated_time"], "unknown (no history)", "{body}");
+    assert_eq!(finished(&server, "u1", &request_id(&body)).await["status"], "completed");
 }
 
 #[tokio::test]

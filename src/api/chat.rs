@@ -40,6 +40,8 @@ pub struct Accepted {
     pub formation: Arc<Formation>,
     pub request: NewRequest,
     pub plan: Plan,
+    /// What `plan` was decided on; named in a 202's `estimated_time`.
+    pub estimate: Estimate,
 }
 
 /// Checks a chat-like request and prepares it; nothing is stored on error.
@@ -90,7 +92,7 @@ pub async fn accept(
         crate::webhooks::target::check_target(url, &state.allow_webhook_hosts).await?;
     }
     let estimate = state.engine.estimate(&formation, &agent_id, &message).await;
-    let plan = decide(&formation.overlord.async_, body.async_, body.threshold_seconds, estimate.seconds);
+    let plan = decide(&formation.overlord.async_, body.async_, body.threshold_seconds, &estimate);
     let request = NewRequest {
         // Time-ordered ids (UUIDv7): new rows append to the store's indexes
         // instead of dirtying a random page each.
@@ -112,7 +114,7 @@ pub async fn accept(
         webhook_url: body.webhook_url,
         created_at: crate::time::now_ms(),
     };
-    Ok(Accepted { formation, request, plan })
+    Ok(Accepted { formation, request, plan, estimate })
 }
 
 pub async fn chat(
@@ -132,7 +134,8 @@ pub async fn chat(
 
 /// Submits an accepted request and answers per its plan (shared with triggers).
 pub async fn run_and_answer(state: &AppState, accepted: Accepted) -> ApiResult<Response> {
-    let Accepted { formation, request, plan } = accepted;
+    let Accepted { formation, request, plan, estimate } = accepted;
+    let request_id = request.id.clone();
     let idempotency_key = request.idempotency_key.clone();
     let Submitted { record, live, .. } = state.engine.submit(formation.clone(), request, false).await?;
     let key = idempotency_key.as_deref();
@@ -152,17 +155,31 @@ pub async fn run_and_answer(state: &AppState, accepted: Accepted) -> ApiResult<R
         // Still running at the threshold (or shutting down): answer with the id.
         live.promote();
     }
-    Ok(accepted_response(&formation.id, &record, key))
+    // A replay answers for an earlier request, whose estimate was made then.
+    let estimate = (record.id == request_id).then_some(estimate);
+    Ok(accepted_response(&formation.id, &record, key, estimate.as_ref()))
 }
 
-/// 202 with the request id, where to poll, and when.
-pub fn accepted_response(formation_id: &str, record: &RequestRecord, idempotency_key: Option<&str>) -> Response {
+/// 202 with the request id, where to poll, and when. `estimate` is what the
+/// request's estimate rests on when known (not for a replay).
+pub fn accepted_response(
+    formation_id: &str,
+    record: &RequestRecord,
+    idempotency_key: Option<&str>,
+    estimate: Option<&Estimate>,
+) -> Response {
     let status_url = format!("/api/{formation_id}/v1/requests/{}", record.id);
     let poll_after = (record.estimated_seconds / 10.0).clamp(1.0, 30.0).round() as u64;
     let data = AcceptedData {
         request_id: &record.id,
         status: "processing",
-        estimated_time: Estimate { seconds: record.estimated_seconds, basis: Basis::Declared }.range(),
+        estimated_time: match estimate {
+            Some(estimate) => estimate.describe(),
+            None => format!(
+                "{} (estimated when first accepted)",
+                Estimate { seconds: record.estimated_seconds, basis: Basis::Declared }.range()
+            ),
+        },
         estimated_seconds: record.estimated_seconds,
         events_url: format!("{status_url}/events"),
         status_url: &status_url,
