@@ -53,6 +53,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
 
+    // Agents an earlier server left running die before their work is run again.
+    crate::agents::lifetime::sweep(&config.data_dir).context("cannot sweep leftover agent processes")?;
     engine.recover().await.context("cannot recover unfinished requests")?;
     engine.spawn_retention();
 

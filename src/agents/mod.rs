@@ -7,6 +7,7 @@
 
 pub mod command;
 pub mod http;
+pub mod lifetime;
 pub mod llm;
 
 use std::time::Duration;

@@ -331,6 +331,13 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
+/// Field 22 (start time) of `/proc/<pid>/stat`, as the server records agents.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// A minimal formation document with fixed keys.
 pub fn formation_yaml(id: &str, extra: &str) -> String {
     format!(
