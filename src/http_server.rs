@@ -3,7 +3,7 @@
 //! [`read_timeout`] (else the connection is closed) and keep them under
 //! [`MAX_HEADER_BYTES`] (the API answers a JSON 431 below that; hyper's bare 431
 //! is the backstop at [`HYPER_MAX_HEADER_BYTES`]). Request bodies get the same
-//! read timeout (see `api::body::read_deadline`). Graceful shutdown: on
+//! read timeout (see `api::body::RawBody`). Graceful shutdown: on
 //! `shutdown`, stop accepting, let in-flight requests finish, close idle
 //! keep-alive connections.
 

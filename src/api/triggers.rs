@@ -14,8 +14,6 @@
 //! `?use_async=false`; the body wins over the query).
 
 use super::extract::{Path, Query};
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -149,12 +147,12 @@ pub async fn fire(
     Path((id, name)): Path<(String, String)>,
     headers: HeaderMap,
     query: Result<Query<FireParams>, ApiError>,
-    raw: Result<Bytes, BytesRejection>,
+    raw: Result<body::RawBody, ApiError>,
 ) -> ApiResult<Response> {
     let formation = auth::authorize(&state, &id, &headers, Role::Client)?;
     let trigger = find(&formation, &name)?.clone();
     let Query(params) = query?;
-    let call = Call::parse(&raw.map_err(body::unreadable)?)?;
+    let call = Call::parse(&raw?.0)?;
 
     let message = render(&trigger, &call.data).map_err(|missing| {
         ApiError::new(
