@@ -305,7 +305,7 @@ mod tests {
         match retry_update(0, 3, "HTTP 503".into(), Some(Duration::MAX)) {
             DeliveryUpdate::Retry { next_attempt_at, .. } => {
                 let wait = next_attempt_at - now;
-                assert!(wait >= 3_599_000 && wait <= 3_601_000, "{wait}");
+                assert!((3_599_000..=3_601_000).contains(&wait), "{wait}");
             }
             other => panic!("{other:?}"),
         }
