@@ -9,12 +9,18 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
+/// Answers "ok", after `sleep:N` seconds when asked.
+const AGENT: &str = r#"#!/usr/bin/env python3
+import json, sys, time
+msg = json.load(sys.stdin)["message"]
+if msg.startswith("sleep:"):
+    time.sleep(float(msg[6:]))
+print(json.dumps({"result": "ok"}))
+"#;
+
 fn fixture() -> Fixture {
     let fx = Fixture::new();
-    fx.script(
-        "f/agent.py",
-        "#!/usr/bin/env python3\nimport json, sys\njson.load(sys.stdin)\nprint(json.dumps({\"result\": \"ok\"}))\n",
-    );
+    fx.script("f/agent.py", AGENT);
     fx.write(
         "f/formation.afs",
         &formation_yaml("f", "agents:\n  - id: worker\n    command: [\"python3\", \"agent.py\"]\n"),
@@ -88,4 +94,23 @@ async fn slow_clients_are_cut_off() {
 
     // Still serving.
     assert_eq!(server.get("/health").send().await.unwrap().status(), 200);
+}
+
+/// The read timeout bounds reading a request, never the answer: a sync request
+/// and a followed stream outlast it.
+#[tokio::test]
+async fn long_answers_outlast_the_read_timeout() {
+    let fx = fixture();
+    let server = Server::start(&fx, &[], &[("MUXI_READ_TIMEOUT_SECS", "1")]);
+    let caller = server.caller("f", "u1");
+    let (code, body, _) = caller.chat(serde_json::json!({"message": "sleep:2.5", "async": false})).await;
+    assert_eq!(code, 200, "{body}");
+
+    let (code, body, _) = caller.chat(serde_json::json!({"message": "sleep:2.5", "async": true})).await;
+    assert_eq!(code, 202, "{body}");
+    let id = request_id(&body);
+    let response = caller.request(reqwest::Method::GET, &format!("/requests/{id}/events")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.contains("completed"), "the stream ran to the end: {text}");
 }
