@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::receiver::{Answer, Receiver};
 use common::*;
 use serde_json::Value;
 
@@ -113,4 +114,28 @@ async fn long_answers_outlast_the_read_timeout() {
     assert_eq!(response.status(), 200);
     let text = response.text().await.unwrap();
     assert!(text.contains("completed"), "the stream ran to the end: {text}");
+}
+
+/// An HTTP agent answering `Retry-After: 1e20` (more seconds than a Duration
+/// holds) used to panic the request's task and leave it processing. The wait is
+/// capped at an hour, which is past the workflow timeout: the request fails now.
+#[tokio::test]
+async fn an_http_agent_asking_to_retry_after_1e20_fails_the_request_cleanly() {
+    let rx = Receiver::start().await;
+    rx.script("/agent", vec![], Some(Answer::With(503, "retry-after", "1e20".to_string())));
+    let fx = Fixture::new();
+    let settings = format!(
+        "overlord:\n  workflow:\n    timeouts: {{task_timeout: 30, workflow_timeout: 60}}\nagents:\n  - id: remote\n    url: \"{}\"\n",
+        rx.url("/agent")
+    );
+    fx.write("r/formation.afs", &formation_yaml("r", &settings));
+    let server = fx.start();
+    let caller = server.caller("r", "u1");
+    let (code, body, _) = caller.chat(serde_json::json!({"message": "hi", "async": true})).await;
+    assert_eq!(code, 202, "{body}");
+    let data = caller.finished(&request_id(&body)).await;
+    assert_eq!(data["status"], "failed", "{data}");
+    assert_eq!(data["attempts"], 1, "{data}");
+    assert_eq!(rx.hits("/agent").len(), 1);
+    assert_eq!(server.get("/health").send().await.unwrap().status(), 200);
 }
