@@ -19,9 +19,12 @@ pub enum Code {
     RequestAlreadyFinished,
     InvalidJson,
     InvalidRequest,
+    InvalidUserId,
     MissingMessage,
     UnknownAgent,
     PayloadTooLarge,
+    HeadersTooLarge,
+    BodyReadTimeout,
     TriggerNotFound,
     MissingTriggerData,
     InvalidWebhookUrl,
@@ -48,9 +51,12 @@ impl Code {
             Code::RequestAlreadyFinished => "request_already_finished",
             Code::InvalidJson => "invalid_json",
             Code::InvalidRequest => "invalid_request",
+            Code::InvalidUserId => "invalid_user_id",
             Code::MissingMessage => "missing_message",
             Code::UnknownAgent => "unknown_agent",
             Code::PayloadTooLarge => "payload_too_large",
+            Code::HeadersTooLarge => "headers_too_large",
+            Code::BodyReadTimeout => "body_read_timeout",
             Code::TriggerNotFound => "trigger_not_found",
             Code::MissingTriggerData => "missing_trigger_data",
             Code::InvalidWebhookUrl => "invalid_webhook_url",
@@ -78,11 +84,15 @@ impl Code {
             Code::RequestAlreadyFinished | Code::RequestCancelled | Code::IdempotencyKeyReused => StatusCode::CONFLICT,
             Code::RequestFailed => StatusCode::BAD_GATEWAY,
             Code::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Code::InvalidJson | Code::InvalidRequest | Code::MissingMessage => StatusCode::BAD_REQUEST,
+            Code::InvalidJson | Code::InvalidRequest | Code::InvalidUserId | Code::MissingMessage => {
+                StatusCode::BAD_REQUEST
+            }
             Code::UnknownAgent | Code::MissingTriggerData | Code::InvalidWebhookUrl | Code::WebhookTargetRefused => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Code::BodyReadTimeout => StatusCode::REQUEST_TIMEOUT,
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::ShuttingDown | Code::StorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -168,6 +178,10 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert("retry-after", HeaderValue::from_static("5"));
+        }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body is still on the wire: do not reuse the connection.
+            response.headers_mut().insert("connection", HeaderValue::from_static("close"));
         }
         response
     }

@@ -12,6 +12,7 @@ pub mod data_lock;
 pub mod engine;
 pub mod error;
 pub mod formation;
+pub mod http_server;
 pub mod keys;
 pub mod overlord;
 pub mod registry;

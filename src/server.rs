@@ -56,6 +56,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
 
+    // Agents an earlier server left running die before their work is run
+    // again (safe: the lock says that server is gone).
+    crate::agents::lifetime::sweep(&config.data_dir).context("cannot sweep leftover agent processes")?;
     // The lock proves that no other server uses this store: take over at once.
     engine.recover(true).await.context("cannot recover unfinished requests")?;
     engine.spawn_retention();
@@ -79,7 +82,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port.
     println!("muxi-rt listening on http://{addr}");
 
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown({
+    let server = crate::http_server::serve(listener, api::router(state), {
         let shutdown = shutdown.clone();
         async move {
             signals.wait().await;
@@ -87,7 +90,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
-    let server = tokio::spawn(async move { server.await });
+    let server = tokio::spawn(server);
     shutdown.cancelled().await;
     match tokio::time::timeout(GRACE, server).await {
         Ok(result) => result??,

@@ -74,9 +74,10 @@ async fn one_trial(trial: usize) -> usize {
     // The burst, and SIGKILL somewhere inside or after it.
     let sends: Vec<_> = (0..BURST)
         .map(|i| {
-            let request = server.caller("f", "u1").request(reqwest::Method::POST, "/chat").json(
-                &json!({ "message": format!("t{trial} job {i}"), "webhook_url": hook }),
-            );
+            let request = server
+                .caller("f", "u1")
+                .request(reqwest::Method::POST, "/chat")
+                .json(&json!({ "message": format!("t{trial} job {i}"), "webhook_url": hook }));
             tokio::spawn(async move {
                 let response = request.send().await.ok()?;
                 let (code, body) = (response.status().as_u16(), response.json::<serde_json::Value>().await.ok()?);

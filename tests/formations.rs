@@ -197,7 +197,8 @@ async fn serve_keeps_valid_formations_when_others_are_broken() {
     let server = fx.start();
     assert_eq!(server.get("/api/good/v1/health").send().await.unwrap().status(), 200);
     assert_eq!(server.get("/api/bad/v1/health").send().await.unwrap().status(), 404);
-    let (_, body) = json(server.get("/health").send().await.unwrap()).await;
+    let (name, key) = admin_key("good");
+    let (_, body) = json(server.get("/health").header(name, key).send().await.unwrap()).await;
     assert_eq!(body["data"]["status"], "degraded");
     let failure = &body["data"]["failures"][0];
     assert!(failure["file"].as_str().unwrap().ends_with("bad.afs"));
@@ -236,6 +237,15 @@ fn validate_reports_each_problem_with_file_line_and_column() {
     let (code, out) = validate_one(&fx, "type.afs", &formation_yaml("type", "async:\n  threshold_seconds: abc\n"));
     assert_eq!(code, 1);
     assert!(out.contains("type.afs:10:") && out.contains("async.threshold_seconds"), "{out}");
+
+    // A number of seconds beyond the schema's maximum (no Duration holds 1e300).
+    let (code, out) = validate_one(
+        &fx,
+        "huge.afs",
+        &formation_yaml("huge", "overlord:\n  workflow:\n    timeouts:\n      task_timeout: 1e300\n"),
+    );
+    assert_eq!(code, 1);
+    assert!(out.contains("huge.afs:12:7: overlord.workflow.timeouts.task_timeout: must be at most"), "{out}");
 
     let (code, out) = validate_one(
         &fx,

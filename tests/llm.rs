@@ -407,6 +407,32 @@ async fn an_unreachable_model_api_fails_after_max_attempts_naming_the_host() {
     assert!(message.contains("3 attempts"), "{message}");
 }
 
+/// A provider streaming a tool call with `index: 1000000000000` used to make the
+/// server allocate 72 TB and abort. Now the attempt fails at once, not retried,
+/// and the server goes on serving.
+#[tokio::test]
+async fn a_huge_tool_call_index_fails_the_request_and_the_server_stays_up() {
+    let llm = FakeLlm::start().await;
+    let hostile = r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":1000000000000,"id":"x","type":"function","function":{"name":"f","arguments":""}}]}}]}"#;
+    llm.push(Reply::RawSse(vec![hostile.to_string()]));
+    let fx = Fixture::new();
+    write_formation(&fx, &llm.base_url(), RETRY, ONE_AGENT);
+    let server = fx.start();
+
+    let id = submit_async(&server, "u1", json!({"message": "call a tool"})).await;
+    let data = finished(&server, "u1", &id).await;
+    assert_eq!(data["status"], "failed", "{data}");
+    assert_eq!(data["attempts"], 1, "not retried: {data}");
+    assert_eq!(data["error"]["retryable"], false);
+    let message = data["error"]["message"].as_str().unwrap();
+    assert!(message.contains("tool call index 1000000000000"), "{message}");
+
+    // Still up, and the next request is answered.
+    let (code, body) = chat(&server, "u1", json!({"message": "hello", "async": false})).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(llm.requests().len(), 2);
+}
+
 // ---- 4. disconnects ----
 
 #[tokio::test]

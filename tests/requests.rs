@@ -124,7 +124,8 @@ async fn async_mode_answers_202_at_once_then_completes_in_the_background() {
         body["data"]["session_id"].as_str().unwrap().starts_with("sess_"),
         "a session is opened when none is named"
     );
-    assert!(body["data"]["estimated_time"].as_str().unwrap().contains("second"), "{body}");
+    let estimated_time = body["data"]["estimated_time"].as_str().unwrap();
+    assert_eq!(estimated_time, "about 1 second (declared)", "{body}");
     assert_eq!(headers["location"], format!("/api/f/v1/requests/{id}").as_str());
     assert!(headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
     let data = finished(&server, "u1", &id).await;
@@ -163,6 +164,28 @@ async fn auto_mode_promotes_a_quick_looking_request_at_the_threshold() {
     let (_, now) = status(&server, "u1", &id).await;
     assert_eq!(now["data"]["status"], "processing");
     assert_eq!(finished(&server, "u1", &id).await["status"], "completed");
+}
+
+/// An agent with no history and no declared estimate: auto mode does not send
+/// its work async on a guess from the message; it waits up to the threshold.
+#[tokio::test]
+async fn auto_mode_waits_when_the_estimate_rests_on_nothing() {
+    let fx = Fixture::new();
+    fx.script("f/agent.py", AGENT);
+    let agents = "agents:\n  - id: guess\n    command: [\"python3\", \"agent.py\"]\n";
+    fx.write(
+        "f/formation.afs",
+        &formation_yaml("f", &format!("async:\n  mode: auto\n  threshold_seconds: 2\n{agents}")),
+    );
+    let server = fx.start();
+    // The message alone is guessed at 2 s (the threshold): still answered with the result.
+    let (code, body, _) = chat(&server, "u1", json!({"message": "sleep:0.2"})).await;
+    assert_eq!(code, 200, "{body}");
+    // Work that outlasts the threshold is promoted, saying the estimate was a guess.
+    let (code, body, _) = chat(&server, "u1", json!({"message": "sleep:4"})).await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["data"]["estimated_time"], "unknown (no history)", "{body}");
+    assert_eq!(finished(&server, "u1", &request_id(&body)).await["status"], "completed");
 }
 
 #[tokio::test]
@@ -405,6 +428,8 @@ async fn bad_input_is_refused_with_a_clear_code_and_nothing_is_stored() {
         (br#"{"message": "hi", "async": "yes"}"#.to_vec(), 400, "invalid_request"),
         (br#"{"message": "hi", "agent_id": "ghost"}"#.to_vec(), 422, "unknown_agent"),
         (br#"{"message": "hi", "threshold_seconds": -1}"#.to_vec(), 400, "invalid_request"),
+        // Beyond any Duration: a clear 400, not a panic and an empty reply.
+        (br#"{"message": "hi", "threshold_seconds": 1e20}"#.to_vec(), 400, "invalid_request"),
     ];
     for (body, want_status, want_code) in cases {
         let (status, reply) = json(raw(body).await.unwrap()).await;
@@ -429,6 +454,60 @@ async fn bad_input_is_refused_with_a_clear_code_and_nothing_is_stored() {
     let (status, reply) = json(response).await;
     assert_eq!((status, reply["code"].as_str()), (413, Some("payload_too_large")), "{reply}");
     assert!(list(&server, "u1", "").await.is_empty(), "nothing was stored");
+}
+
+/// A user id that is not visible ASCII is refused, never read as another user
+/// (it used to become `default`); ids and keys are bounded.
+#[tokio::test]
+async fn user_ids_and_identifiers_are_checked() {
+    let fx = fixture("async:\n  mode: sync\n");
+    let server = fx.start();
+    let (name, key) = client_key("f");
+    let (_, body, _) = chat(&server, "default", json!({"message": "mine"})).await;
+    let id = request_id(&body);
+    let as_user = |user: &[u8], method: reqwest::Method, path: &str| {
+        server
+            .http
+            .request(method, server.url(&format!("/api/f/v1{path}")))
+            .header(name, key.clone())
+            .header("X-Muxi-User-ID", reqwest::header::HeaderValue::from_bytes(user).unwrap())
+    };
+    for user in ["alic\u{e9}".as_bytes(), b"al ice", &[b'u'; 257]] {
+        let (code, reply) =
+            json(as_user(user, reqwest::Method::GET, &format!("/requests/{id}")).send().await.unwrap()).await;
+        assert_eq!((code, reply["code"].as_str()), (400, Some("invalid_user_id")), "{reply}");
+        assert!(reply["message"].as_str().unwrap().contains("X-Muxi-User-ID"), "{reply}");
+        let (code, reply) =
+            json(as_user(user, reqwest::Method::POST, "/chat").json(&json!({"message": "hi"})).send().await.unwrap())
+                .await;
+        assert_eq!((code, reply["code"].as_str()), (400, Some("invalid_user_id")), "{reply}");
+    }
+    let long = "x".repeat(257);
+    let cases = [
+        (json!({"message": "hi", "user_id": "b\u{f6}b"}), "invalid_user_id"),
+        (json!({"message": "hi", "session_id": long}), "invalid_request"),
+        (json!({"message": "hi", "agent_id": long}), "invalid_request"),
+        (
+            json!({"message": "hi", "webhook_url": format!("https://example.com/{}", "x".repeat(3000))}),
+            "invalid_request",
+        ),
+    ];
+    for (body, want) in cases {
+        let (code, reply, _) = chat(&server, "u1", body).await;
+        assert_eq!((code, reply["code"].as_str()), (400, Some(want)), "{reply}");
+    }
+    let (code, reply) = json(
+        as_user(b"u1", reqwest::Method::POST, "/chat")
+            .header("X-Muxi-Idempotency-Key", long.as_str())
+            .json(&json!({"message": "hi"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((code, reply["code"].as_str()), (400, Some("invalid_request")), "{reply}");
+    assert!(list(&server, "u1", "").await.is_empty(), "nothing was stored");
+    assert_eq!(list(&server, "default", "").await.len(), 1);
 }
 
 #[tokio::test]

@@ -355,3 +355,39 @@ async fn unsafe_or_malformed_targets_are_refused_at_request_time() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(rx.all_hits().is_empty());
 }
+
+/// A receiver answering `Retry-After: 1e20` (more seconds than any Duration
+/// holds) neither crashes the delivery nor gets it re-sent in a loop: the
+/// attempt is counted, the wait is capped (one hour), `webhook_retries` holds.
+#[tokio::test]
+async fn an_absurd_retry_after_is_capped_and_retries_still_count() {
+    let rx = Receiver::start().await;
+    let absurd = Answer::With(503, "retry-after", "1e20".to_string());
+    rx.script("/absurd", vec![], Some(absurd.clone()));
+    rx.script("/absurd-once", vec![], Some(absurd));
+    let fx = fixture(&rx);
+    let none = "async:\n  mode: async\n  webhook_retries: 0\nagents:\n  - id: worker\n    command: [\"python3\", \"agent.py\"]\n";
+    fx.script("r/agent.py", AGENT);
+    fx.write("r/formation.afs", &formation_yaml("r", none));
+    let server = Server::start(&fx, ALLOW, &[]);
+
+    // No retries allowed: one attempt, then failed.
+    let once = submit(&server, "r", "hello", &rx.url("/absurd-once")).await;
+    let webhook = webhook_settled(&server, "r", &once, Duration::from_secs(20)).await;
+    assert_eq!(webhook["status"], "failed", "{webhook}");
+    assert_eq!(webhook["attempts"], 1, "{webhook}");
+
+    // Retries allowed: the first attempt is recorded and the next one waits.
+    let id = submit(&server, "f", "hello", &rx.url("/absurd")).await;
+    let webhook = eventually(Duration::from_secs(20), "first attempt recorded", || async {
+        let webhook = status(&server, "f", &id).await["webhook"].clone();
+        (webhook["attempts"] == 1).then_some(webhook)
+    })
+    .await;
+    assert_eq!(webhook["status"], "pending", "{webhook}");
+    assert!(webhook["last_error"].as_str().unwrap().contains("HTTP 503"), "{webhook}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(rx.hits("/absurd").len(), 1, "not re-sent before its Retry-After");
+    assert_eq!(rx.hits("/absurd-once").len(), 1, "not re-sent after failing");
+    assert_eq!(status(&server, "f", &id).await["webhook"]["attempts"], 1);
+}

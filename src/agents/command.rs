@@ -42,6 +42,8 @@
 //! grandchildren die with the program; the program itself is reaped by tokio
 //! (`kill_on_drop`). When the program exits on its own, whatever it left running in
 //! its group is killed as well; output already written to the pipes is still read.
+//! Should the server die without dropping the future, [`super::lifetime`] sees to
+//! the program (PDEATHSIG) and its group (a record swept at the next start).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -84,12 +86,14 @@ pub async fn run(
     let payload = serde_json::to_vec(&request)
         .map_err(|e| failure(format!("could not encode the request for the command: {e}")))?;
 
-    let mut child = spawn(program, args, formation, env)?;
+    let mut child = spawn(program, args, formation, env).await?;
     let pgid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .ok_or_else(|| failure(format!("command `{program}` exited before it could be tracked")))?;
-    let mut group = ProcessGroup { pgid, armed: true };
+    // `process_group(0)`: the program leads its own group, so pgid == pid.
+    let record = super::lifetime::Record::create(pgid, pgid);
+    let mut group = ProcessGroup { pgid, armed: true, _record: record };
 
     let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
@@ -140,7 +144,7 @@ pub async fn run(
     outcome(status, collected, &tail, retryable_exit_codes)
 }
 
-fn spawn(
+async fn spawn(
     program: &str,
     args: &[String],
     formation: &Formation,
@@ -155,7 +159,7 @@ fn spawn(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    cmd.spawn().map_err(|e| {
+    super::lifetime::spawn(cmd).await.map_err(|e| {
         let dir = formation.dir.display();
         let message = match e.kind() {
             io::ErrorKind::NotFound => {
@@ -174,6 +178,9 @@ fn spawn(
 struct ProcessGroup {
     pgid: i32,
     armed: bool,
+    /// Dropped after the kill (fields drop after `Drop::drop`): the record goes
+    /// once the group is gone.
+    _record: Option<super::lifetime::Record>,
 }
 
 impl ProcessGroup {
@@ -298,8 +305,10 @@ fn explicit_failure(error: &Value, line: &Map<String, Value>) -> AgentFailure {
     let kind = fields.get("type").and_then(Value::as_str).unwrap_or(KIND);
     let retryable = fields.get("retryable").and_then(Value::as_bool).unwrap_or(false);
     let mut failure = AgentFailure::new(kind, message, retryable);
-    failure.retry_after =
-        fields.get("retry_after").and_then(Value::as_f64).and_then(|s| Duration::try_from_secs_f64(s).ok());
+    failure.retry_after = fields
+        .get("retry_after")
+        .and_then(Value::as_f64)
+        .and_then(|s| (!s.is_nan() && s >= 0.0).then(|| crate::time::seconds_clamped(s, crate::time::MAX_RETRY_AFTER)));
     failure
 }
 

@@ -52,9 +52,17 @@ pub async fn run(
 
     let status = response.status();
     let retry_after = retry_after(response.headers());
-    let (body, _) = read_limited(response, MAX_ANSWER_BYTES)
+    let (body, truncated) = read_limited(response, MAX_ANSWER_BYTES)
         .await
         .map_err(|e| transport_failure(&e, &format!("the agent service at {host}")))?;
+    if truncated && status.is_success() {
+        // A cut answer is a wrong answer: refuse it rather than return part of it.
+        return Err(AgentFailure::new(
+            "agent_error",
+            format!("the agent service at {host} answered more than {MAX_ANSWER_BYTES} bytes"),
+            false,
+        ));
+    }
 
     if !status.is_success() {
         let detail = error_detail(&body);
@@ -327,6 +335,9 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
+        // More seconds than a Duration holds: capped, never a panic.
+        h.insert(RETRY_AFTER, HeaderValue::from_static("1e20"));
+        assert_eq!(retry_after(&h), Some(crate::time::MAX_RETRY_AFTER));
     }
 
     #[test]

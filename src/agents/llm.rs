@@ -71,6 +71,13 @@ const RESPONSE_START_TIMEOUT: Duration = Duration::from_secs(120);
 const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// The most of a non-streamed answer or an error body read.
 const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+/// The most tool calls one answer may ask for; a streamed call `index` at or
+/// above it fails the attempt (not retryable) instead of growing a buffer.
+pub const MAX_TOOL_CALLS: usize = 128;
+/// The most text (content, tool names and arguments together) one answer may hold.
+const MAX_ANSWER_TEXT_BYTES: usize = MAX_ANSWER_BYTES;
+/// The longest line, and the longest event, of a streamed answer.
+const MAX_SSE_LINE_BYTES: usize = 4 * 1024 * 1024;
 /// How deep agent tools may nest (an agent calling an agent calling ...).
 pub const MAX_AGENT_DEPTH: u32 = 4;
 
@@ -309,6 +316,8 @@ impl<'a> ModelClient<'a> {
     async fn read_stream(&self, response: reqwest::Response, events: &Events) -> Result<Answer, AgentFailure> {
         let mut state = StreamState::default();
         let mut buffer: Vec<u8> = Vec::new();
+        // How much of `buffer` is known to hold no `\n`: each byte is looked at once.
+        let mut scanned = 0;
         let mut data = String::new();
         let mut bytes = response.bytes_stream();
 
@@ -325,7 +334,8 @@ impl<'a> ModelClient<'a> {
             buffer.extend_from_slice(&chunk);
 
             // Whole lines only: a UTF-8 character never contains the byte `\n`.
-            while let Some(pos) = buffer.iter().position(|&b| b == b'\n') {
+            while let Some(pos) = buffer[scanned..].iter().position(|&b| b == b'\n').map(|p| p + scanned) {
+                scanned = 0;
                 let line: Vec<u8> = buffer.drain(..=pos).collect();
                 let line = String::from_utf8_lossy(&line);
                 let line = line.trim_end_matches(['\n', '\r']);
@@ -338,8 +348,15 @@ impl<'a> ModelClient<'a> {
                         data.push('\n');
                     }
                     data.push_str(value.strip_prefix(' ').unwrap_or(value));
+                    if data.len() > MAX_SSE_LINE_BYTES {
+                        return Err(self.too_large(format!("an event of over {MAX_SSE_LINE_BYTES} bytes")));
+                    }
                 }
                 // `event:`, `id:`, `retry:` and `:` comment lines carry nothing for us.
+            }
+            scanned = buffer.len();
+            if buffer.len() > MAX_SSE_LINE_BYTES {
+                return Err(self.too_large(format!("a line of over {MAX_SSE_LINE_BYTES} bytes")));
             }
             if state.done {
                 break;
@@ -356,6 +373,12 @@ impl<'a> ModelClient<'a> {
             ));
         }
         Ok(state.into_answer())
+    }
+
+    /// The failure for an answer beyond our bounds: not retryable (the same
+    /// request would most likely get the same answer).
+    fn too_large(&self, what: String) -> AgentFailure {
+        AgentFailure::new("model_error", format!("{} sent {what}; the answer is refused", self.what()), false)
     }
 
     /// Applies one `data:` payload of the stream.
@@ -381,25 +404,35 @@ impl<'a> ModelClient<'a> {
             }
             let Some(delta) = choice.delta else { continue };
             if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
+                state.grow(text.len()).map_err(|what| self.too_large(what))?;
                 state.content.push_str(&text);
                 let _ = events.send(AgentEvent::Content(text));
             }
             for call in delta.tool_calls.unwrap_or_default() {
                 let index = call.index.unwrap_or(state.calls.len());
+                if index >= MAX_TOOL_CALLS {
+                    return Err(self.too_large(format!(
+                        "tool call index {index}; at most {MAX_TOOL_CALLS} tool calls per answer are accepted"
+                    )));
+                }
                 if state.calls.len() <= index {
                     state.calls.resize_with(index + 1, ToolCall::default);
                 }
+                let id = call.id.filter(|id| !id.is_empty());
+                let function = call.function.unwrap_or_default();
+                let grown = id.as_ref().map_or(0, String::len)
+                    + function.name.as_ref().map_or(0, String::len)
+                    + function.arguments.as_ref().map_or(0, String::len);
+                state.grow(grown).map_err(|what| self.too_large(what))?;
                 let slot = &mut state.calls[index];
-                if let Some(id) = call.id.filter(|id| !id.is_empty()) {
+                if let Some(id) = id {
                     slot.id = id;
                 }
-                if let Some(function) = call.function {
-                    if let Some(name) = function.name {
-                        slot.name.push_str(&name);
-                    }
-                    if let Some(arguments) = function.arguments {
-                        slot.arguments.push_str(&arguments);
-                    }
+                if let Some(name) = function.name {
+                    slot.name.push_str(&name);
+                }
+                if let Some(arguments) = function.arguments {
+                    slot.arguments.push_str(&arguments);
                 }
             }
         }
@@ -425,9 +458,14 @@ impl<'a> ModelClient<'a> {
         if !content.is_empty() {
             let _ = events.send(AgentEvent::Content(content.clone()));
         }
-        let tool_calls = message
-            .tool_calls
-            .unwrap_or_default()
+        let tool_calls = message.tool_calls.unwrap_or_default();
+        if tool_calls.len() > MAX_TOOL_CALLS {
+            return Err(self.too_large(format!(
+                "{} tool calls; at most {MAX_TOOL_CALLS} per answer are accepted",
+                tool_calls.len()
+            )));
+        }
+        let tool_calls = tool_calls
             .into_iter()
             .map(|c| {
                 let function = c.function.unwrap_or_default();
@@ -453,9 +491,20 @@ struct StreamState {
     finished: bool,
     /// `data: [DONE]` arrived.
     done: bool,
+    /// Bytes of text held so far (content, names, arguments).
+    size: usize,
 }
 
 impl StreamState {
+    /// Counts `more` bytes of text, refusing past [`MAX_ANSWER_TEXT_BYTES`].
+    fn grow(&mut self, more: usize) -> Result<(), String> {
+        self.size = self.size.saturating_add(more);
+        if self.size > MAX_ANSWER_TEXT_BYTES {
+            return Err(format!("over {MAX_ANSWER_TEXT_BYTES} bytes of text"));
+        }
+        Ok(())
+    }
+
     fn into_answer(self) -> Answer {
         let tool_calls = self
             .calls
@@ -1010,5 +1059,51 @@ mod tests {
         let calls: Vec<_> =
             answer.tool_calls.iter().map(|c| (c.id.as_str(), c.name.as_str(), c.arguments.as_str())).collect();
         assert_eq!(calls, vec![("a", "f", r#"{"x":1}"#), ("b", "g", "{}")]);
+    }
+
+    #[test]
+    fn a_huge_tool_call_index_fails_without_allocating() {
+        let ctx = AgentContext::new();
+        let client = ModelClient::new(&ctx, "http://127.0.0.1:1/v1", "openai/x", None);
+        let (tx, _) = Events::channel();
+        let mut state = StreamState::default();
+        for index in [MAX_TOOL_CALLS, 1_000_000_000_000] {
+            let frame = format!(r#"{{"choices":[{{"delta":{{"tool_calls":[{{"index":{index},"id":"a"}}]}}}}]}}"#);
+            let failure = client.on_data(&mut state, &frame, &tx).expect_err("refused");
+            assert!(!failure.retryable);
+            assert!(failure.message.contains("tool call index"), "{}", failure.message);
+        }
+        assert!(state.calls.is_empty());
+        let last = MAX_TOOL_CALLS - 1;
+        let frame = format!(r#"{{"choices":[{{"delta":{{"tool_calls":[{{"index":{last},"id":"a"}}]}}}}]}}"#);
+        client.on_data(&mut state, &frame, &tx).expect("the last allowed index");
+    }
+
+    #[test]
+    fn streamed_text_is_bounded() {
+        let ctx = AgentContext::new();
+        let client = ModelClient::new(&ctx, "http://127.0.0.1:1/v1", "openai/x", None);
+        let (tx, _rx) = Events::channel();
+        let mut state = StreamState { size: MAX_ANSWER_TEXT_BYTES - 2, ..StreamState::default() };
+        let args = r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"abc"}}]}}]}"#;
+        assert!(!client.on_data(&mut state, args, &tx).expect_err("refused").retryable);
+        let mut state = StreamState { size: MAX_ANSWER_TEXT_BYTES - 2, ..StreamState::default() };
+        let text = r#"{"choices":[{"delta":{"content":"abc"}}]}"#;
+        assert!(!client.on_data(&mut state, text, &tx).expect_err("refused").retryable);
+    }
+
+    #[tokio::test]
+    async fn an_endless_stream_line_is_refused() {
+        let llm = FakeLlm::start().await;
+        llm.push(Reply::RawSse(vec!["x".repeat(MAX_SSE_LINE_BYTES + 1)]));
+        let formation = formation_with_agents(vec![llm_agent("main", &llm.base_url())]);
+        let (out, _) = run_first(&formation, request("x")).await;
+        let failure = out.expect_err("refused");
+        assert!(!failure.retryable);
+        assert!(
+            failure.message.contains("a line of over") || failure.message.contains("an event of over"),
+            "{}",
+            failure.message
+        );
     }
 }

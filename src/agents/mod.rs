@@ -8,6 +8,7 @@
 pub mod command;
 pub mod events;
 pub mod http;
+pub mod lifetime;
 pub mod llm;
 
 use std::time::Duration;

@@ -1,5 +1,6 @@
-//! A JSON body extractor whose every failure is an [`ApiError`] with a stable
-//! code: malformed JSON, a wrong-typed field (named), a body over the limit.
+//! Body extractors whose every failure is an [`ApiError`] with a stable code:
+//! malformed JSON, a wrong-typed field (named), a body over the limit, a body
+//! not received within the read timeout (408 `body_read_timeout`).
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -18,8 +19,26 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(unreadable)?;
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
         parse(&bytes).map(JsonBody)
+    }
+}
+
+/// The body's bytes, read in full within the read timeout.
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let timeout = crate::http_server::read_timeout();
+        match tokio::time::timeout(timeout, Bytes::from_request(req, state)).await {
+            Ok(read) => read.map(RawBody).map_err(unreadable),
+            Err(_) => Err(ApiError::new(
+                Code::BodyReadTimeout,
+                format!("the request body was not received within {} s", timeout.as_secs()),
+            )),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::auth::{self, Role};
 use super::body::JsonBody;
+use super::extract::Path;
 use super::{envelope, views, AppState};
 use crate::engine::Submitted;
 use crate::error::{ApiError, ApiResult, Code};
@@ -39,6 +40,8 @@ pub struct Accepted {
     pub formation: Arc<Formation>,
     pub request: NewRequest,
     pub plan: Plan,
+    /// What `plan` was decided on; named in a 202's `estimated_time`.
+    pub estimate: Estimate,
 }
 
 /// Checks a chat-like request and prepares it; nothing is stored on error.
@@ -53,9 +56,26 @@ pub async fn accept(
         return Err(ApiError::new(Code::MissingMessage, "`message` is required and must not be empty"));
     }
     if let Some(t) = body.threshold_seconds {
-        if !(t.is_finite() && t > 0.0) {
-            return Err(ApiError::new(Code::InvalidRequest, "`threshold_seconds` must be a number above 0"));
+        if !(t > 0.0 && crate::time::seconds(t).is_some()) {
+            return Err(ApiError::new(
+                Code::InvalidRequest,
+                format!("`threshold_seconds` must be a number above 0 and at most {}", crate::time::MAX_SECONDS),
+            ));
         }
+    }
+    let user_id = auth::user_id(headers, body.user_id.as_deref())?;
+    let idempotency_key = auth::idempotency_key(headers)?;
+    if let Some(id) = &body.agent_id {
+        auth::check_id("`agent_id`", id)?;
+    }
+    if let Some(session) = body.session_id.as_deref().filter(|s| !s.trim().is_empty()) {
+        auth::check_id("`session_id`", session)?;
+    }
+    if body.webhook_url.as_ref().is_some_and(|url| url.len() > auth::MAX_URL_LEN) {
+        return Err(ApiError::new(
+            Code::InvalidRequest,
+            format!("`webhook_url` must be at most {} characters", auth::MAX_URL_LEN),
+        ));
     }
     let agent = formation.agent(body.agent_id.as_deref()).ok_or_else(|| {
         let known: Vec<&str> = formation.agents.iter().map(|a| a.id.as_str()).collect();
@@ -78,14 +98,14 @@ pub async fn accept(
         body.webhook_url.as_deref().unwrap_or(""),
     ]);
     let estimate = state.engine.estimate(&formation, &agent_id, &message).await;
-    let plan = decide(&formation.overlord.async_, body.async_, body.threshold_seconds, estimate.seconds);
+    let plan = decide(&formation.overlord.async_, body.async_, body.threshold_seconds, &estimate);
     let request = NewRequest {
         // Time-ordered ids (UUIDv7): new rows append to the store's indexes
         // instead of dirtying a random page each.
         id: format!("req_{}", uuid::Uuid::now_v7().simple()),
         formation_id: formation.id.clone(),
         formation_version: format!("{}+{}", formation.version, formation.revision),
-        user_id: auth::user_id(headers, body.user_id.as_deref()),
+        user_id,
         // Every request belongs to a session; one is opened when none is named.
         session_id: Some(
             body.session_id
@@ -96,13 +116,13 @@ pub async fn accept(
         message,
         mode: plan.mode(),
         estimated_seconds: estimate.seconds,
-        idempotency_key: auth::header(headers, auth::IDEMPOTENCY_KEY).map(str::to_string),
+        idempotency_key,
         fingerprint,
         webhook_url: body.webhook_url,
         workflow_timeout_ms: i64::try_from(formation.overlord.timeouts.workflow().as_millis()).unwrap_or(i64::MAX),
         created_at: crate::time::now_ms(),
     };
-    Ok(Accepted { formation, request, plan })
+    Ok(Accepted { formation, request, plan, estimate })
 }
 
 /// A digest of what a request asks, to tell an idempotency key reused for a
@@ -134,7 +154,8 @@ pub async fn chat(
 
 /// Submits an accepted request and answers per its plan (shared with triggers).
 pub async fn run_and_answer(state: &AppState, accepted: Accepted) -> ApiResult<Response> {
-    let Accepted { formation, request, plan } = accepted;
+    let Accepted { formation, request, plan, estimate } = accepted;
+    let request_id = request.id.clone();
     let idempotency_key = request.idempotency_key.clone();
     let Submitted { record, live, .. } = state.engine.submit(formation.clone(), request, false).await?;
     let key = idempotency_key.as_deref();
@@ -155,17 +176,31 @@ pub async fn run_and_answer(state: &AppState, accepted: Accepted) -> ApiResult<R
         // and remember that it was (the request now gets the formation's webhook).
         state.engine.promote(live).await;
     }
-    Ok(accepted_response(&formation.id, &record, key))
+    // A replay answers for an earlier request, whose estimate was made then.
+    let estimate = (record.id == request_id).then_some(estimate);
+    Ok(accepted_response(&formation.id, &record, key, estimate.as_ref()))
 }
 
-/// 202 with the request id, where to poll, and when.
-pub fn accepted_response(formation_id: &str, record: &RequestRecord, idempotency_key: Option<&str>) -> Response {
+/// 202 with the request id, where to poll, and when. `estimate` is what the
+/// request's estimate rests on when known (not for a replay).
+pub fn accepted_response(
+    formation_id: &str,
+    record: &RequestRecord,
+    idempotency_key: Option<&str>,
+    estimate: Option<&Estimate>,
+) -> Response {
     let status_url = format!("/api/{formation_id}/v1/requests/{}", record.id);
     let poll_after = (record.estimated_seconds / 10.0).clamp(1.0, 30.0).round() as u64;
     let data = AcceptedData {
         request_id: &record.id,
         status: "processing",
-        estimated_time: Estimate { seconds: record.estimated_seconds, basis: Basis::Declared }.range(),
+        estimated_time: match estimate {
+            Some(estimate) => estimate.describe(),
+            None => format!(
+                "{} (estimated when first accepted)",
+                Estimate { seconds: record.estimated_seconds, basis: Basis::Declared }.range()
+            ),
+        },
         estimated_seconds: record.estimated_seconds,
         events_url: format!("{status_url}/events"),
         status_url: &status_url,

@@ -1,7 +1,8 @@
 //! Formation-level routes: health, status, async settings, description; and the
 //! server-wide health that also reports files that failed to load.
 
-use axum::extract::{Path, State};
+use super::extract::Path;
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{json, Value};

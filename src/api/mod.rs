@@ -6,7 +6,9 @@ pub mod body;
 pub mod chat;
 pub mod envelope;
 pub mod events;
+pub mod extract;
 pub mod formations;
+pub mod limits;
 pub mod requests;
 pub mod triggers;
 pub mod views;
@@ -57,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/{formation_id}/v1", formation)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(limits::guard))
         .layer(middleware::from_fn(sse_errors))
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         .with_state(state)

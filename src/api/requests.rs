@@ -1,7 +1,8 @@
 //! The caller's requests: status, list, cancel. Scoped to the caller's user id:
 //! another user's request answers 404, as if it did not exist.
 
-use axum::extract::{Path, Query, State};
+use super::extract::{Path, Query};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
@@ -25,7 +26,7 @@ pub async fn find(
     request_id: &str,
 ) -> ApiResult<RequestRecord> {
     auth::authorize(state, formation_id, headers, Role::Client)?;
-    let user = auth::user_id(headers, None);
+    let user = auth::user_id(headers, None)?;
     // A request running here is answered from memory; others from the store.
     let record = match state.engine.live(request_id) {
         Some(live) => Some(live.snapshot()),
@@ -74,7 +75,7 @@ pub async fn list(
             )
         })?),
     };
-    let query = ListQuery { formation_id: id, user_id: auth::user_id(&headers, None), status, limit };
+    let query = ListQuery { formation_id: id, user_id: auth::user_id(&headers, None)?, status, limit };
     let records = state.engine.store().list(&query).await?;
     let requests: Vec<Value> = records.iter().map(views::request_status).collect();
     Ok(envelope::ok("request.list", None, None, json!({ "requests": requests, "count": requests.len() })))

@@ -13,9 +13,8 @@
 //! or the call asks to wait (`use_async: false` in the body, or `?async=false` /
 //! `?use_async=false`; the body wins over the query).
 
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use super::extract::{Path, Query};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
@@ -147,14 +146,13 @@ pub async fn fire(
     State(state): State<AppState>,
     Path((id, name)): Path<(String, String)>,
     headers: HeaderMap,
-    query: Result<Query<FireParams>, QueryRejection>,
-    raw: Result<Bytes, BytesRejection>,
+    query: Result<Query<FireParams>, ApiError>,
+    raw: Result<body::RawBody, ApiError>,
 ) -> ApiResult<Response> {
     let formation = auth::authorize(&state, &id, &headers, Role::Client)?;
     let trigger = find(&formation, &name)?.clone();
-    let Query(params) =
-        query.map_err(|e| ApiError::new(Code::InvalidRequest, format!("cannot read the query string: {e}")))?;
-    let call = Call::parse(&raw.map_err(body::unreadable)?)?;
+    let Query(params) = query?;
+    let call = Call::parse(&raw?.0)?;
 
     let message = render(&trigger, &call.data).map_err(|missing| {
         ApiError::new(

@@ -160,11 +160,13 @@ impl Default for Timeouts {
 }
 
 impl Timeouts {
+    /// `task_timeout` as a `Duration` (the schema bounds it; out-of-range reads as the bound).
     pub fn task(&self) -> Duration {
-        Duration::from_secs_f64(self.task_timeout)
+        crate::time::seconds_clamped(self.task_timeout, Duration::MAX)
     }
+    /// `workflow_timeout` as a `Duration`, bounded like [`Timeouts::task`].
     pub fn workflow(&self) -> Duration {
-        Duration::from_secs_f64(self.workflow_timeout)
+        crate::time::seconds_clamped(self.workflow_timeout, Duration::MAX)
     }
 }
 

@@ -307,6 +307,33 @@ mod tests {
         assert_eq!(max.as_u64(), Some(default_max_concurrent() as u64));
     }
 
+    /// Every seconds or days setting has the maximum `crate::time` enforces.
+    #[test]
+    fn schema_maxima_match_the_runtime_bounds() {
+        let defs = &schema()["$defs"];
+        let seconds = [
+            ("async", "threshold_seconds"),
+            ("async", "webhook_timeout"),
+            ("retry", "initial_delay"),
+            ("retry", "max_delay"),
+            ("timeouts", "task_timeout"),
+            ("timeouts", "workflow_timeout"),
+            ("agent", "estimated_seconds"),
+        ];
+        for (section, key) in seconds {
+            let max = defs[section]["properties"][key]["maximum"].as_f64();
+            assert_eq!(max, Some(crate::time::MAX_SECONDS), "{section}.{key}");
+        }
+        let days = defs["async"]["properties"]["retention_days"]["maximum"].as_f64();
+        assert_eq!(days, Some(crate::time::MAX_RETENTION_DAYS));
+        let mut doc = minimal();
+        doc["overlord"] = json!({"workflow": {"timeouts": {"task_timeout": 1e300}}});
+        let errors = validate(&doc);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].pointer, "/overlord/workflow/timeouts/task_timeout");
+        assert!(errors[0].message.starts_with("must be at most 31536000"), "{}", errors[0].message);
+    }
+
     fn compare_defaults(section: &Value, typed: Value, name: &str) {
         let props = section["properties"].as_object().expect("properties");
         let typed = typed.as_object().expect("a struct serialises to a mapping");

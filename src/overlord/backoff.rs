@@ -57,7 +57,7 @@ fn non_negative(value: f64) -> f64 {
 }
 
 fn seconds(value: f64) -> Duration {
-    Duration::try_from_secs_f64(value).unwrap_or(Duration::MAX)
+    crate::time::seconds_clamped(value, Duration::MAX)
 }
 
 #[cfg(test)]
@@ -133,7 +133,10 @@ mod tests {
         assert_eq!(retry_delay(&policy(1.0, -5.0, 2.0), 3, 0.5), Duration::ZERO);
         assert_eq!(retry_delay(&policy(0.0, 60.0, f64::INFINITY), 3, 0.5), Duration::ZERO);
         assert_eq!(retry_delay(&policy(1.0, 60.0, f64::INFINITY), 3, 0.0), Duration::from_secs(30));
-        assert_eq!(retry_delay(&policy(1.0, f64::INFINITY, 2.0), 200, 0.0), Duration::MAX);
+        assert_eq!(
+            retry_delay(&policy(1.0, f64::INFINITY, 2.0), 200, 0.0),
+            Duration::from_secs(crate::time::MAX_SECONDS as u64)
+        );
         assert_eq!(retry_delay(&policy(f64::NAN, 10.0, 2.0), 2, 0.0), Duration::ZERO);
         // A factor of 1 is a constant delay.
         assert_eq!(retry_delay(&policy(3.0, 60.0, 1.0), 9, 0.0), Duration::from_millis(1500));

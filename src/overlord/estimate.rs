@@ -12,6 +12,10 @@
 //!
 //! With `enable_estimation: false` only the declared estimate is used, else
 //! [`BASE_SECONDS`].
+//!
+//! Only history and a declared estimate are *grounded*: in auto mode a request
+//! whose estimate rests on neither is waited for up to the threshold (and
+//! answered 202 then if still running) rather than sent async on a guess.
 
 use serde::Serialize;
 
@@ -125,7 +129,10 @@ pub struct EstimateInput<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Basis {
-    History,
+    /// The median of this many recent runs (blended with a declared estimate).
+    History {
+        runs: u32,
+    },
     Declared,
     Features,
     /// Estimation disabled and nothing declared: [`BASE_SECONDS`].
@@ -135,7 +142,7 @@ pub enum Basis {
 impl Basis {
     pub fn as_str(self) -> &'static str {
         match self {
-            Basis::History => "history",
+            Basis::History { .. } => "history",
             Basis::Declared => "declared",
             Basis::Features => "features",
             Basis::Default => "default",
@@ -151,6 +158,25 @@ pub struct Estimate {
 }
 
 impl Estimate {
+    /// Whether the estimate rests on the agent's history or its declared
+    /// estimate, rather than on a guess from the message or nothing.
+    pub fn is_grounded(&self) -> bool {
+        matches!(self.basis, Basis::History { .. } | Basis::Declared)
+    }
+
+    /// The `estimated_time` of a 202: the range and what it rests on, e.g.
+    /// "15-20 seconds (declared)", "35-50 seconds (history of 12 runs)",
+    /// "unknown (no history)".
+    pub fn describe(&self) -> String {
+        match self.basis {
+            Basis::Declared => format!("{} (declared)", self.range()),
+            Basis::History { runs } => {
+                format!("{} (history of {runs} run{})", self.range(), if runs == 1 { "" } else { "s" })
+            }
+            Basis::Features | Basis::Default => "unknown (no history)".to_string(),
+        }
+    }
+
     /// A human range ending at the estimate, for `estimated_time`:
     /// "about 1 second", "7-10 seconds", "45-60 seconds", "2-3 minutes".
     pub fn range(&self) -> String {
@@ -184,14 +210,15 @@ pub fn estimate(input: &EstimateInput) -> Estimate {
         };
     }
     if let Some(median) = history_median(input.history) {
+        let runs = input.history.iter().take(HISTORY_WINDOW).filter(|ms| **ms > 0).count();
         let seconds = match declared {
             Some(declared) => {
-                let n = input.history.iter().take(HISTORY_WINDOW).filter(|ms| **ms > 0).count() as f64;
+                let n = runs as f64;
                 (median * n + declared * DECLARED_WEIGHT) / (n + DECLARED_WEIGHT)
             }
             None => median,
         };
-        return Estimate { seconds, basis: Basis::History };
+        return Estimate { seconds, basis: Basis::History { runs: runs as u32 } };
     }
     if let Some(seconds) = declared {
         return Estimate { seconds, basis: Basis::Declared };
@@ -329,7 +356,7 @@ mod tests {
             history: &history,
             enable_estimation: true,
         });
-        assert_eq!(e, Estimate { seconds: 47.5, basis: Basis::History });
+        assert_eq!(e, Estimate { seconds: 47.5, basis: Basis::History { runs: 4 } });
 
         let e = estimate(&EstimateInput {
             message: "hi",
@@ -338,7 +365,7 @@ mod tests {
             enable_estimation: true,
         });
         // Three samples of 30 s weigh as much as the declared 20 s.
-        assert_eq!(e, Estimate { seconds: 25.0, basis: Basis::History });
+        assert_eq!(e, Estimate { seconds: 25.0, basis: Basis::History { runs: 3 } });
     }
 
     #[test]
@@ -391,6 +418,21 @@ mod tests {
         assert_eq!(range(60.0), "45-60 seconds");
         assert_eq!(range(180.0), "2-3 minutes");
         assert_eq!(range(3600.0), "45-60 minutes");
+    }
+
+    #[test]
+    fn descriptions_say_what_the_estimate_rests_on() {
+        let declared = Estimate { seconds: 20.0, basis: Basis::Declared };
+        assert_eq!(declared.describe(), "15-20 seconds (declared)");
+        assert!(declared.is_grounded());
+        let history = Estimate { seconds: 47.0, basis: Basis::History { runs: 12 } };
+        assert_eq!(history.describe(), "35-50 seconds (history of 12 runs)");
+        assert!(history.is_grounded());
+        for basis in [Basis::Features, Basis::Default] {
+            let guess = Estimate { seconds: 60.0, basis };
+            assert_eq!(guess.describe(), "unknown (no history)");
+            assert!(!guess.is_grounded());
+        }
     }
 
     #[test]

@@ -56,6 +56,9 @@ pub enum Reply {
     /// Streams `partial` as content, then holds the connection open without ever
     /// finishing (for cancellation tests). Without `stream: true` it never answers.
     Hang { partial: String },
+    /// Streamed: each string as one `data:` frame exactly as given (malformed or
+    /// hostile chunks), then `[DONE]`. Not streamed: a 500.
+    RawSse(Vec<String>),
 }
 
 /// A tool call the fake model makes.
@@ -205,7 +208,8 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, headers: HeaderMap,
             std::future::pending::<()>().await;
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
-        Reply::Delay { .. } => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        Reply::RawSse(frames) if stream => sse_frames(&shared, frames.into_iter().map(Bytes::from).collect(), false),
+        Reply::RawSse(_) | Reply::Delay { .. } => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 
@@ -302,7 +306,13 @@ impl Drop for AbandonGuard {
 
 /// An SSE body of `chunks`, then `[DONE]`, or, when `hang`, no end at all.
 fn sse(shared: &Arc<Shared>, chunks: Vec<Value>, hang: bool) -> Response {
-    let frames: Vec<Bytes> = chunks.iter().map(|c| Bytes::from(format!("data: {c}\n\n"))).collect();
+    sse_frames(shared, chunks.iter().map(|c| Bytes::from(c.to_string())).collect(), hang)
+}
+
+/// An SSE body of one `data:` frame per payload, then `[DONE]` or, when `hang`, no end.
+fn sse_frames(shared: &Arc<Shared>, payloads: Vec<Bytes>, hang: bool) -> Response {
+    let frames: Vec<Bytes> =
+        payloads.into_iter().map(|p| Bytes::from([&b"data: "[..], &p, &b"\n\n"[..]].concat())).collect();
     let mut guard = AbandonGuard { shared: shared.clone(), finished: false };
     let head = stream::iter(frames);
     let body: std::pin::Pin<Box<dyn Stream<Item = Bytes> + Send>> = if hang {

@@ -14,7 +14,7 @@ use super::target::{GuardedResolver, RefusedAddress};
 pub const USER_AGENT: &str = concat!("muxi-rt/", env!("CARGO_PKG_VERSION"));
 
 /// The longest `Retry-After` honoured: a receiver cannot park a delivery for days.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+const MAX_RETRY_AFTER: Duration = crate::time::MAX_RETRY_AFTER;
 
 /// The HTTP client for webhooks: never follows redirects, ignores proxy settings,
 /// and resolves names through [`GuardedResolver`] (see [`super::target`] on DNS

@@ -76,8 +76,7 @@ impl Settings {
             .clone()
             .filter(|s| !s.is_empty())
             .or_else(|| formation.keys.admin.clone().filter(|s| !s.is_empty()));
-        let timeout = Duration::try_from_secs_f64(a.webhook_timeout)
-            .ok()
+        let timeout = crate::time::seconds(a.webhook_timeout)
             .filter(|t| !t.is_zero())
             .unwrap_or(Duration::from_secs(10))
             .min(MAX_ATTEMPT_TIMEOUT);
@@ -243,8 +242,11 @@ fn retry_update(attempts_before: u32, retries: u32, error: String, retry_after: 
         return DeliveryUpdate::Failed { error: format!("gave up after {made} attempts: {error}") };
     }
     let jitter = rand::thread_rng().gen_range(0.75..1.25);
-    let delay = backoff(made, retry_after, jitter);
-    DeliveryUpdate::Retry { error, next_attempt_at: crate::time::now_ms() + delay.as_millis() as i64 }
+    // Bounded (Retry-After is capped at an hour); the conversion saturates anyway:
+    // an `as` cast of a huge delay would wrap to a time in the past, re-sending at once.
+    let delay = backoff(made, retry_after.map(|d| d.min(crate::time::MAX_RETRY_AFTER)), jitter);
+    let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+    DeliveryUpdate::Retry { error, next_attempt_at: crate::time::now_ms().saturating_add(delay_ms) }
 }
 
 /// The wait after the `made`-th failed attempt: 1 s doubled per attempt, scaled by
@@ -252,7 +254,7 @@ fn retry_update(attempts_before: u32, retries: u32, error: String, retry_after: 
 fn backoff(made: u32, retry_after: Option<Duration>, jitter: f64) -> Duration {
     let exponent = made.saturating_sub(1).min(16) as i32;
     let base = INITIAL_BACKOFF.as_secs_f64() * 2f64.powi(exponent) * jitter;
-    let delay = Duration::from_secs_f64(base.clamp(0.0, MAX_BACKOFF.as_secs_f64()));
+    let delay = crate::time::seconds_clamped(base, MAX_BACKOFF);
     delay.max(retry_after.unwrap_or_default())
 }
 
@@ -276,6 +278,16 @@ mod tests {
         assert_eq!(backoff(1, None, 0.75), Duration::from_millis(750));
         assert_eq!(backoff(1, Some(Duration::from_secs(60)), 1.0), Duration::from_secs(60));
         assert_eq!(backoff(3, Some(Duration::from_secs(1)), 1.0), Duration::from_secs(4));
+        // A huge Retry-After waits the cap, in the future, and still counts the attempt.
+        let now = crate::time::now_ms();
+        match retry_update(0, 3, "HTTP 503".into(), Some(Duration::MAX)) {
+            DeliveryUpdate::Retry { next_attempt_at, .. } => {
+                let wait = next_attempt_at - now;
+                assert!((3_599_000..=3_601_000).contains(&wait), "{wait}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(retry_update(3, 3, "x".into(), Some(Duration::MAX)), DeliveryUpdate::Failed { .. }));
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! the runtime call the cloud metadata service, the loopback admin port, or a
 //! neighbour on the private network. A target is refused when ANY address its host
 //! resolves to is loopback, private, link-local, unspecified, broadcast, multicast,
-//! shared (CGNAT, 100.64/10) or a cloud metadata address, including those written
-//! as IPv4-mapped (or -compatible, or NAT64) IPv6. Hosts in the operator's
+//! shared (CGNAT, 100.64/10), benchmarking (198.18/15) or a cloud metadata
+//! address, including those embedded in IPv6: IPv4-mapped and -compatible, NAT64
+//! (64:ff9b::/96 and the local-use 64:ff9b:1::/48), 6to4 (2002::/16) and Teredo
+//! (2001::/32, its server and its client address). Hosts in the operator's
 //! allow-list (compared case-insensitively) skip the check.
 //!
 //! # DNS rebinding
@@ -50,6 +52,8 @@ pub enum AddressClass {
     SharedCgnat,
     /// 169.254.169.254, fd00:ec2::254.
     CloudMetadata,
+    /// 198.18.0.0/15, network benchmarking (often routed to lab networks).
+    Benchmarking,
 }
 
 impl AddressClass {
@@ -63,6 +67,7 @@ impl AddressClass {
             AddressClass::Multicast => "multicast",
             AddressClass::SharedCgnat => "shared (CGNAT)",
             AddressClass::CloudMetadata => "cloud metadata",
+            AddressClass::Benchmarking => "benchmarking",
         }
     }
 }
@@ -98,6 +103,8 @@ fn classify_v4(ip: Ipv4Addr) -> Option<AddressClass> {
         AddressClass::Broadcast
     } else if a == 100 && (b & 0xc0) == 64 {
         AddressClass::SharedCgnat
+    } else if a == 198 && (b & 0xfe) == 18 {
+        AddressClass::Benchmarking
     } else if ip.is_multicast() {
         AddressClass::Multicast
     } else {
@@ -119,8 +126,21 @@ fn classify_v6(ip: Ipv6Addr) -> Option<AddressClass> {
         return classify_v4(v4);
     } else if segments[0] == 0x64 && segments[1] == 0xff9b && segments[2..6] == [0, 0, 0, 0] {
         // NAT64 64:ff9b::/96 embeds an IPv4 address in its last 32 bits.
-        let [.., hi, lo] = segments;
-        return classify_v4(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)));
+        return classify_v4(v4_at(&ip, [12, 13, 14, 15]));
+    } else if segments[0] == 0x64 && segments[1] == 0xff9b && segments[2] == 1 {
+        // Local-use NAT64 64:ff9b:1::/48 (RFC 8215), with any RFC 6052 prefix
+        // length from /48 to /96: refused if any reading is.
+        let octets = [[6, 7, 9, 10], [7, 9, 10, 11], [9, 10, 11, 12], [12, 13, 14, 15]];
+        return octets.into_iter().find_map(|at| classify_v4(v4_at(&ip, at)));
+    } else if segments[0] == 0x2002 {
+        // 6to4 2002:AABB:CCDD::/48 relays to the IPv4 address AA.BB.CC.DD.
+        return classify_v4(v4_at(&ip, [2, 3, 4, 5]));
+    } else if segments[0] == 0x2001 && segments[1] == 0 {
+        // Teredo 2001:0::/32: the server's IPv4 address, then the client's,
+        // bit-inverted, in the last 32 bits.
+        let server = v4_at(&ip, [4, 5, 6, 7]);
+        let client = Ipv4Addr::from(!u32::from(v4_at(&ip, [12, 13, 14, 15])));
+        return classify_v4(client).or_else(|| classify_v4(server));
     } else if (segments[0] & 0xfe00) == 0xfc00 || (segments[0] & 0xffc0) == 0xfec0 {
         // fc00::/7 unique local; fec0::/10 the deprecated site-local.
         AddressClass::Private
@@ -131,6 +151,12 @@ fn classify_v6(ip: Ipv6Addr) -> Option<AddressClass> {
     } else {
         return None;
     })
+}
+
+/// The IPv4 address made of four octets of `ip`.
+fn v4_at(ip: &Ipv6Addr, at: [usize; 4]) -> Ipv4Addr {
+    let octets = ip.octets();
+    Ipv4Addr::new(octets[at[0]], octets[at[1]], octets[at[2]], octets[at[3]])
 }
 
 /// Whether `host` (as in a URL: IPv6 in brackets or not) is in the allow-list.
@@ -310,6 +336,18 @@ mod tests {
             ("::127.0.0.1", Loopback),
             ("64:ff9b::a9fe:a9fe", CloudMetadata),
             ("ff02::1", Multicast),
+            ("198.18.0.1", Benchmarking),
+            ("198.19.255.255", Benchmarking),
+            // 6to4 of 127.0.0.1 and 10.0.0.1.
+            ("2002:7f00:1::1", Loopback),
+            ("2002:a00:1::", Private),
+            // Teredo: client 192.168.1.1 (inverted: 3f57:fefe), public server.
+            ("2001:0:4136:e378:8000:63bf:3f57:fefe", Private),
+            // Teredo: server 169.254.169.254, public client 8.8.8.8 (inverted f7f7:f7f7).
+            ("2001:0:a9fe:a9fe::f7f7:f7f7", CloudMetadata),
+            // Local-use NAT64 with a /48 prefix (10.0.0.1 around the u octet) and a /96.
+            ("64:ff9b:1:a00:0:100::", Private),
+            ("64:ff9b:1:808:8:8:7f00:1", Loopback),
         ];
         for (addr, expected) in cases {
             assert_eq!(class(addr), Some(expected), "{addr}");
@@ -329,6 +367,12 @@ mod tests {
             "2606:4700:4700::1111",
             "::ffff:8.8.8.8",
             "64:ff9b::808:808",
+            "198.17.255.255",
+            "198.20.0.1",
+            "2002:808:808::1",
+            // Teredo, public server 65.54.227.120 and public client 8.8.8.8.
+            "2001:0:4136:e378::f7f7:f7f7",
+            "2001:db9::1",
         ] {
             assert_eq!(class(addr), None, "{addr}");
         }

@@ -127,6 +127,35 @@ impl Server {
         Server { child, base, stderr, http }
     }
 
+    /// `127.0.0.1:PORT`, for raw TCP clients.
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
+    }
+
+    /// Sends `bytes` on a fresh TCP connection and reads until the server closes
+    /// it (or `limit` passes: then `None`). Returns what the server sent.
+    pub fn raw(&self, bytes: &[u8], limit: Duration) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.addr()).expect("connects");
+        stream.write_all(bytes).expect("sends");
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            stream.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+            match stream.read(&mut buf) {
+                Ok(0) => return Some(String::from_utf8_lossy(&got).into_owned()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return None
+                }
+                // Reset by the server: closed too.
+                Err(_) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            }
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -300,6 +329,13 @@ pub fn alive(pid: i32) -> bool {
         Ok(stat) => stat.split_whitespace().nth(2).is_none_or(|state| state != "Z"),
         Err(_) => false,
     }
+}
+
+/// Field 22 (start time) of `/proc/<pid>/stat`, as the server records agents.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// A minimal formation document with fixed keys.

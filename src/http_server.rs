@@ -1,0 +1,84 @@
+//! The HTTP/1.1 accept loop, in place of `axum::serve`, which exposes none of
+//! hyper's connection limits: a client must finish its request headers within
+//! [`read_timeout`] (else the connection is closed) and keep them under
+//! [`MAX_HEADER_BYTES`] (the API answers a JSON 431 below that; hyper's bare 431
+//! is the backstop at [`HYPER_MAX_HEADER_BYTES`]). Request bodies get the same
+//! read timeout (see `api::body::RawBody`). Graceful shutdown: on
+//! `shutdown`, stop accepting, let in-flight requests finish, close idle
+//! keep-alive connections.
+
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+/// How long a client may take to send its request headers, or its body.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Request headers (request line included) larger than this are answered with
+/// a JSON 431 `headers_too_large` by the API.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Past this, hyper itself answers 431 (without a body) and closes: the API
+/// never sees such a request.
+pub const HYPER_MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// The header and body read timeout: [`DEFAULT_READ_TIMEOUT`], or
+/// `MUXI_READ_TIMEOUT_SECS` (1 to 3600 seconds; other values are ignored with a
+/// warning). Read once.
+pub fn read_timeout() -> Duration {
+    static TIMEOUT: OnceLock<Duration> = OnceLock::new();
+    *TIMEOUT.get_or_init(|| {
+        let Ok(text) = std::env::var("MUXI_READ_TIMEOUT_SECS") else { return DEFAULT_READ_TIMEOUT };
+        match text.trim().parse::<f64>().ok().filter(|s| (1.0..=3600.0).contains(s)).and_then(crate::time::seconds) {
+            Some(timeout) => timeout,
+            None => {
+                tracing::warn!(value = %text, "MUXI_READ_TIMEOUT_SECS must be 1 to 3600 seconds; using 30");
+                DEFAULT_READ_TIMEOUT
+            }
+        }
+    })
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then waits for the
+/// connections to finish their requests (the caller bounds that wait).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(read_timeout()).max_header_size(HYPER_MAX_HEADER_BYTES);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: wait, do not spin.
+                    tracing::warn!(error = %err, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
