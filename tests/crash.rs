@@ -96,6 +96,7 @@ async fn one_trial(trial: usize) -> usize {
     let kill_after = Duration::from_millis(rand::thread_rng().gen_range(0..400));
     tokio::time::sleep(kill_after).await;
     let pid = server.pid() as i32;
+    let alive_at_kill = agent_pids(&fx.formations).into_iter().filter(|p| alive(*p)).count();
     server.kill();
     fx.remove("f/hang");
     let mut accepted = HashSet::new();
@@ -108,7 +109,6 @@ async fn one_trial(trial: usize) -> usize {
 
     // No agent outlives the server that ran it.
     let started = agent_pids(&fx.formations);
-    let alive_at_kill = started.iter().filter(|p| alive(**p)).count();
     eventually(Duration::from_secs(10), "agents of the killed server to die", || async {
         started.iter().all(|p| !alive(*p)).then_some(())
     })
