@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod formation;
 pub mod keys;
+pub mod mcp;
 pub mod overlord;
 pub mod registry;
 pub mod server;
