@@ -214,12 +214,14 @@ impl ListArgs {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::String(s)) if s == "running" => vec![Status::Pending, Status::Processing],
             Some(Value::String(s)) if Status::parse(s).is_some() => Status::parse(s).into_iter().collect(),
-            Some(other) => return Err(bad(
-                "invalid_status",
-                format!(
+            Some(other) => {
+                return Err(bad(
+                    "invalid_status",
+                    format!(
                     "`status` must be one of running, pending, processing, completed, failed, cancelled; got {other}"
                 ),
-            )),
+                ))
+            }
         };
         let limit = match args.get("limit") {
             None | Some(Value::Null) => DEFAULT_LIST_LIMIT,
