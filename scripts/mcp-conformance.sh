@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# Runs the official MCP conformance suite (@modelcontextprotocol/conformance,
-# pinned) against a real muxi-rt: builds the server, serves a small offline
-# formation from a temp dir, and runs the server scenarios that apply to a
-# tools-only server. The suite cannot send headers, so it talks to a small
+# MCP against a real muxi-rt: builds the server, serves a small offline
+# formation from a temp dir, then runs (1) scripts/mcp_check.py, the official MCP
+# Python SDK (`mcp`, pinned, in the venv .venv-mcp) in its handshake and its
+# 2026-07-28 modes, and (2) the official MCP conformance suite
+# (@modelcontextprotocol/conformance, pinned): the server scenarios that apply to
+# a tools-only server. The suite cannot send headers, so it talks to a small
 # key-adding proxy on loopback (scripts/mcp-key-proxy.mjs) in front of
 # /api/{id}/v1/mcp; the endpoint itself never opens without a key.
 #
 # Node 22 (which the suite needs) is installed by npm as the `node` package into
 # tools/node22, the suite into tools/conformance (both gitignored, reused).
-# Prints one line per scenario and `mcp-conformance: N passed, N failed`;
-# exits non-zero on any failure. MCP_CONFORMANCE_KEEP=1 keeps the temp dir.
+# Prints one line per check and per scenario, `mcp-check: N passed, N failed` and
+# `mcp-conformance: N passed, N failed`; exits non-zero on any failure.
+# Environment: MCP_CHECK_VENV (default .venv-mcp); MCP_CONFORMANCE_KEEP=1 keeps the temp dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+MCP_SDK_VERSION="2.3.0"
+VENV="${MCP_CHECK_VENV:-.venv-mcp}"
 CONFORMANCE_VERSION="0.1.16"
 NODE_VERSION="22"
 SCENARIOS=(server-initialize ping tools-list server-sse-multiple-streams dns-rebinding-protection)
@@ -33,6 +38,13 @@ if [ "$(cd "$SUITE" 2>/dev/null && "$NODE" -p 'require("./package.json").version
     npm install --silent --no-audit --no-fund --prefix tools/conformance \
         "@modelcontextprotocol/conformance@$CONFORMANCE_VERSION" >/dev/null
 fi
+
+# --- The MCP Python SDK, pinned, in its own venv (reused when present). -------
+if [ ! -x "$VENV/bin/python" ]; then
+    log "creating $VENV"
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "mcp==$MCP_SDK_VERSION"
 
 # --- The server (the build is reused when up to date). -----------------------
 log "building muxi-rt"
@@ -83,16 +95,33 @@ description: Offline formation for the MCP conformance suite
 server:
   api_keys:
     client_key: "$CLIENT_KEY"
+async:
+  threshold_seconds: 10
 agents:
-  - id: echo
-    description: Answers with the message echoed back
-    estimated_seconds: 0.5
-    command: ["python3", "agents/echo.py"]
+  - id: worker
+    description: Works in three steps; a message "gate NAME" then waits for the file gates/NAME
+    estimated_seconds: 30
+    command: ["python3", "agents/work.py"]
+  - id: quick
+    description: One short step
+    estimated_seconds: 1
+    command: ["python3", "agents/work.py"]
+    env: { STEPS: "1" }
 EOF
-cat >"$FDIR/agents/echo.py" <<'EOF'
-import json, sys
+mkdir -p "$FDIR/gates"
+cat >"$FDIR/agents/work.py" <<'EOF'
+import json, os, sys, time
 request = json.load(sys.stdin)
-print(json.dumps({"result": "echo: " + request.get("message", "")}), flush=True)
+steps = int(os.environ.get("STEPS", "3"))
+for i in range(1, steps + 1):
+    time.sleep(0.1)
+    print(json.dumps({"progress": int(100 * i / (steps + 1)), "step": f"Step {i} of {steps}",
+                      "total_steps": steps, "completed_steps": i}), flush=True)
+message = request.get("message", "")
+if message.startswith("gate "):
+    while not os.path.exists(os.path.join("gates", message[5:])):
+        time.sleep(0.05)
+print(json.dumps({"result": "worked: " + message}), flush=True)
 EOF
 
 # Prints the first line of FILE matching PREFIX (without it), waiting up to 30 s.
@@ -123,6 +152,11 @@ PORT="$(wait_line "$TMP/proxy.out" 'proxy listening on ' "$PROXY_PID")" || {
     log "the key-adding proxy did not start: $(cat "$TMP/proxy.err")"
     exit 1
 }
+# --- The MCP Python SDK, both protocols. ---------------------------------------
+"$VENV/bin/python" scripts/mcp_check.py --server-url "$URL" --formation-id "$FORMATION_ID" \
+    --client-key "$CLIENT_KEY" --gates "$FDIR/gates"
+
+# --- The conformance suite, through the key-adding proxy. ----------------------
 ENDPOINT="http://localhost:$PORT/api/$FORMATION_ID/v1/mcp"
 log "muxi-rt at $URL, suite against $ENDPOINT"
 
