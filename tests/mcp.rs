@@ -557,3 +557,64 @@ async fn executions_survive_a_kill_and_restart() {
     assert_eq!(facts["output"], "worked: gate restart");
     assert_eq!(server.caller(F, "alice").data(&id).await["attempts"], 2);
 }
+
+#[tokio::test]
+async fn the_formation_chooses_its_tools_or_no_endpoint() {
+    let fixture = fixture();
+    fixture.script("narrow/agents/work.py", AGENT);
+    fixture.write(
+        "narrow/formation.afs",
+        &formation_yaml(
+            "narrow",
+            "mcp:\n  agents: [quick]\nagents:\n  - id: worker\n    command: [\"python3\", \"agents/work.py\"]\n  - id: quick\n    command: [\"python3\", \"agents/work.py\"]\n",
+        ),
+    );
+    fixture.write(
+        "closed.afs",
+        &formation_yaml("closed", "mcp:\n  enabled: false\nagents:\n  - id: a\n    command: [\"true\"]\n"),
+    );
+    let server = fixture.start();
+
+    let mut headers = HashMap::new();
+    headers.insert(
+        reqwest::header::HeaderName::from_static("x-muxi-client-key"),
+        reqwest::header::HeaderValue::from_static("client-narrow"),
+    );
+    let config =
+        StreamableHttpClientTransportConfig::with_uri(server.url("/api/narrow/v1/mcp")).custom_headers(headers);
+    let session = Client::default()
+        .serve_with_lifecycle(StreamableHttpClientTransport::from_config(config), ClientLifecycleMode::Initialize)
+        .await
+        .unwrap();
+    let tools = session.list_all_tools().await.unwrap();
+    let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+    assert_eq!(names, ["quick", "check_execution_status", "cancel_execution", "list_executions"]);
+    let hidden = session
+        .call_tool(CallToolRequestParams::new("worker").with_arguments(args(json!({ "message": "x" }))))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(hidden.contains("unknown tool `worker`"), "{hidden}");
+
+    let closed = server
+        .http
+        .post(server.url("/api/closed/v1/mcp"))
+        .header("X-Muxi-Client-Key", "client-closed")
+        .header("Accept", "application/json, text/event-stream")
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(closed.status(), 404);
+    let (_, body) = common::json(closed).await;
+    assert!(body["message"].as_str().unwrap().contains("mcp.enabled"), "{body}");
+
+    // Naming an agent that does not exist is an error at load time.
+    let bad = fixture.write(
+        "typo.afs",
+        &formation_yaml("typo", "mcp:\n  agents: [nobody]\nagents:\n  - id: a\n    command: [\"true\"]\n"),
+    );
+    let (code, out, _) = common::run_cli(&["validate", bad.to_str().unwrap()], &fixture.formations);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("mcp.agents[0]: no agent `nobody`"), "{out}");
+}

@@ -27,6 +27,7 @@ use tower::ServiceExt;
 
 use crate::api::auth::{self, Role};
 use crate::api::AppState;
+use crate::error::{ApiError, Code};
 use crate::formation::Formation;
 
 use server::FormationServer;
@@ -63,9 +64,9 @@ pub fn allowed_hosts(listen: SocketAddr, extra: &[String]) -> Vec<String> {
     hosts
 }
 
-/// Which agents a formation exposes as tools: `None` for all.
-pub fn exposed(_formation: &Formation) -> Option<Vec<String>> {
-    None
+/// Which agents a formation exposes as tools (`mcp.agents`): `None` for all.
+pub fn exposed(formation: &Formation) -> Option<&[String]> {
+    formation.mcp.agents.as_deref()
 }
 
 /// The `/api/{formation_id}/v1/mcp` route (any method: POST, GET for the SSE
@@ -102,8 +103,13 @@ async fn endpoint(
             headers.insert(auth::CLIENT_KEY, key);
         }
     }
-    if let Err(e) = auth::authorize(&state, &formation_id, request.headers(), Role::Client) {
-        return e.into_response();
+    match auth::authorize(&state, &formation_id, request.headers(), Role::Client) {
+        Err(e) => return e.into_response(),
+        Ok(formation) if !formation.mcp.enabled => {
+            let message = format!("formation `{formation_id}` does not serve MCP (`mcp.enabled` is false)");
+            return ApiError::new(Code::NotFound, message).into_response();
+        }
+        Ok(_) => {}
     }
     let user = auth::user_id(request.headers(), None);
     request.extensions_mut().insert(Caller { formation_id, user });

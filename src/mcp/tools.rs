@@ -38,7 +38,7 @@ pub fn exposed_agents(formation: &Formation) -> impl Iterator<Item = &AgentSpec>
     formation
         .agents
         .iter()
-        .filter(move |a| allowed.as_ref().is_none_or(|ids| ids.iter().any(|id| id == &a.id)))
+        .filter(move |a| allowed.is_none_or(|ids| ids.iter().any(|id| id == &a.id)))
         .filter(|a| !BUILT_IN.contains(&a.id.as_str()))
 }
 
