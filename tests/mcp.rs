@@ -524,6 +524,8 @@ async fn many_executions_run_in_parallel() {
     for id in &ids {
         assert_eq!(structured(&status(&session, id).await)["status"], "running");
     }
+    let running = call(&session, "list_executions", json!({ "status": "running", "limit": 100 })).await;
+    assert_eq!(structured(&running)["count"], N);
     // `gate all {i}` waits for `gates/all {i}`: open each.
     for i in 0..N {
         open_gate(&fixture, &format!("all {i}"));
