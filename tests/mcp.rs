@@ -307,6 +307,10 @@ async fn both_protocols_are_negotiated() {
     let body = discover.text().await.unwrap();
     assert!(body.contains("\"supportedVersions\""), "{body}");
     assert!(body.contains("2026-07-28") && body.contains("2025-11-25"), "{body}");
+
+    // Open MCP sessions (and their SSE streams) do not hold up a graceful shutdown.
+    assert_eq!(handshake.list_all_tools().await.unwrap().len(), 5);
+    assert_eq!(server.terminate(), Some(0));
 }
 
 #[tokio::test]
