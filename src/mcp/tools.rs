@@ -19,6 +19,9 @@ pub const LIST: &str = "list_executions";
 pub const BUILT_IN: [&str; 3] = [CHECK_STATUS, CANCEL, LIST];
 
 const DEFAULT_LIST_LIMIT: u64 = 20;
+/// The longest `wait_seconds`, whatever the formation's threshold: an MCP call
+/// is not the place to wait for hours.
+const MAX_WAIT_SECONDS: f64 = 3600.0;
 const MAX_LIST_LIMIT: u64 = 100;
 
 /// A tool call's arguments were not acceptable: a stable code and a readable message.
@@ -44,7 +47,7 @@ pub fn exposed_agents(formation: &Formation) -> impl Iterator<Item = &AgentSpec>
 
 /// Every tool of `formation`.
 pub fn list(formation: &Formation) -> Vec<Tool> {
-    let threshold = formation.overlord.async_.threshold_seconds;
+    let threshold = max_wait_seconds(formation.overlord.async_.threshold_seconds);
     let mut tools: Vec<Tool> = exposed_agents(formation).map(|agent| agent_tool(agent, threshold)).collect();
     tools.push(
         Tool::new(
@@ -171,9 +174,18 @@ impl AgentArgs {
     }
 }
 
-/// `wait_seconds` as a Duration: a finite number from 0 to the threshold.
+/// The largest `wait_seconds` a formation accepts: its async threshold, at most an hour.
+pub fn max_wait_seconds(threshold_seconds: f64) -> f64 {
+    if threshold_seconds.is_finite() {
+        threshold_seconds.clamp(0.0, MAX_WAIT_SECONDS)
+    } else {
+        0.0
+    }
+}
+
+/// `wait_seconds` as a Duration: a finite number from 0 to [`max_wait_seconds`].
 fn wait_seconds(value: &Value, threshold_seconds: f64) -> Result<Duration, BadArguments> {
-    let max = threshold_seconds.max(0.0);
+    let max = max_wait_seconds(threshold_seconds);
     let seconds = value
         .as_f64()
         .filter(|s| s.is_finite())
@@ -181,10 +193,11 @@ fn wait_seconds(value: &Value, threshold_seconds: f64) -> Result<Duration, BadAr
     if !(0.0..=max).contains(&seconds) {
         return Err(bad(
             "invalid_wait_seconds",
-            format!("`wait_seconds` must be between 0 and {max} (this formation's async threshold), got {seconds}"),
+            format!("`wait_seconds` must be between 0 and {max} (this formation's async threshold, at most an hour), got {seconds}"),
         ));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds)
+        .map_err(|e| bad("invalid_wait_seconds", format!("`wait_seconds` {seconds} is not a duration: {e}")))
 }
 
 /// The `execution_id` argument of the execution tools.
@@ -280,6 +293,12 @@ mod tests {
             assert_eq!(err.code, "invalid_wait_seconds", "{bad}");
         }
         assert!(parse(json!(1e300)).unwrap_err().message.contains("between 0 and 10"));
+        // A huge threshold still bounds the wait to an hour: never a Duration overflow.
+        let huge = |v: Value| AgentArgs::parse(&args(json!({"message": "hi", "wait_seconds": v})), 1e300);
+        assert_eq!(huge(json!(3600)).unwrap().wait, Duration::from_secs(3600));
+        assert_eq!(huge(json!(1e200)).unwrap_err().code, "invalid_wait_seconds");
+        let nan = AgentArgs::parse(&args(json!({"message": "hi", "wait_seconds": 1})), f64::NAN);
+        assert_eq!(nan.unwrap_err().code, "invalid_wait_seconds");
     }
 
     #[test]
