@@ -1,6 +1,7 @@
 """The official MCP Python SDK (`mcp`, pinned by scripts/mcp-conformance.sh),
 unmodified, against a real muxi-rt's /api/{id}/v1/mcp, in its handshake mode
-(`legacy`: initialize, 2025-11-25) and its 2026-07-28 mode (stateless).
+(`legacy`: initialize, 2025-11-25) and its default `auto` mode, which probes
+`server/discover` and so speaks the stateless 2026-07-28 protocol.
 
 Prints `ok - NAME` or `FAIL - NAME: reason` per check, then
 `mcp-check: N passed, N failed`; exits 1 on any failure.
@@ -100,7 +101,7 @@ def text_of(result):
 
 
 async def run_mode(target, mode, expected_version):
-    label = "handshake" if mode == "legacy" else mode
+    label = "handshake" if mode == "legacy" else f"{expected_version} ({mode})"
 
     @check(f"{label}: connects, negotiates {expected_version}, lists one tool per agent")
     async def tools():
@@ -113,7 +114,7 @@ async def run_mode(target, mode, expected_version):
 
     @check(f"{label}: an agent tool answers with an execution id; running, then completed; same id over HTTP")
     async def round_trip():
-        gate = f"py-{label}"
+        gate = f"py-{mode}"
         async with target.client(mode) as client:
             started = await client.call_tool("worker", {"message": f"gate {gate}"})
             facts = started.structured_content
@@ -193,7 +194,9 @@ async def main():
     args = parser.parse_args()
     target = Target(args)
     await run_mode(target, "legacy", "2025-11-25")
-    await run_mode(target, "2026-07-28", "2026-07-28")
+    # `auto` probes server/discover and falls back to initialize on a legacy
+    # server: negotiating 2026-07-28 proves the stateless discovery worked.
+    await run_mode(target, "auto", "2026-07-28")
     passed = sum(RESULTS)
     failed = len(RESULTS) - passed
     print(f"mcp-check: {passed} passed, {failed} failed", flush=True)
