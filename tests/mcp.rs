@@ -624,3 +624,24 @@ async fn the_formation_chooses_its_tools_or_no_endpoint() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("mcp.agents[0]: no agent `nobody`"), "{out}");
 }
+
+#[tokio::test]
+async fn an_execution_delivers_its_result_to_its_webhook() {
+    let rx = common::receiver::Receiver::start().await;
+    let fixture = fixture();
+    let server = Server::start(&fixture, &["--allow-webhook-host", "127.0.0.1"], &[]);
+    let session = connect(&server, "alice", Protocol::Stateless, Client::default()).await;
+    let result = call(&session, "quick", json!({ "message": "hooked", "webhook_url": rx.url("/mcp-done") })).await;
+    let id = structured(&result)["execution_id"].as_str().unwrap().to_string();
+    let hits = rx.wait_for("/mcp-done", 1, Duration::from_secs(30)).await;
+    let event = hits[0].json();
+    assert_eq!(event["id"], id.as_str(), "{event}");
+    assert_eq!(event["status"], "completed");
+    // The payload carries the result in both the MUXI SDK's and the docs' shapes.
+    assert!(event.to_string().contains("worked: hooked"), "{event}");
+    let alice = server.caller(F, "alice");
+    eventually(Duration::from_secs(30), "the delivery to be recorded", || async {
+        (alice.data(&id).await["webhook"]["status"] == "delivered").then_some(())
+    })
+    .await;
+}
