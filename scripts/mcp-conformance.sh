@@ -12,7 +12,8 @@
 # tools/node22, the suite into tools/conformance (both gitignored, reused).
 # Prints one line per check and per scenario, `mcp-check: N passed, N failed` and
 # `mcp-conformance: N passed, N failed`; exits non-zero on any failure.
-# Environment: MCP_CHECK_VENV (default .venv-mcp); MCP_CONFORMANCE_KEEP=1 keeps the temp dir.
+# Environment: MCP_CHECK_VENV (default .venv-mcp); MCP_CONFORMANCE_SCENARIOS (space-separated,
+# default the five below); MCP_CONFORMANCE_KEEP=1 keeps the temp dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,7 @@ MCP_SDK_VERSION="2.3.0"
 VENV="${MCP_CHECK_VENV:-.venv-mcp}"
 CONFORMANCE_VERSION="0.1.16"
 NODE_VERSION="22"
-SCENARIOS=(server-initialize ping tools-list server-sse-multiple-streams dns-rebinding-protection)
+SCENARIOS=(${MCP_CONFORMANCE_SCENARIOS:-server-initialize ping tools-list server-sse-multiple-streams dns-rebinding-protection})
 FORMATION_ID="conformance"
 CLIENT_KEY="fmc_conformance_client_key"
 
