@@ -14,6 +14,7 @@ pub mod error;
 pub mod formation;
 pub mod http_server;
 pub mod keys;
+pub mod mcp;
 pub mod overlord;
 pub mod registry;
 pub mod server;

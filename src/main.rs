@@ -33,6 +33,10 @@ enum Command {
         /// private address (local development, tests). Repeatable.
         #[arg(long = "allow-webhook-host", env = "MUXI_ALLOW_WEBHOOK_HOSTS", value_delimiter = ',')]
         allow_webhook_hosts: Vec<String>,
+        /// A Host value the MCP endpoint accepts besides the listen address's
+        /// (DNS rebinding protection); `*` accepts any. Repeatable.
+        #[arg(long = "mcp-allowed-host", env = "MUXI_MCP_ALLOWED_HOSTS", value_delimiter = ',')]
+        mcp_allowed_hosts: Vec<String>,
     },
     /// Check formation files or folders; prints FILE:LINE:COL: PATH: message per
     /// problem and exits 1 on any error.
@@ -47,7 +51,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { dir, listen, data_dir, allow_webhook_hosts } => {
+        Command::Serve { dir, listen, data_dir, allow_webhook_hosts, mcp_allowed_hosts } => {
             init_logging();
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
@@ -58,7 +62,8 @@ fn main() -> ExitCode {
             };
             let allow_webhook_hosts =
                 allow_webhook_hosts.into_iter().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect();
-            match runtime.block_on(serve(ServeConfig { dir, listen, data_dir, allow_webhook_hosts })) {
+            match runtime.block_on(serve(ServeConfig { dir, listen, data_dir, allow_webhook_hosts, mcp_allowed_hosts }))
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -76,7 +81,7 @@ fn main() -> ExitCode {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MUXI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmcp=warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 

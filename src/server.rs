@@ -21,6 +21,8 @@ pub struct ServeConfig {
     pub listen: String,
     pub data_dir: PathBuf,
     pub allow_webhook_hosts: Vec<String>,
+    /// Extra `Host` values the MCP endpoint accepts (`*`: any).
+    pub mcp_allowed_hosts: Vec<String>,
 }
 
 /// How long in-flight HTTP calls get to finish after a shutdown signal.
@@ -67,6 +69,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         registry: registry.clone(),
         engine,
         allow_webhook_hosts: Arc::new(config.allow_webhook_hosts.clone()),
+        mcp_allowed_hosts: Arc::new(crate::mcp::allowed_hosts(addr, &config.mcp_allowed_hosts)),
         started_at: std::time::Instant::now(),
         shutdown: shutdown.clone(),
     };

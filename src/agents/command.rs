@@ -496,6 +496,7 @@ mod tests {
             overlord: Default::default(),
             llm: Default::default(),
             agents: Vec::new(),
+            mcp: Default::default(),
             triggers: BTreeMap::new(),
             warnings: Vec::new(),
         }

@@ -36,6 +36,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     /// Hosts webhook URLs may point at even when they resolve to private addresses.
     pub allow_webhook_hosts: Arc<Vec<String>>,
+    /// `Host` values the MCP endpoint accepts (empty: any).
+    pub mcp_allowed_hosts: Arc<Vec<String>>,
     pub started_at: std::time::Instant,
     pub shutdown: CancellationToken,
 }
@@ -62,6 +64,8 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn(limits::guard))
         .layer(middleware::from_fn(sse_errors))
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
+        // After the layers: MCP answers are JSON-RPC or SSE as rmcp makes them.
+        .route("/api/{formation_id}/v1/mcp", crate::mcp::route(&state))
         .with_state(state)
 }
 

@@ -32,6 +32,8 @@ pub struct Formation {
     pub overlord: OverlordSettings,
     pub llm: LlmSettings,
     pub agents: Vec<AgentSpec>,
+    /// The `mcp` section: the MCP endpoint and which agents are its tools.
+    pub mcp: McpSettings,
     /// Trigger templates from `triggers/*.md`, by name.
     pub triggers: BTreeMap<String, crate::triggers::Trigger>,
     /// Non-fatal problems (unknown top-level sections and the like).
@@ -91,6 +93,23 @@ impl AsyncMode {
             AsyncMode::Sync => "sync",
             AsyncMode::Async => "async",
         }
+    }
+}
+
+/// The `mcp` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpSettings {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// The agents offered as tools; `None`: all.
+    #[serde(default)]
+    pub agents: Option<Vec<String>>,
+}
+
+impl Default for McpSettings {
+    fn default() -> Self {
+        McpSettings { enabled: true, agents: None }
     }
 }
 

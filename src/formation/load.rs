@@ -13,8 +13,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::config::{
-    default_max_concurrent, AgentKind, AgentSpec, ApiKeys, AsyncSettings, LlmSettings, OverlordSettings, RetryPolicy,
-    Timeouts, ToolSpec,
+    default_max_concurrent, AgentKind, AgentSpec, ApiKeys, AsyncSettings, LlmSettings, McpSettings, OverlordSettings,
+    RetryPolicy, Timeouts, ToolSpec,
 };
 use super::discover::discover;
 use super::locate::{display_path, pointer_push, Positions};
@@ -35,8 +35,8 @@ pub struct LoadReport {
 }
 
 /// Top-level sections muxi-rt reads.
-const IMPLEMENTED: [&str; 9] =
-    ["schema", "id", "description", "version", "server", "llm", "agents", "overlord", "async"];
+const IMPLEMENTED: [&str; 10] =
+    ["schema", "id", "description", "version", "server", "llm", "agents", "overlord", "async", "mcp"];
 /// Descriptive metadata: nothing to implement, so no warning.
 const METADATA: [&str; 4] = ["name", "author", "url", "license"];
 /// AFS sections muxi-rt knows exist and does not implement.
@@ -242,6 +242,7 @@ impl<'a> Builder<'a> {
         let keys = self.keys();
         let agents = self.agents();
         let triggers = self.triggers();
+        let mcp = self.mcp(&agents);
         if !self.errors.is_empty() {
             return Err(self.errors);
         }
@@ -257,9 +258,23 @@ impl<'a> Builder<'a> {
             overlord,
             llm: self.llm,
             agents,
+            mcp,
             triggers,
             warnings,
         })
+    }
+
+    /// The `mcp` section; every agent it names must exist.
+    fn mcp(&mut self, agents: &[AgentSpec]) -> McpSettings {
+        let mcp: McpSettings = typed(self.src, self.doc, "/mcp", &mut self.errors);
+        for (i, id) in mcp.agents.iter().flatten().enumerate() {
+            if !agents.iter().any(|a| &a.id == id) {
+                let known: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
+                let message = format!("no agent `{id}` in this formation (agents: {})", known.join(", "));
+                self.errors.push(self.src.error(&format!("/mcp/agents/{i}"), message));
+            }
+        }
+        mcp
     }
 
     fn overlord(&mut self) -> OverlordSettings {

@@ -25,6 +25,7 @@ pub fn formation_with_agents(agents: Vec<AgentSpec>) -> Formation {
         overlord: OverlordSettings::default(),
         llm: LlmSettings::default(),
         agents,
+        mcp: Default::default(),
         triggers: BTreeMap::new(),
         warnings: Vec::new(),
     }

@@ -328,6 +328,7 @@ mod tests {
             overlord: Default::default(),
             llm: Default::default(),
             agents: vec![],
+            mcp: Default::default(),
             triggers: Default::default(),
             warnings: vec![],
         }
