@@ -5,6 +5,9 @@
 
 pub mod sqlite;
 
+#[cfg(test)]
+mod admin_tests;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -243,6 +246,34 @@ pub enum DeliveryUpdate {
     },
 }
 
+/// Filters for listing a formation's requests across all users (admin).
+/// `None` filters match everything; `since` is inclusive, `until` exclusive (ms).
+#[derive(Debug, Clone, Default)]
+pub struct AdminQuery {
+    pub formation_id: String,
+    pub status: Option<Status>,
+    pub agent_id: Option<String>,
+    pub user_id: Option<String>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub limit: usize,
+}
+
+/// How many of a formation's requests wait for a slot and how many run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub pending: u64,
+    pub processing: u64,
+}
+
+/// The re-run links of a request: what it re-runs, and what re-ran it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reruns {
+    pub rerun_of: Option<String>,
+    /// Newest first.
+    pub rerun_as: Vec<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
 pub struct StoreError(pub String);
@@ -299,4 +330,38 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records the result of a delivery attempt (attempts grows by one).
     async fn record_delivery(&self, id: &str, update: &DeliveryUpdate) -> StoreResult<()>;
+
+    // The admin console's reads and actions. Defaults fail loudly so a store
+    // that lacks them still builds (and says what it lacks).
+
+    /// A formation's requests of every user, filtered, newest first.
+    async fn admin_list(&self, _query: &AdminQuery) -> StoreResult<Vec<RequestRecord>> {
+        Err(StoreError("admin_list is not supported by this store".into()))
+    }
+
+    /// How many of a formation's requests are pending and processing.
+    async fn backlog(&self, _formation_id: &str) -> StoreResult<Backlog> {
+        Err(StoreError("backlog is not supported by this store".into()))
+    }
+
+    /// The webhook delivery of a request, if it has one.
+    async fn delivery_of(&self, _request_id: &str) -> StoreResult<Option<Delivery>> {
+        Err(StoreError("delivery_of is not supported by this store".into()))
+    }
+
+    /// Makes a request's pending or failed delivery due at `now` (a delivered one
+    /// is left alone). Returns the delivery as it now is, or `None` if there is none.
+    async fn retry_delivery(&self, _request_id: &str, _now: i64) -> StoreResult<Option<Delivery>> {
+        Err(StoreError("retry_delivery is not supported by this store".into()))
+    }
+
+    /// Records that `request_id` re-runs `original_id`.
+    async fn link_rerun(&self, _request_id: &str, _original_id: &str) -> StoreResult<()> {
+        Err(StoreError("link_rerun is not supported by this store".into()))
+    }
+
+    /// The re-run links of a request.
+    async fn reruns(&self, _request_id: &str) -> StoreResult<Reruns> {
+        Err(StoreError("reruns is not supported by this store".into()))
+    }
 }

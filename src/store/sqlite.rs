@@ -34,8 +34,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use super::{
-    Delivery, DeliveryUpdate, ErrorInfo, Inserted, ListQuery, NewDelivery, NewRequest, Outcome, Progress,
-    RequestRecord, RequestResult, Status, Store, StoreError, StoreResult, WebhookState,
+    AdminQuery, Backlog, Delivery, DeliveryUpdate, ErrorInfo, Inserted, ListQuery, NewDelivery, NewRequest, Outcome,
+    Progress, RequestRecord, RequestResult, Reruns, Status, Store, StoreError, StoreResult, WebhookState,
 };
 
 /// The most commands one transaction carries.
@@ -52,7 +52,8 @@ const MMAP_BYTES: i64 = 256 * 1024 * 1024;
 
 /// Schema migrations; `PRAGMA user_version` is the number applied so far.
 /// Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE requests (
     id                TEXT PRIMARY KEY,
     formation_id      TEXT NOT NULL,
@@ -103,7 +104,16 @@ CREATE TABLE deliveries (
     created_at      INTEGER NOT NULL
 );
 CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
-"#];
+"#,
+    r#"
+-- A re-run (admin console) is a new request with the same input, linked here.
+CREATE TABLE reruns (
+    request_id  TEXT PRIMARY KEY REFERENCES requests (id) ON DELETE CASCADE,
+    original_id TEXT NOT NULL REFERENCES requests (id) ON DELETE CASCADE
+);
+CREATE INDEX reruns_by_original ON reruns (original_id);
+"#,
+];
 
 /// `SELECT <every record column> FROM requests r LEFT JOIN deliveries d <tail>`.
 macro_rules! select_records {
@@ -707,6 +717,104 @@ impl Store for SqliteStore {
             )?
             .execute(params![id, status, error, next_attempt_at])?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn admin_list(&self, query: &AdminQuery) -> StoreResult<Vec<RequestRecord>> {
+        let query = query.clone();
+        self.read("admin_list", move |conn| {
+            conn.prepare_cached(select_records!(
+                "WHERE r.formation_id = ?1 AND (?2 IS NULL OR r.status = ?2) \
+                 AND (?3 IS NULL OR r.agent_id = ?3) AND (?4 IS NULL OR r.user_id = ?4) \
+                 AND (?5 IS NULL OR r.created_at >= ?5) AND (?6 IS NULL OR r.created_at < ?6) \
+                 ORDER BY r.created_at DESC, r.id DESC LIMIT ?7"
+            ))?
+            .query_map(
+                params![
+                    query.formation_id,
+                    query.status.map(Status::as_str),
+                    query.agent_id,
+                    query.user_id,
+                    query.since,
+                    query.until,
+                    sql_limit(query.limit)
+                ],
+                record_from_row,
+            )?
+            .collect()
+        })
+        .await
+    }
+
+    async fn backlog(&self, formation_id: &str) -> StoreResult<Backlog> {
+        let formation_id = formation_id.to_owned();
+        self.read("backlog", move |conn| {
+            let mut backlog = Backlog::default();
+            let mut statement = conn.prepare_cached(
+                "SELECT status, COUNT(*) FROM requests \
+                 WHERE status IN ('pending', 'processing') AND formation_id = ?1 GROUP BY status",
+            )?;
+            let mut rows = statement.query([formation_id])?;
+            while let Some(row) = rows.next()? {
+                let count: i64 = row.get(1)?;
+                match status_column(row, "status")? {
+                    Status::Pending => backlog.pending = count as u64,
+                    _ => backlog.processing = count as u64,
+                }
+            }
+            Ok(backlog)
+        })
+        .await
+    }
+
+    async fn delivery_of(&self, request_id: &str) -> StoreResult<Option<Delivery>> {
+        let request_id = request_id.to_owned();
+        self.read("delivery_of", move |conn| {
+            conn.prepare_cached("SELECT * FROM deliveries WHERE request_id = ?1")?
+                .query_row([request_id], delivery_from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn retry_delivery(&self, request_id: &str, now: i64) -> StoreResult<Option<Delivery>> {
+        let request_id = request_id.to_owned();
+        self.write("retry_delivery", move |conn| {
+            conn.prepare_cached(
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?2 \
+                 WHERE request_id = ?1 AND status IN ('pending', 'failed')",
+            )?
+            .execute(params![request_id, now])?;
+            conn.prepare_cached("SELECT * FROM deliveries WHERE request_id = ?1")?
+                .query_row([request_id], delivery_from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn link_rerun(&self, request_id: &str, original_id: &str) -> StoreResult<()> {
+        let (request_id, original_id) = (request_id.to_owned(), original_id.to_owned());
+        self.write("link_rerun", move |conn| {
+            conn.prepare_cached("INSERT OR IGNORE INTO reruns (request_id, original_id) VALUES (?1, ?2)")?
+                .execute(params![request_id, original_id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn reruns(&self, request_id: &str) -> StoreResult<Reruns> {
+        let request_id = request_id.to_owned();
+        self.read("reruns", move |conn| {
+            let rerun_of = conn
+                .prepare_cached("SELECT original_id FROM reruns WHERE request_id = ?1")?
+                .query_row([&request_id], |row| row.get(0))
+                .optional()?;
+            let rerun_as = conn
+                .prepare_cached("SELECT request_id FROM reruns WHERE original_id = ?1 ORDER BY request_id DESC")?
+                .query_map([&request_id], |row| row.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(Reruns { rerun_of, rerun_as })
         })
         .await
     }
