@@ -33,6 +33,9 @@ pub enum Code {
     MethodNotAllowed,
     ShuttingDown,
     Internal,
+    DeliveryNotFound,
+    DeliveryAlreadyDelivered,
+    RequestNotRerunnable,
 }
 
 impl Code {
@@ -60,6 +63,9 @@ impl Code {
             Code::MethodNotAllowed => "method_not_allowed",
             Code::ShuttingDown => "shutting_down",
             Code::Internal => "internal_error",
+            Code::DeliveryNotFound => "delivery_not_found",
+            Code::DeliveryAlreadyDelivered => "delivery_already_delivered",
+            Code::RequestNotRerunnable => "request_not_rerunnable",
         }
     }
 
@@ -82,6 +88,8 @@ impl Code {
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Code::DeliveryNotFound => StatusCode::NOT_FOUND,
+            Code::DeliveryAlreadyDelivered | Code::RequestNotRerunnable => StatusCode::CONFLICT,
         }
     }
 }
