@@ -21,6 +21,8 @@ pub struct ServeConfig {
     pub listen: String,
     pub data_dir: PathBuf,
     pub allow_webhook_hosts: Vec<String>,
+    /// Serve the web console at `/console`.
+    pub console: bool,
 }
 
 /// How long in-flight HTTP calls get to finish after a shutdown signal.
@@ -75,7 +77,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port.
     println!("muxi-rt listening on http://{addr}");
 
-    let server = axum::serve(listener, api::router(state)).with_graceful_shutdown({
+    let app = api::router(state);
+    let app = if config.console { app.merge(crate::console::router()) } else { app };
+    let server = axum::serve(listener, app).with_graceful_shutdown({
         let shutdown = shutdown.clone();
         async move {
             signals.wait().await;
