@@ -344,3 +344,118 @@ async fn the_console_is_served_with_a_strict_policy_and_can_be_turned_off() {
     assert_eq!((code, body["code"].as_str()), (404, Some("not_found")));
     assert_eq!(server.get("/api/f/v1/health").send().await.unwrap().status(), 200, "the API still serves");
 }
+
+/// Where the browser test writes its screenshots (named in README.md).
+fn screenshots() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("console-screenshots")
+}
+
+/// A real headless Chromium: sign in, follow a slow request live, cancel it,
+/// retry a failed webhook delivery, see a broken edit's line; screenshots at
+/// 1280 and 390 px, and no sideways scrolling at 320 px.
+#[tokio::test]
+async fn a_browser_signs_in_follows_progress_live_cancels_and_retries_a_delivery() {
+    let Some(browser) = common::browser::Browser::start().await else { return };
+    let started = std::time::Instant::now();
+    let rx = Receiver::start().await;
+    rx.script("/hook", vec![], Some(Answer::Status(503)));
+    let fx = fixture();
+    let server = Server::start(&fx, ALLOW, &[]);
+    let admin = server.admin("f");
+    let slow = submit(&server, "alice", json!({"message": "slow:240", "agent_id": "slow"})).await;
+    let hooked = submit(&server, "bob", json!({"message": "hi", "webhook_url": rx.url("/hook")})).await;
+    admin.until(&hooked, "the delivery failed", |d| d["delivery"]["status"] == "failed").await;
+    let shots = screenshots();
+    let console = server.url("/console");
+
+    // Sign in with the keyboard only: type, then Enter submits.
+    browser.goto(&console).await;
+    browser.type_into("#signin-formation", "f").await;
+    browser.type_into("#signin-key", "admin-f").await;
+    browser.press_enter("#signin-key").await;
+    browser.wait_for("#formation-f").await;
+    let stored = browser.eval("return sessionStorage.getItem('muxi.console.keys')", json!([])).await;
+    assert_eq!(stored, r#"{"f":"admin-f"}"#);
+    assert_eq!(browser.eval("return document.cookie", json!([])).await, "", "no cookie");
+    browser.text_until("#running-f", "one running", |t| t == "1").await;
+    browser.screenshot(&shots, "formations-1280").await;
+
+    // The requests list, newest first, then the slow request's page by keyboard.
+    browser.goto(&format!("{console}#/requests")).await;
+    browser.wait_for(&format!("tr[data-request-id='{slow}']")).await;
+    let order = browser
+        .eval("return [...document.querySelectorAll('tr[data-request-id]')].map(r => r.dataset.requestId)", json!([]))
+        .await;
+    assert_eq!(order, json!([hooked, slow]));
+    browser.screenshot(&shots, "requests-1280").await;
+    browser.press_enter(&format!("#link-{slow}")).await;
+    browser.wait_for("#progress").await;
+
+    // The bar moves with no reload: a mark left on the page stays.
+    browser.eval("window.__stayed = true", json!([])).await;
+    let progress =
+        || async { browser.eval("return document.getElementById('progress').value", json!([])).await.as_f64() };
+    let first = browser.until("some progress", || async { progress().await.filter(|p| *p > 0.0) }).await;
+    let later = browser.until("the bar to advance", || async { progress().await.filter(|p| *p > first) }).await;
+    assert!(later > first);
+    assert_eq!(browser.eval("return window.__stayed === true", json!([])).await, true, "the page was not reloaded");
+    assert!(browser.text("#step").await.starts_with("Step "), "the current step is shown");
+    browser.screenshot(&shots, "request-running-1280").await;
+
+    // Cancel, confirmed in the dialog, all by keyboard; the agent process goes.
+    let agent = pid(&admin.until(&slow, "agent pid", |d| pid(d).is_some()).await).unwrap();
+    assert!(alive(agent));
+    browser.press_enter("#cancel").await;
+    assert_eq!(browser.eval("return document.getElementById('confirm').open", json!([])).await, true);
+    browser.press_enter("#confirm-yes").await;
+    browser.text_until("#status", "cancelled", |t| t == "cancelled").await;
+    eventually(Duration::from_secs(10), "agent process gone", || async { (!alive(agent)).then_some(()) }).await;
+    assert_eq!(admin.show(&slow).await["status"], "cancelled");
+
+    // A failed webhook delivery, retried against a receiver that now answers 200.
+    browser.goto(&format!("{console}#/request/f/{hooked}")).await;
+    browser.text_until("#delivery-status", "delivery failed", |t| t == "failed").await;
+    assert!(browser.text("#delivery-error").await.contains("503"));
+    rx.script("/hook", vec![], Some(Answer::Status(200)));
+    browser.press_enter("#retry-delivery").await;
+    browser.press_enter("#confirm-yes").await;
+    browser.text_until("#delivery-status", "delivered", |t| t == "delivered").await;
+    assert_eq!(browser.text("#delivery-attempts").await, "2");
+    assert_eq!(rx.hits("/hook").len(), 2);
+    browser.screenshot(&shots, "request-delivery-1280").await;
+
+    // A broken edit shows its errors with FILE:LINE on the formations page.
+    let path = fx.write("f/formation.afs", &formation("f").replace("  webhook_retries: 0", "  webhook_retrys: 0"));
+    browser.goto(&format!("{console}#/formations")).await;
+    let expected = format!("{}:11:", path.display());
+    browser.text_until("#errors-f", "the broken edit's line", |t| t.contains(&expected)).await;
+    assert_eq!(browser.text("#state-f").await, "serving_previous");
+    browser.screenshot(&shots, "formations-broken-edit-1280").await;
+
+    // Narrow screens: no sideways scrolling; screenshots at 390 px.
+    let fits = "return document.documentElement.scrollWidth <= window.innerWidth";
+    for width in [390, 320] {
+        browser.resize(width, 844).await;
+        for (page, fragment, ready) in [
+            ("formations", "#/formations".to_string(), "#formation-f"),
+            ("requests", "#/requests".to_string(), "tr[data-request-id]"),
+            ("request", format!("#/request/f/{hooked}"), "#delivery:not([hidden])"),
+        ] {
+            browser.goto(&format!("{console}{fragment}")).await;
+            browser.wait_for(ready).await;
+            if width == 390 {
+                browser.screenshot(&shots, &format!("{page}-390")).await;
+            }
+            let inner = browser.eval("return window.innerWidth", json!([])).await;
+            let wide = "return [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > \
+                        window.innerWidth + 1).map(e => e.tagName + '#' + e.id + '.' + e.className).slice(0, 5)";
+            if browser.eval(fits, json!([])).await != true {
+                panic!("{page} scrolls sideways at {inner} px: {}", browser.eval(wide, json!([])).await);
+            }
+        }
+    }
+    let errors = browser.console_errors().await;
+    assert!(errors.iter().all(|e| !e.contains("Content Security Policy")), "{errors:?}");
+    browser.quit().await;
+    eprintln!("browser test took {:.1} s; screenshots in {}", started.elapsed().as_secs_f64(), shots.display());
+}

@@ -563,7 +563,9 @@
 
     poll(load, 2000);
     follow(formation, rid, (token) => {
-      if (token.type === "progress") setProgress(token.progress, token.content);
+      // The opening frame (it carries `status`) restates the record: the poll shows it.
+      if (token.type === "progress" && token.status === undefined) setProgress(token.progress, token.content);
+      else if (token.type === "progress") setProgress(token.progress, null);
       else if (token.type !== "content") load();
     });
   }

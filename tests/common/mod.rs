@@ -3,6 +3,7 @@
 //! port, and speaks to it over real HTTP.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod receiver;
 
 use std::io::{BufRead, BufReader};
