@@ -394,7 +394,7 @@
       "table",
       {},
       h("caption", { class: "visually-hidden" }, "Requests, newest first"),
-      h("thead", {}, h("tr", {}, ["Created", "Formation", "Request", "User", "Agent", "Status", "Progress", "Step"].map((t) => h("th", { scope: "col" }, t)))),
+      h("thead", {}, h("tr", {}, ["Created", "Formation", "Request", "User", "Agent", "Status", "Progress", "Step", "Webhook"].map((t) => h("th", { scope: "col" }, t)))),
       h(
         "tbody",
         {},
@@ -410,6 +410,7 @@
             cell("Status", badge(r.status)),
             cell("Progress", h("span", { class: "progress" }, h("progress", { max: 100, value: r.progress, "aria-label": `Progress of ${r.request_id}` }), h("span", {}, `${Math.round(r.progress)}%`))),
             cell("Step", r.current_step || "—"),
+            cell("Webhook", r.webhook ? h("span", { class: `s-${r.webhook.status}` }, `${r.webhook.status} (${r.webhook.attempts})`) : "—"),
           ),
         ),
       ),
