@@ -295,9 +295,12 @@ pub async fn rerun(
         webhook_url: original.webhook_url.clone(),
         created_at: crate::time::now_ms(),
     };
-    let submitted = state.engine.submit(formation, request, false).await?;
-    let record = submitted.record;
-    state.engine.store().link_rerun(&record.id, &original.id).await?;
+    let new_id = request.id.clone();
+    let record = state.engine.submit(formation, request, false).await?.record;
+    // An idempotency key may replay an earlier re-run: that one is linked already.
+    if record.id == new_id {
+        state.engine.store().link_rerun(&record.id, &original.id).await?;
+    }
     let mut response = envelope::ok(
         "request.rerun",
         Some(&record.id),
