@@ -454,8 +454,21 @@ async fn a_browser_signs_in_follows_progress_live_cancels_and_retries_a_delivery
             }
         }
     }
-    let errors = browser.console_errors().await;
-    assert!(errors.iter().all(|e| !e.contains("Content Security Policy")), "{errors:?}");
+    // Dark mode follows the system.
+    let background = "return getComputedStyle(document.body).backgroundColor";
+    assert_eq!(browser.eval(background, json!([])).await, "rgb(255, 255, 255)");
+    browser.color_scheme("dark").await;
+    assert_eq!(browser.eval(background, json!([])).await, "rgb(13, 17, 23)");
+    browser.screenshot(&shots, "request-dark-390").await;
+    browser.resize(1280, 900).await;
+    browser.goto(&format!("{console}#/formations")).await;
+    browser.wait_for("#formation-f").await;
+    browser.screenshot(&shots, "formations-dark-1280").await;
+
+    // The policy held: nothing was blocked, and the page logged no error.
+    let logs = browser.logs().await;
+    let severe: Vec<&Value> = logs.iter().filter(|e| e["level"] == "SEVERE").collect();
+    assert!(severe.is_empty(), "{severe:?}");
     browser.quit().await;
     eprintln!("browser test took {:.1} s; screenshots in {}", started.elapsed().as_secs_f64(), shots.display());
 }

@@ -1,4 +1,4 @@
-//! The web console at `/console`: three static files embedded in the binary
+//! The web console at `/console`: four static files embedded in the binary
 //! (`include_str!`), no build step, nothing loaded from another host. The page
 //! asks for a formation's admin key, keeps it in the tab's `sessionStorage`
 //! and sends it as `X-Muxi-Admin-Key` to the admin routes (`api/admin.rs`);
@@ -15,6 +15,7 @@ use axum::Router;
 const INDEX: &str = include_str!("index.html");
 const SCRIPT: &str = include_str!("app.js");
 const STYLE: &str = include_str!("app.css");
+const ICON: &str = include_str!("icon.svg");
 
 /// The policy of every console answer: only our own script, style and API.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
@@ -28,6 +29,7 @@ pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route("/console/", get(|| async { Redirect::permanent("/console") }))
         .route("/console/app.js", get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }))
         .route("/console/app.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
+        .route("/console/icon.svg", get(|| async { asset("image/svg+xml", ICON) }))
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {

@@ -90,6 +90,7 @@ impl Browser {
         let capabilities = json!({ "capabilities": { "alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": { "binary": chromium, "args": args },
+            "goog:loggingPrefs": { "browser": "ALL" },
         }}});
         let mut browser = Browser { driver: child, base, session: String::new(), http, _profile: profile };
         let created = browser.call(reqwest::Method::POST, "/session", Some(capabilities)).await;
@@ -203,26 +204,21 @@ impl Browser {
         path
     }
 
-    /// Messages the page logged as errors (CSP violations show up here).
-    pub async fn console_errors(&self) -> Vec<String> {
-        let logs = self
-            .http
-            .post(format!("{}{}", self.base, self.at("/se/log")))
-            .json(&json!({"type": "browser"}))
-            .send()
-            .await;
-        let Ok(logs) = logs else { return Vec::new() };
-        let value: Value = logs.json().await.unwrap_or_default();
-        value["value"]
-            .as_array()
-            .map(|entries| {
-                entries
-                    .iter()
-                    .filter(|e| e["level"] == "SEVERE")
-                    .filter_map(|e| e["message"].as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// Everything the browser logged so far (CSP violations show up here).
+    pub async fn logs(&self) -> Vec<Value> {
+        let logs = self.call(reqwest::Method::POST, &self.at("/se/log"), Some(json!({ "type": "browser" }))).await;
+        logs.as_array().unwrap_or_else(|| panic!("the browser log is a list: {logs}")).clone()
+    }
+
+    /// Switches `prefers-color-scheme` (Chrome DevTools, through the driver).
+    pub async fn color_scheme(&self, scheme: &str) {
+        let params = json!({ "features": [{ "name": "prefers-color-scheme", "value": scheme }] });
+        self.call(
+            reqwest::Method::POST,
+            &self.at("/goog/cdp/execute"),
+            Some(json!({ "cmd": "Emulation.setEmulatedMedia", "params": params })),
+        )
+        .await;
     }
 }
 
