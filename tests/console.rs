@@ -350,9 +350,10 @@ fn screenshots() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().join("console-screenshots")
 }
 
-/// A real headless Chromium: sign in, follow a slow request live, cancel it,
-/// retry a failed webhook delivery, see a broken edit's line; screenshots at
-/// 1280 and 390 px, and no sideways scrolling at 320 px.
+/// A real headless Chromium, used by keyboard only: sign in, filter the list,
+/// re-run a failed request, follow a slow request live, cancel it, retry a
+/// failed webhook delivery, see a broken edit's line; no sideways scrolling at
+/// 390 and 320 px, dark mode, no error logged; screenshots at 1280 and 390 px.
 #[tokio::test]
 async fn a_browser_signs_in_follows_progress_live_cancels_and_retries_a_delivery() {
     let Some(browser) = common::browser::Browser::start().await else { return };
@@ -364,7 +365,9 @@ async fn a_browser_signs_in_follows_progress_live_cancels_and_retries_a_delivery
     let admin = server.admin("f");
     let slow = submit(&server, "alice", json!({"message": "slow:240", "agent_id": "slow"})).await;
     let hooked = submit(&server, "bob", json!({"message": "hi", "webhook_url": rx.url("/hook")})).await;
+    let failing = submit(&server, "carol", json!({"message": "fail"})).await;
     admin.until(&hooked, "the delivery failed", |d| d["delivery"]["status"] == "failed").await;
+    admin.until(&failing, "the request failed", |d| d["status"] == "failed").await;
     let shots = screenshots();
     let console = server.url("/console");
 
@@ -386,8 +389,36 @@ async fn a_browser_signs_in_follows_progress_live_cancels_and_retries_a_delivery
     let order = browser
         .eval("return [...document.querySelectorAll('tr[data-request-id]')].map(r => r.dataset.requestId)", json!([]))
         .await;
-    assert_eq!(order, json!([hooked, slow]));
+    assert_eq!(order, json!([failing, hooked, slow]));
     browser.screenshot(&shots, "requests-1280").await;
+
+    // Filter by status with the keyboard: only the failed request is left.
+    browser.type_into("#f-status", "failed").await;
+    browser.press_enter("#f-apply").await;
+    browser
+        .until("only the failed request listed", || async {
+            let rows = browser
+                .eval(
+                    "return [...document.querySelectorAll('tr[data-request-id]')].map(r => r.dataset.requestId)",
+                    json!([]),
+                )
+                .await;
+            (rows == json!([failing])).then_some(())
+        })
+        .await;
+    assert!(browser.eval("return location.hash", json!([])).await.as_str().unwrap().contains("status=failed"));
+
+    // Re-run it (confirmed): the page links the new request.
+    browser.press_enter(&format!("#link-{failing}")).await;
+    browser.text_until("#status", "failed", |t| t == "failed").await;
+    assert!(browser.text("#error").await.contains("boom"));
+    browser.press_enter("#rerun").await;
+    browser.press_enter("#confirm-yes").await;
+    let rerun = browser.text_until("#d-rerun-as", "the re-run linked", |t| t.starts_with("req_")).await;
+    assert_eq!(admin.show(&rerun).await["rerun_of"], failing.as_str());
+    assert!(browser.text("#request-notice").await.contains(&rerun));
+
+    browser.goto(&format!("{console}#/requests")).await;
     browser.press_enter(&format!("#link-{slow}")).await;
     browser.wait_for("#progress").await;
 
