@@ -194,6 +194,7 @@ async fn formation_state_shows_backlog_settings_and_a_broken_edit_with_its_line(
     assert_eq!(data["triggers"][0]["fields"], json!(["title"]));
     assert_eq!((data["queue_depth"].as_u64(), data["running"].as_u64()), (Some(0), Some(0)));
     assert!(data["errors"].as_array().unwrap().is_empty());
+    let loaded_at = data["loaded_at"].clone();
 
     // Two run, the third waits; an admin cancels another user's running request.
     let mut ids = Vec::new();
@@ -232,6 +233,8 @@ async fn formation_state_shows_backlog_settings_and_a_broken_edit_with_its_line(
     let expected = format!("{}:11:", path.display());
     assert!(errors.iter().any(|e| e.as_str().unwrap().starts_with(&expected)), "{expected} in {errors:?}");
     assert!(errors.iter().any(|e| e.as_str().unwrap().contains("webhook_retrys")), "{errors:?}");
+    assert_eq!(data["loaded_at"], loaded_at, "the version serving was loaded before the broken edit");
+    assert_ne!(data["reloaded_at"], data["loaded_at"]);
 }
 
 #[tokio::test]
