@@ -362,7 +362,11 @@
     });
     const notice = h("div", { id: "requests-notice" });
     const table = h("div", { id: "requests" });
-    main.append(heading("Requests"), form, h("p", { class: "live" }, "Newest first; refreshed every 2 seconds."), notice, table);
+    // Folded on narrow screens (unless a filter is set), so the list comes first.
+    const filtered = ["formation", "status", "agent", "user", "since", "until"].some((name) => params.get(name));
+    const open = filtered || window.matchMedia("(min-width: 40rem)").matches;
+    const filters = h("details", { open, id: "filters-box" }, h("summary", {}, "Filters"), form);
+    main.append(heading("Requests"), filters, h("p", { class: "live" }, "Newest first; refreshed every 2 seconds."), notice, table);
 
     const query = new URLSearchParams();
     for (const name of ["status", "agent", "user", "since", "until"]) if (params.get(name)) query.set(name, params.get(name));
