@@ -526,6 +526,7 @@
       byId("delivery").hidden = !d;
       if (d) {
         setText("delivery-status", d.status);
+        byId("delivery-status").className = `s-${d.status}`;
         setText("delivery-url", d.url);
         setText("delivery-attempts", d.attempts);
         setText("delivery-error", d.last_error);
