@@ -38,6 +38,9 @@ pub enum Code {
     IdempotencyKeyReused,
     StorageUnavailable,
     Internal,
+    DeliveryNotFound,
+    DeliveryAlreadyDelivered,
+    RequestNotRerunnable,
 }
 
 impl Code {
@@ -70,6 +73,9 @@ impl Code {
             Code::IdempotencyKeyReused => "idempotency_key_reused",
             Code::StorageUnavailable => "storage_unavailable",
             Code::Internal => "internal_error",
+            Code::DeliveryNotFound => "delivery_not_found",
+            Code::DeliveryAlreadyDelivered => "delivery_already_delivered",
+            Code::RequestNotRerunnable => "request_not_rerunnable",
         }
     }
 
@@ -96,6 +102,8 @@ impl Code {
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::ShuttingDown | Code::StorageUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Code::DeliveryNotFound => StatusCode::NOT_FOUND,
+            Code::DeliveryAlreadyDelivered | Code::RequestNotRerunnable => StatusCode::CONFLICT,
         }
     }
 }

@@ -37,6 +37,9 @@ enum Command {
         /// (DNS rebinding protection); `*` accepts any. Repeatable.
         #[arg(long = "mcp-allowed-host", env = "MUXI_MCP_ALLOWED_HOSTS", value_delimiter = ',')]
         mcp_allowed_hosts: Vec<String>,
+        /// Do not serve the web console at /console.
+        #[arg(long)]
+        no_console: bool,
     },
     /// Check formation files or folders; prints FILE:LINE:COL: PATH: message per
     /// problem and exits 1 on any error.
@@ -51,7 +54,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { dir, listen, data_dir, allow_webhook_hosts, mcp_allowed_hosts } => {
+        Command::Serve { dir, listen, data_dir, allow_webhook_hosts, mcp_allowed_hosts, no_console } => {
             init_logging();
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
@@ -62,8 +65,14 @@ fn main() -> ExitCode {
             };
             let allow_webhook_hosts =
                 allow_webhook_hosts.into_iter().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect();
-            match runtime.block_on(serve(ServeConfig { dir, listen, data_dir, allow_webhook_hosts, mcp_allowed_hosts }))
-            {
+            match runtime.block_on(serve(ServeConfig {
+                dir,
+                listen,
+                data_dir,
+                allow_webhook_hosts,
+                mcp_allowed_hosts,
+                console: !no_console,
+            })) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

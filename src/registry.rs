@@ -34,6 +34,10 @@ pub struct Live {
     pub failures: Vec<Failure>,
     /// Problems with the folder itself (missing, empty).
     pub problems: Vec<String>,
+    /// When each formation's current revision was loaded (ms).
+    pub loaded_at: BTreeMap<String, i64>,
+    /// When the folder was last read (ms).
+    pub reloaded_at: i64,
 }
 
 /// The registry of formations served by this process.
@@ -135,7 +139,9 @@ impl Registry {
         }
         log_changes(&old.formations, &formations);
 
-        let live = Arc::new(Live { formations, failures, problems });
+        let now = crate::time::now_ms();
+        let loaded_at = loaded_times(&old, &formations, now);
+        let live = Arc::new(Live { formations, failures, problems, loaded_at, reloaded_at: now });
         *self.live.write().unwrap_or_else(|e| e.into_inner()) = live;
     }
 
@@ -173,6 +179,17 @@ impl Registry {
         });
         Ok(())
     }
+}
+
+/// A formation keeps its load time while its revision stays the same.
+fn loaded_times(old: &Live, new: &BTreeMap<String, Arc<Formation>>, now: i64) -> BTreeMap<String, i64> {
+    new.iter()
+        .map(|(id, formation)| {
+            let same = old.formations.get(id).is_some_and(|previous| previous.revision == formation.revision);
+            let at = if same { old.loaded_at.get(id).copied().unwrap_or(now) } else { now };
+            (id.clone(), at)
+        })
+        .collect()
 }
 
 fn log_changes(old: &BTreeMap<String, Arc<Formation>>, new: &BTreeMap<String, Arc<Formation>>) {

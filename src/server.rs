@@ -23,6 +23,8 @@ pub struct ServeConfig {
     pub allow_webhook_hosts: Vec<String>,
     /// Extra `Host` values the MCP endpoint accepts (`*`: any).
     pub mcp_allowed_hosts: Vec<String>,
+    /// Serve the web console at `/console`.
+    pub console: bool,
 }
 
 /// How long in-flight HTTP calls get to finish after a shutdown signal.
@@ -85,7 +87,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port.
     println!("muxi-rt listening on http://{addr}");
 
-    let server = crate::http_server::serve(listener, api::router(state), {
+    let app = api::router(state);
+    let app = if config.console { app.merge(crate::console::router()) } else { app };
+    let server = crate::http_server::serve(listener, app, {
         let shutdown = shutdown.clone();
         async move {
             signals.wait().await;

@@ -57,7 +57,7 @@ fn fixture(settings: &str) -> Fixture {
 
 const AUTO: &str = r#"async:
   mode: auto
-  threshold_seconds: 2
+  threshold_seconds: 4
 overlord:
   max_concurrent_requests: 2
   workflow:
@@ -140,7 +140,7 @@ async fn auto_mode_uses_the_estimate_and_the_request_can_override_it() {
     // Quick agent: answered at once.
     let (code, body, _) = chat(&server, "u1", json!({"message": "hi"})).await;
     assert_eq!(code, 200, "{body}");
-    // Slow agent (declared 10 s >= threshold 2 s): 202.
+    // Slow agent (declared 10 s >= threshold 4 s): 202.
     let (code, body, _) = chat(&server, "u1", json!({"message": "hi", "agent_id": "slow"})).await;
     assert_eq!(code, 202, "{body}");
     // Overrides both ways.
@@ -157,8 +157,8 @@ async fn auto_mode_uses_the_estimate_and_the_request_can_override_it() {
 async fn auto_mode_promotes_a_quick_looking_request_at_the_threshold() {
     let fx = fixture(AUTO);
     let server = fx.start();
-    // Judged quick (declared 0.5 s) but takes 4 s: answered 202 at the 2 s threshold.
-    let (code, body, _) = chat(&server, "u1", json!({"message": "sleep:4"})).await;
+    // Judged quick (declared 0.5 s) but takes 7 s: answered 202 at the 4 s threshold.
+    let (code, body, _) = chat(&server, "u1", json!({"message": "sleep:7"})).await;
     assert_eq!(code, 202, "{body}");
     let id = request_id(&body);
     let (_, now) = status(&server, "u1", &id).await;

@@ -36,7 +36,7 @@ const ALLOW: &[&str] = &["--allow-webhook-host", "localhost", "--allow-webhook-h
 
 /// Formations:
 /// - `f`: always async, `whsec_` secret (both signature schemes), 3 retries;
-/// - `g`: auto mode (threshold 1 s), no secret (the admin key signs), a default
+/// - `g`: auto mode (threshold 3 s), no secret (the admin key signs), a default
 ///   `async.webhook_url` on the receiver;
 /// - `h`: 1 retry, 5 s per attempt: for receivers that misbehave.
 fn fixture(rx: &Receiver) -> Fixture {
@@ -48,7 +48,7 @@ fn fixture(rx: &Receiver) -> Fixture {
     let f = format!(
         "async:\n  mode: async\n  webhook_retries: 3\n  webhook_timeout: 3\n  webhook_secret: {WHSEC}\n{agents}"
     );
-    let g = format!("async:\n  mode: auto\n  threshold_seconds: 1\n  webhook_url: {}\n{agents}", rx.url("/g-default"));
+    let g = format!("async:\n  mode: auto\n  threshold_seconds: 3\n  webhook_url: {}\n{agents}", rx.url("/g-default"));
     let h = format!("async:\n  mode: async\n  webhook_retries: 1\n  webhook_timeout: 5\n{agents}");
     fx.write("f/formation.afs", &formation_yaml("f", &f));
     fx.write("g/formation.afs", &formation_yaml("g", &g));
@@ -161,8 +161,8 @@ async fn formation_default_url_gets_async_answers_signed_with_the_admin_key() {
     let (code, body) = chat(&server, "g", json!({"message": "quick"})).await;
     assert_eq!(code, 200, "{body}");
     let quick = body["data"]["request_id"].as_str().unwrap().to_string();
-    // Promoted to async at the 1 s threshold: delivered to the formation's URL.
-    let (code, body) = chat(&server, "g", json!({"message": "sleep:2"})).await;
+    // Promoted to async at the 3 s threshold: delivered to the formation's URL.
+    let (code, body) = chat(&server, "g", json!({"message": "sleep:5"})).await;
     assert_eq!(code, 202, "{body}");
     let promoted = body["data"]["request_id"].as_str().unwrap().to_string();
 

@@ -127,7 +127,7 @@ pub async fn accept(
 
 /// A digest of what a request asks, to tell an idempotency key reused for a
 /// different request from a retry of the same one.
-fn fingerprint(parts: &[&str]) -> String {
+pub(crate) fn fingerprint(parts: &[&str]) -> String {
     use sha2::{Digest, Sha256};
     let mut hash = Sha256::new();
     for part in parts {

@@ -67,7 +67,7 @@ pub async fn follow(
 }
 
 /// Follows a request someone already made: never cancels it.
-fn follow_record(state: AppState, record: RequestRecord) -> Response {
+pub(super) fn follow_record(state: AppState, record: RequestRecord) -> Response {
     let live = state.engine.live(&record.id);
     let events = live.as_deref().map(LiveRequest::subscribe);
     sse(state, record, live, events, false)

@@ -1,6 +1,7 @@
 //! The HTTP API: every formation under `/api/{formation_id}/v1/...`, plus a
 //! server-wide `GET /health`. Handlers live in one file per resource.
 
+pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod chat;
@@ -55,7 +56,13 @@ pub fn router(state: AppState) -> Router {
         .route("/requests/{request_id}/events", get(events::follow))
         .route("/events/{session_id}/{request_id}", get(events::follow_in_session))
         .route("/triggers", get(triggers::list))
-        .route("/triggers/{name}", get(triggers::show).post(triggers::fire));
+        .route("/triggers/{name}", get(triggers::show).post(triggers::fire))
+        .route("/admin/formation", get(admin::formation))
+        .route("/admin/requests", get(admin::list))
+        .route("/admin/requests/{request_id}", get(admin::show).delete(admin::cancel))
+        .route("/admin/requests/{request_id}/events", get(admin::follow))
+        .route("/admin/requests/{request_id}/rerun", axum::routing::post(admin::rerun))
+        .route("/admin/deliveries/{request_id}/retry", axum::routing::post(admin::retry_delivery));
     Router::new()
         .route("/health", get(formations::server_health))
         .nest("/api/{formation_id}/v1", formation)

@@ -105,7 +105,7 @@ pub async fn cancel(
     }
 }
 
-fn finished_verb(status: Status) -> &'static str {
+pub(super) fn finished_verb(status: Status) -> &'static str {
     match status {
         Status::Completed => "completed",
         Status::Failed => "failed",

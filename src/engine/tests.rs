@@ -12,7 +12,9 @@ use super::supervisor::End;
 use super::*;
 use crate::formation::AgentKind;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Claim, Delivery, DeliveryUpdate, ListQuery, Mode, Owner, StoreHealth, StoreResult};
+use crate::store::{
+    AdminQuery, Backlog, Claim, Delivery, DeliveryUpdate, ListQuery, Mode, Owner, Reruns, StoreHealth, StoreResult,
+};
 use crate::testing::{agent, formation_with_agents};
 use crate::webhooks::{Dispatcher, FormationLookup};
 
@@ -98,6 +100,26 @@ impl Store for Faulty {
     }
     fn health(&self) -> StoreHealth {
         self.inner.health()
+    }
+    async fn admin_list(&self, query: &AdminQuery) -> StoreResult<Vec<RequestRecord>> {
+        self.inner.admin_list(query).await
+    }
+    async fn backlog(&self, formation_id: &str) -> StoreResult<Backlog> {
+        self.inner.backlog(formation_id).await
+    }
+    async fn delivery_of(&self, request_id: &str) -> StoreResult<Option<Delivery>> {
+        self.inner.delivery_of(request_id).await
+    }
+    async fn retry_delivery(&self, request_id: &str, now: i64) -> StoreResult<Option<Delivery>> {
+        self.check("retry_delivery")?;
+        self.inner.retry_delivery(request_id, now).await
+    }
+    async fn link_rerun(&self, request_id: &str, original_id: &str) -> StoreResult<()> {
+        self.check("link_rerun")?;
+        self.inner.link_rerun(request_id, original_id).await
+    }
+    async fn reruns(&self, request_id: &str) -> StoreResult<Reruns> {
+        self.inner.reruns(request_id).await
     }
 }
 

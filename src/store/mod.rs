@@ -5,6 +5,9 @@
 
 pub mod sqlite;
 
+#[cfg(test)]
+mod admin_tests;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -313,6 +316,34 @@ pub enum DeliveryUpdate {
     },
 }
 
+/// Filters for listing a formation's requests across all users (admin).
+/// `None` filters match everything; `since` is inclusive, `until` exclusive (ms).
+#[derive(Debug, Clone, Default)]
+pub struct AdminQuery {
+    pub formation_id: String,
+    pub status: Option<Status>,
+    pub agent_id: Option<String>,
+    pub user_id: Option<String>,
+    pub since: Option<i64>,
+    pub until: Option<i64>,
+    pub limit: usize,
+}
+
+/// How many of a formation's requests wait for a slot and how many run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    pub pending: u64,
+    pub processing: u64,
+}
+
+/// The re-run links of a request: what it re-runs, and what re-ran it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reruns {
+    pub rerun_of: Option<String>,
+    /// Newest first.
+    pub rerun_as: Vec<String>,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
 pub struct StoreError(pub String);
@@ -414,4 +445,25 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether writes are getting through, as last seen.
     fn health(&self) -> StoreHealth;
+
+    // The admin console's reads and actions.
+
+    /// A formation's requests of every user, filtered, newest first.
+    async fn admin_list(&self, query: &AdminQuery) -> StoreResult<Vec<RequestRecord>>;
+
+    /// How many of a formation's requests are pending and processing.
+    async fn backlog(&self, formation_id: &str) -> StoreResult<Backlog>;
+
+    /// The webhook delivery of a request, if it has one.
+    async fn delivery_of(&self, request_id: &str) -> StoreResult<Option<Delivery>>;
+
+    /// Makes a request's pending or failed delivery due at `now` (a delivered one
+    /// is left alone). Returns the delivery as it now is, or `None` if there is none.
+    async fn retry_delivery(&self, request_id: &str, now: i64) -> StoreResult<Option<Delivery>>;
+
+    /// Records that `request_id` re-runs `original_id`.
+    async fn link_rerun(&self, request_id: &str, original_id: &str) -> StoreResult<()>;
+
+    /// The re-run links of a request.
+    async fn reruns(&self, request_id: &str) -> StoreResult<Reruns>;
 }

@@ -34,8 +34,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use super::{
-    Claim, Delivery, DeliveryUpdate, ErrorInfo, Inserted, Lease, ListQuery, Mode, NewDelivery, NewRequest, Outcome,
-    Owner, Progress, RequestRecord, RequestResult, Status, Store, StoreError, StoreHealth, StoreResult, WebhookState,
+    AdminQuery, Backlog, Claim, Delivery, DeliveryUpdate, ErrorInfo, Inserted, Lease, ListQuery, Mode, NewDelivery,
+    NewRequest, Outcome, Owner, Progress, RequestRecord, RequestResult, Reruns, Status, Store, StoreError, StoreHealth,
+    StoreResult, WebhookState,
 };
 
 /// The most commands one transaction carries.
@@ -118,6 +119,12 @@ UPDATE requests SET answered_async = 1 WHERE mode = 'async';
 -- Deliveries are claimed by one sender at a time.
 ALTER TABLE deliveries ADD COLUMN claimed_by TEXT;
 ALTER TABLE deliveries ADD COLUMN claim_expires_at INTEGER;
+-- A re-run (admin console) is a new request with the same input, linked here.
+CREATE TABLE reruns (
+    request_id  TEXT PRIMARY KEY REFERENCES requests (id) ON DELETE CASCADE,
+    original_id TEXT NOT NULL REFERENCES requests (id) ON DELETE CASCADE
+);
+CREATE INDEX reruns_by_original ON reruns (original_id);
 "#,
 ];
 
@@ -916,6 +923,104 @@ impl Store for SqliteStore {
 
     fn health(&self) -> StoreHealth {
         self.health.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn admin_list(&self, query: &AdminQuery) -> StoreResult<Vec<RequestRecord>> {
+        let query = query.clone();
+        self.read("admin_list", move |conn| {
+            conn.prepare_cached(select_records!(
+                "WHERE r.formation_id = ?1 AND (?2 IS NULL OR r.status = ?2) \
+                 AND (?3 IS NULL OR r.agent_id = ?3) AND (?4 IS NULL OR r.user_id = ?4) \
+                 AND (?5 IS NULL OR r.created_at >= ?5) AND (?6 IS NULL OR r.created_at < ?6) \
+                 ORDER BY r.created_at DESC, r.id DESC LIMIT ?7"
+            ))?
+            .query_map(
+                params![
+                    query.formation_id,
+                    query.status.map(Status::as_str),
+                    query.agent_id,
+                    query.user_id,
+                    query.since,
+                    query.until,
+                    sql_limit(query.limit)
+                ],
+                record_from_row,
+            )?
+            .collect()
+        })
+        .await
+    }
+
+    async fn backlog(&self, formation_id: &str) -> StoreResult<Backlog> {
+        let formation_id = formation_id.to_owned();
+        self.read("backlog", move |conn| {
+            let mut backlog = Backlog::default();
+            let mut statement = conn.prepare_cached(
+                "SELECT status, COUNT(*) FROM requests \
+                 WHERE status IN ('pending', 'processing') AND formation_id = ?1 GROUP BY status",
+            )?;
+            let mut rows = statement.query([formation_id])?;
+            while let Some(row) = rows.next()? {
+                let count: i64 = row.get(1)?;
+                match status_column(row, "status")? {
+                    Status::Pending => backlog.pending = count as u64,
+                    _ => backlog.processing = count as u64,
+                }
+            }
+            Ok(backlog)
+        })
+        .await
+    }
+
+    async fn delivery_of(&self, request_id: &str) -> StoreResult<Option<Delivery>> {
+        let request_id = request_id.to_owned();
+        self.read("delivery_of", move |conn| {
+            conn.prepare_cached("SELECT * FROM deliveries WHERE request_id = ?1")?
+                .query_row([request_id], delivery_from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn retry_delivery(&self, request_id: &str, now: i64) -> StoreResult<Option<Delivery>> {
+        let request_id = request_id.to_owned();
+        self.write("retry_delivery", move |conn| {
+            conn.prepare_cached(
+                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?2 \
+                 WHERE request_id = ?1 AND status IN ('pending', 'failed')",
+            )?
+            .execute(params![request_id, now])?;
+            conn.prepare_cached("SELECT * FROM deliveries WHERE request_id = ?1")?
+                .query_row([request_id], delivery_from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn link_rerun(&self, request_id: &str, original_id: &str) -> StoreResult<()> {
+        let (request_id, original_id) = (request_id.to_owned(), original_id.to_owned());
+        self.write("link_rerun", move |conn| {
+            conn.prepare_cached("INSERT OR IGNORE INTO reruns (request_id, original_id) VALUES (?1, ?2)")?
+                .execute(params![request_id, original_id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn reruns(&self, request_id: &str) -> StoreResult<Reruns> {
+        let request_id = request_id.to_owned();
+        self.read("reruns", move |conn| {
+            let rerun_of = conn
+                .prepare_cached("SELECT original_id FROM reruns WHERE request_id = ?1")?
+                .query_row([&request_id], |row| row.get(0))
+                .optional()?;
+            let rerun_as = conn
+                .prepare_cached("SELECT request_id FROM reruns WHERE original_id = ?1 ORDER BY request_id DESC")?
+                .query_map([&request_id], |row| row.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(Reruns { rerun_of, rerun_as })
+        })
+        .await
     }
 }
 

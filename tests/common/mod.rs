@@ -3,6 +3,7 @@
 //! port, and speaks to it over real HTTP.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod receiver;
 
 use std::io::{BufRead, BufReader};
@@ -270,6 +271,68 @@ impl Caller<'_> {
             let (_, body) = self.status(id).await;
             let data = body["data"].clone();
             matches!(data["status"].as_str(), Some("completed" | "failed" | "cancelled")).then_some(data)
+        })
+        .await
+    }
+}
+
+/// An admin of one formation: its admin key on `/api/{formation}/v1/admin/...`.
+pub struct Admin<'a> {
+    server: &'a Server,
+    formation: String,
+}
+
+impl Server {
+    /// Calls the admin routes of formation `formation` (made by [`formation_yaml`]).
+    pub fn admin(&self, formation: &str) -> Admin<'_> {
+        Admin { server: self, formation: formation.to_string() }
+    }
+}
+
+impl Admin<'_> {
+    /// A request to `/api/{formation}/v1/admin{path}` with the admin key.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let (name, key) = admin_key(&self.formation);
+        self.server
+            .http
+            .request(method, self.server.url(&format!("/api/{}/v1/admin{path}", self.formation)))
+            .header(name, key)
+    }
+
+    /// `GET /admin{path}`: status and body.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        json(self.request(reqwest::Method::GET, path).send().await.unwrap()).await
+    }
+
+    /// `POST /admin{path}` with no body: status and body.
+    pub async fn post(&self, path: &str) -> (u16, Value) {
+        json(self.request(reqwest::Method::POST, path).send().await.unwrap()).await
+    }
+
+    /// `GET /admin/requests{query}`: the listed requests' ids, which must list.
+    pub async fn list(&self, query: &str) -> Vec<String> {
+        let (code, body) = self.get(&format!("/requests{query}")).await;
+        assert_eq!(code, 200, "{body}");
+        body["data"]["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// `GET /admin/requests/{id}`: the request in full, which must exist.
+    pub async fn show(&self, id: &str) -> Value {
+        let (code, body) = self.get(&format!("/requests/{id}")).await;
+        assert_eq!(code, 200, "{body}");
+        body["data"].clone()
+    }
+
+    /// Polls a request until `check` holds for its full document.
+    pub async fn until(&self, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        eventually(Duration::from_secs(60), what, || async {
+            let data = self.show(id).await;
+            check(&data).then_some(data)
         })
         .await
     }
