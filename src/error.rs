@@ -33,6 +33,9 @@ pub enum Code {
     MethodNotAllowed,
     ShuttingDown,
     Internal,
+    SessionNotFound,
+    AgentNotFound,
+    InvalidLastEventId,
 }
 
 impl Code {
@@ -60,6 +63,9 @@ impl Code {
             Code::MethodNotAllowed => "method_not_allowed",
             Code::ShuttingDown => "shutting_down",
             Code::Internal => "internal_error",
+            Code::SessionNotFound => "session_not_found",
+            Code::AgentNotFound => "agent_not_found",
+            Code::InvalidLastEventId => "invalid_last_event_id",
         }
     }
 
@@ -82,6 +88,8 @@ impl Code {
             Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Code::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Code::SessionNotFound | Code::AgentNotFound => StatusCode::NOT_FOUND,
+            Code::InvalidLastEventId => StatusCode::BAD_REQUEST,
         }
     }
 }

@@ -33,6 +33,10 @@ enum Command {
         /// private address (local development, tests). Repeatable.
         #[arg(long = "allow-webhook-host", env = "MUXI_ALLOW_WEBHOOK_HOSTS", value_delimiter = ',')]
         allow_webhook_hosts: Vec<String>,
+        /// Also serve this formation at /v1/... (default: the only formation,
+        /// when exactly one is loaded).
+        #[arg(long, env = "MUXI_DEFAULT_FORMATION")]
+        default_formation: Option<String>,
     },
     /// Check formation files or folders; prints FILE:LINE:COL: PATH: message per
     /// problem and exits 1 on any error.
@@ -47,7 +51,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { dir, listen, data_dir, allow_webhook_hosts } => {
+        Command::Serve { dir, listen, data_dir, allow_webhook_hosts, default_formation } => {
             init_logging();
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
@@ -58,7 +62,8 @@ fn main() -> ExitCode {
             };
             let allow_webhook_hosts =
                 allow_webhook_hosts.into_iter().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect();
-            match runtime.block_on(serve(ServeConfig { dir, listen, data_dir, allow_webhook_hosts })) {
+            match runtime.block_on(serve(ServeConfig { dir, listen, data_dir, allow_webhook_hosts, default_formation }))
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

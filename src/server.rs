@@ -21,6 +21,8 @@ pub struct ServeConfig {
     pub listen: String,
     pub data_dir: PathBuf,
     pub allow_webhook_hosts: Vec<String>,
+    /// The formation also served at `/v1/...` (see `api::root`).
+    pub default_formation: Option<String>,
 }
 
 /// How long in-flight HTTP calls get to finish after a shutdown signal.
@@ -62,6 +64,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         allow_webhook_hosts: Arc::new(config.allow_webhook_hosts.clone()),
         started_at: std::time::Instant::now(),
         shutdown: shutdown.clone(),
+        default_formation: config.default_formation.clone(),
     };
     // Signal handlers are in place before anyone learns the address.
     let signals = Signals::install()?;

@@ -4,10 +4,14 @@
 pub mod auth;
 pub mod body;
 pub mod chat;
+pub mod config;
 pub mod envelope;
 pub mod events;
+pub mod feed;
 pub mod formations;
 pub mod requests;
+pub mod root;
+pub mod sessions;
 pub mod triggers;
 pub mod views;
 
@@ -36,6 +40,9 @@ pub struct AppState {
     pub allow_webhook_hosts: Arc<Vec<String>>,
     pub started_at: std::time::Instant,
     pub shutdown: CancellationToken,
+    /// The formation also served at `/v1/...` (`serve --default-formation`);
+    /// without one, the only formation loaded, if there is exactly one.
+    pub default_formation: Option<String>,
 }
 
 /// All routes.
@@ -51,15 +58,25 @@ pub fn router(state: AppState) -> Router {
         .route("/requests/{request_id}/events", get(events::follow))
         .route("/events/{session_id}/{request_id}", get(events::follow_in_session))
         .route("/triggers", get(triggers::list))
-        .route("/triggers/{name}", get(triggers::show).post(triggers::fire));
-    Router::new()
+        .route("/triggers/{name}", get(triggers::show).post(triggers::fire))
+        .route("/sessions", get(sessions::list))
+        .route("/sessions/{session_id}", get(sessions::show))
+        .route("/sessions/{session_id}/messages", get(sessions::messages))
+        .route("/sessions/{session_id}/restore", axum::routing::post(sessions::restore))
+        .route("/events", get(feed::stream))
+        .route("/events/{session_id}", get(feed::stream_session))
+        .route("/agents", get(config::agents))
+        .route("/agents/{agent_id}", get(config::agent))
+        .route("/config", get(config::config));
+    let app = Router::new()
         .route("/health", get(formations::server_health))
         .nest("/api/{formation_id}/v1", formation)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(sse_errors))
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
-        .with_state(state)
+        .with_state(state.clone());
+    root::mount(app, state)
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {

@@ -11,6 +11,7 @@
 //! Requests the store holds as unfinished at start-up are run again
 //! ([`Engine::recover`]): at-least-once, and the attempt count says so.
 
+pub mod feed;
 mod live;
 mod pool;
 
@@ -70,6 +71,8 @@ pub struct Engine {
     /// Woken whenever a request ends with a webhook delivery to make.
     deliveries: Arc<Dispatcher>,
     shutdown: CancellationToken,
+    /// Lifecycle events of every formation's requests (`GET /events`).
+    feed: feed::Feeds,
 }
 
 impl Engine {
@@ -88,11 +91,17 @@ impl Engine {
             durations: Mutex::new(HashMap::new()),
             deliveries,
             shutdown,
+            feed: feed::Feeds::default(),
         })
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// The lifecycle events of requests, per formation.
+    pub fn feed(&self) -> &feed::Feeds {
+        &self.feed
     }
 
     /// Estimates how long `message` will take on `agent_id` of `formation`,
@@ -137,6 +146,7 @@ impl Engine {
     ) -> StoreResult<Submitted> {
         match self.store.insert(request).await? {
             Inserted::Created(record) => {
+                self.feed.accepted(&record);
                 let (live, events) = self.start(formation, record.clone(), follow);
                 Ok(Submitted { record, live: Some(live), events })
             }
@@ -370,6 +380,7 @@ impl Engine {
                     Err(e) => tracing::warn!(request = %record.id, error = %e, "could not record progress"),
                 }
                 live.publish(LiveEvent::Progress(progress));
+                self.feed.progress(&record.formation_id, || live.snapshot());
             }
             AgentEvent::Content(text) => live.publish(LiveEvent::Content(text)),
         }
@@ -396,6 +407,7 @@ impl Engine {
         }
         if let Some(finished) = self.store.get(&record.id).await? {
             self.remember_duration(&finished);
+            self.feed.ended(&finished);
             if let Some(live) = live {
                 live.finish(finished);
             }

@@ -243,6 +243,40 @@ pub enum DeliveryUpdate {
     },
 }
 
+/// One session of a user, as listed: derived from its requests and any
+/// messages it was seeded with (`restore`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionSummary {
+    pub session_id: String,
+    pub created_at: i64,
+    /// The latest message or request end.
+    pub last_activity: i64,
+    /// User turns, agent answers and seeded messages.
+    pub message_count: u64,
+    pub request_count: u64,
+}
+
+/// One message of a session, in order. From a request (`request_id` set: its
+/// user turn, then its answer once completed) or seeded by a restore.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionMessage {
+    pub role: String,
+    pub content: String,
+    pub request_id: Option<String>,
+    pub agent_id: Option<String>,
+    /// The request's status, for messages from requests.
+    pub status: Option<Status>,
+    pub timestamp: i64,
+}
+
+/// A message a session is seeded with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSessionMessage {
+    pub role: String,
+    pub content: String,
+    pub timestamp: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
 pub struct StoreError(pub String);
@@ -299,4 +333,62 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records the result of a delivery attempt (attempts grows by one).
     async fn record_delivery(&self, id: &str, update: &DeliveryUpdate) -> StoreResult<()>;
+
+    // Sessions and the event feed (issue 12). Default bodies keep other stores
+    // (test doubles, a future PostgreSQL store) compiling until they add them.
+
+    /// A user's sessions in a formation, latest activity first.
+    async fn sessions(&self, _formation_id: &str, _user_id: &str, _limit: usize) -> StoreResult<Vec<SessionSummary>> {
+        unsupported("sessions")
+    }
+
+    /// One session of a user, if it has any request or seeded message.
+    async fn session(
+        &self,
+        _formation_id: &str,
+        _user_id: &str,
+        _session_id: &str,
+    ) -> StoreResult<Option<SessionSummary>> {
+        unsupported("session")
+    }
+
+    /// A session's messages in order (oldest first): seeded ones and those of
+    /// its requests; at most the latest `limit`.
+    async fn session_messages(
+        &self,
+        _formation_id: &str,
+        _user_id: &str,
+        _session_id: &str,
+        _limit: usize,
+    ) -> StoreResult<Vec<SessionMessage>> {
+        unsupported("session_messages")
+    }
+
+    /// Replaces a session's seeded messages with `messages`.
+    async fn restore_session(
+        &self,
+        _formation_id: &str,
+        _user_id: &str,
+        _session_id: &str,
+        _messages: Vec<NewSessionMessage>,
+    ) -> StoreResult<()> {
+        unsupported("restore_session")
+    }
+
+    /// A user's requests accepted or ended at or after `since` (ms), oldest
+    /// accepted first, at most `limit`: the durable side of the event feed.
+    async fn lifecycle_since(
+        &self,
+        _formation_id: &str,
+        _user_id: &str,
+        _since: i64,
+        _limit: usize,
+    ) -> StoreResult<Vec<RequestRecord>> {
+        unsupported("lifecycle_since")
+    }
+}
+
+/// The answer of a store that does not implement an optional method.
+fn unsupported<T>(method: &str) -> StoreResult<T> {
+    Err(StoreError(format!("{method}: not supported by this store")))
 }

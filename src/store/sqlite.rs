@@ -34,8 +34,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use super::{
-    Delivery, DeliveryUpdate, ErrorInfo, Inserted, ListQuery, NewDelivery, NewRequest, Outcome, Progress,
-    RequestRecord, RequestResult, Status, Store, StoreError, StoreResult, WebhookState,
+    Delivery, DeliveryUpdate, ErrorInfo, Inserted, ListQuery, NewDelivery, NewRequest, NewSessionMessage, Outcome,
+    Progress, RequestRecord, RequestResult, SessionMessage, SessionSummary, Status, Store, StoreError, StoreResult,
+    WebhookState,
 };
 
 /// The most commands one transaction carries.
@@ -52,7 +53,8 @@ const MMAP_BYTES: i64 = 256 * 1024 * 1024;
 
 /// Schema migrations; `PRAGMA user_version` is the number applied so far.
 /// Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE requests (
     id                TEXT PRIMARY KEY,
     formation_id      TEXT NOT NULL,
@@ -103,7 +105,22 @@ CREATE TABLE deliveries (
     created_at      INTEGER NOT NULL
 );
 CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
-"#];
+"#,
+    r#"
+-- Messages a session was seeded with (POST /sessions/{id}/restore).
+CREATE TABLE session_messages (
+    formation_id TEXT NOT NULL,
+    user_id      TEXT NOT NULL,
+    session_id   TEXT NOT NULL,
+    seq          INTEGER NOT NULL,
+    role         TEXT NOT NULL,
+    content      TEXT NOT NULL,
+    created_at   INTEGER NOT NULL,
+    PRIMARY KEY (formation_id, user_id, session_id, seq)
+);
+CREATE INDEX session_messages_by_user ON session_messages (formation_id, user_id, created_at);
+"#,
+];
 
 /// `SELECT <every record column> FROM requests r LEFT JOIN deliveries d <tail>`.
 macro_rules! select_records {
@@ -710,6 +727,148 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn sessions(&self, formation_id: &str, user_id: &str, limit: usize) -> StoreResult<Vec<SessionSummary>> {
+        let (formation_id, user_id) = (formation_id.to_owned(), user_id.to_owned());
+        self.read("sessions", move |conn| {
+            conn.prepare_cached(&format!("{SESSIONS_SQL} ORDER BY last_activity DESC, session_id DESC LIMIT ?4"))?
+                .query_map(params![formation_id, user_id, None::<String>, sql_limit(limit)], session_from_row)?
+                .collect()
+        })
+        .await
+    }
+
+    async fn session(
+        &self,
+        formation_id: &str,
+        user_id: &str,
+        session_id: &str,
+    ) -> StoreResult<Option<SessionSummary>> {
+        let (formation_id, user_id, session_id) = (formation_id.to_owned(), user_id.to_owned(), session_id.to_owned());
+        self.read("session", move |conn| {
+            conn.prepare_cached(&format!("{SESSIONS_SQL} LIMIT ?4"))?
+                .query_row(params![formation_id, user_id, session_id, 1], session_from_row)
+                .optional()
+        })
+        .await
+    }
+
+    async fn session_messages(
+        &self,
+        formation_id: &str,
+        user_id: &str,
+        session_id: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<SessionMessage>> {
+        let (formation_id, user_id, session_id) = (formation_id.to_owned(), user_id.to_owned(), session_id.to_owned());
+        self.read("session_messages", move |conn| {
+            // Newest first with a stable tie-break (seeded, user turn, answer), reversed below.
+            let mut messages = conn
+                .prepare_cached(
+                    "SELECT role, content, request_id, agent_id, status, ts FROM ( \
+                       SELECT 'user' AS role, message AS content, id AS request_id, agent_id, status, \
+                              created_at AS ts, 1 AS rank, id AS k FROM requests \
+                        WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 \
+                       UNION ALL \
+                       SELECT 'assistant', result_text, id, agent_id, status, completed_at, 2, id FROM requests \
+                        WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 AND status = 'completed' \
+                       UNION ALL \
+                       SELECT role, content, NULL, NULL, NULL, created_at, 0, printf('%020d', seq) \
+                         FROM session_messages WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 \
+                     ) ORDER BY ts DESC, rank DESC, k DESC LIMIT ?4",
+                )?
+                .query_map(params![formation_id, user_id, session_id, sql_limit(limit)], |row| {
+                    let status: Option<String> = row.get(4)?;
+                    Ok(SessionMessage {
+                        role: row.get(0)?,
+                        content: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                        request_id: row.get(2)?,
+                        agent_id: row.get(3)?,
+                        status: status.as_deref().and_then(Status::parse),
+                        timestamp: row.get(5)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<SessionMessage>>>()?;
+            messages.reverse();
+            Ok(messages)
+        })
+        .await
+    }
+
+    async fn restore_session(
+        &self,
+        formation_id: &str,
+        user_id: &str,
+        session_id: &str,
+        messages: Vec<NewSessionMessage>,
+    ) -> StoreResult<()> {
+        let (formation_id, user_id, session_id) = (formation_id.to_owned(), user_id.to_owned(), session_id.to_owned());
+        self.write("restore_session", move |conn| {
+            conn.prepare_cached(
+                "DELETE FROM session_messages WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3",
+            )?
+            .execute(params![formation_id, user_id, session_id])?;
+            let mut insert = conn.prepare_cached(
+                "INSERT INTO session_messages (formation_id, user_id, session_id, seq, role, content, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for (seq, message) in messages.iter().enumerate() {
+                insert.execute(params![
+                    formation_id,
+                    user_id,
+                    session_id,
+                    seq as i64,
+                    message.role,
+                    message.content,
+                    message.timestamp
+                ])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn lifecycle_since(
+        &self,
+        formation_id: &str,
+        user_id: &str,
+        since: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<RequestRecord>> {
+        let (formation_id, user_id) = (formation_id.to_owned(), user_id.to_owned());
+        self.read("lifecycle_since", move |conn| {
+            conn.prepare_cached(select_records!(
+                "WHERE r.formation_id = ?1 AND r.user_id = ?2 AND (r.created_at >= ?3 OR r.completed_at >= ?3) \
+                 ORDER BY r.created_at, r.id LIMIT ?4"
+            ))?
+            .query_map(params![formation_id, user_id, since, sql_limit(limit)], record_from_row)?
+            .collect()
+        })
+        .await
+    }
+}
+
+/// A user's sessions (`?3` NULL: all, else the one named), as `session_from_row` reads
+/// them: from their requests and seeded messages.
+const SESSIONS_SQL: &str = "SELECT session_id, MIN(first) AS created_at, MAX(last) AS last_activity, \
+     SUM(messages) AS message_count, SUM(requests) AS request_count FROM ( \
+       SELECT session_id, created_at AS first, MAX(created_at, COALESCE(completed_at, created_at)) AS last, \
+              1 + (status = 'completed') AS messages, 1 AS requests FROM requests \
+        WHERE formation_id = ?1 AND user_id = ?2 AND session_id IS NOT NULL \
+          AND (?3 IS NULL OR session_id = ?3) \
+       UNION ALL \
+       SELECT session_id, created_at, created_at, 1, 0 FROM session_messages \
+        WHERE formation_id = ?1 AND user_id = ?2 AND (?3 IS NULL OR session_id = ?3) \
+     ) GROUP BY session_id";
+
+fn session_from_row(row: &Row) -> rusqlite::Result<SessionSummary> {
+    Ok(SessionSummary {
+        session_id: row.get("session_id")?,
+        created_at: row.get("created_at")?,
+        last_activity: row.get("last_activity")?,
+        message_count: row.get::<_, i64>("message_count")?.max(0) as u64,
+        request_count: row.get::<_, i64>("request_count")?.max(0) as u64,
+    })
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod receiver;
+pub mod sse;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -316,4 +317,33 @@ pub fn client_key(id: &str) -> (&'static str, String) {
 
 pub fn admin_key(id: &str) -> (&'static str, String) {
     ("X-Muxi-Admin-Key", format!("admin-{id}"))
+}
+
+impl Caller<'_> {
+    /// `GET {path}` of the formation as this caller: status and body.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        json(self.request(reqwest::Method::GET, path).send().await.unwrap()).await
+    }
+
+    /// `POST {path}` with a JSON body as this caller: status and body.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        json(self.request(reqwest::Method::POST, path).json(&body).send().await.unwrap()).await
+    }
+
+    /// Opens an SSE stream at `path` as this caller, with extra headers.
+    pub async fn sse(&self, path: &str, headers: &[(&str, &str)]) -> sse::SseReader {
+        let mut request = self.request(reqwest::Method::GET, path).header("Accept", "text/event-stream");
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        sse::SseReader::new(request.send().await.unwrap())
+    }
+}
+
+impl Server {
+    /// `GET /api/{formation}/v1{path}` with the admin key: status and body.
+    pub async fn admin_get(&self, formation: &str, path: &str) -> (u16, Value) {
+        let (name, key) = admin_key(formation);
+        json(self.get(&format!("/api/{formation}/v1{path}")).header(name, key).send().await.unwrap()).await
+    }
 }
