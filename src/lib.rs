@@ -8,6 +8,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod formation;

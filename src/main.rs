@@ -1,10 +1,12 @@
-//! The `muxi-rt` command line: `serve`, `validate`, `schema`.
+//! The `muxi-rt` command line: `serve`, `validate`, `schema`, and the client
+//! commands `chat`, `requests`, `trigger` (see `muxi_rt::cli`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use muxi_rt::cli;
 use muxi_rt::formation::{self, Diagnostic};
 use muxi_rt::server::{serve, ServeConfig};
 
@@ -46,6 +48,13 @@ enum Command {
     },
     /// Print the formation JSON Schema (for editors and yaml-language-server).
     Schema,
+    /// Send a message to a formation on a running server; long work shows a
+    /// progress bar until it ends.
+    Chat(cli::chat::ChatArgs),
+    /// Your requests on a running server: list, show, follow, cancel.
+    Requests(cli::requests::RequestsArgs),
+    /// Fire a trigger of a formation on a running server.
+    Trigger(cli::trigger::TriggerArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +85,9 @@ fn main() -> ExitCode {
             println!("{}", formation::schema::SCHEMA_JSON);
             ExitCode::SUCCESS
         }
+        Command::Chat(args) => cli::run(cli::chat::run(args)),
+        Command::Requests(args) => cli::run(cli::requests::run(args)),
+        Command::Trigger(args) => cli::run(cli::trigger::run(args)),
     }
 }
 

@@ -3,6 +3,7 @@
 //! port, and speaks to it over real HTTP.
 #![allow(dead_code)]
 
+pub mod pty;
 pub mod receiver;
 pub mod sse;
 
@@ -346,4 +347,28 @@ impl Server {
         let (name, key) = admin_key(formation);
         json(self.get(&format!("/api/{formation}/v1{path}")).header(name, key).send().await.unwrap()).await
     }
+}
+
+/// Runs a `muxi-rt` client command to completion with `env` set and every
+/// other MUXI_* variable removed: (exit code, stdout, stderr).
+pub async fn run_client(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(BIN);
+    command.args(args).stdin(std::process::Stdio::null());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("MUXI_") {
+            command.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("the client command ends")
+        .expect("muxi-rt runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
