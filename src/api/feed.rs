@@ -6,8 +6,9 @@
 //! Each frame has an `id:`. A client that reconnects with `Last-Event-ID` (header,
 //! or `last_event_id` in the query) first gets the events it missed, derived from
 //! the stored requests (acceptances and ends; progress is live only), within the
-//! retention. A connection that falls behind the formation's bounded feed catches
-//! up the same way; its own buffer is bounded too.
+//! retention: at least once, so events of the few seconds before that id may
+//! come again (same ids). A connection that falls behind the formation's
+//! bounded feed catches up the same way; its own buffer is bounded too.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -33,8 +34,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 const CONNECTION_BUFFER: usize = 64;
 /// The most stored requests one catch-up reads.
 const MAX_REPLAY: usize = 1000;
-/// How far back a catch-up after falling behind looks, for events published a
-/// little out of id order (an acceptance is published after its commit).
+/// How far back a catch-up looks, for events published a little out of id
+/// order (an acceptance or an end is published after its commit, with the
+/// timestamp taken before it).
 const LAG_WINDOW_MS: i64 = 5_000;
 /// Ids of events already sent that a connection remembers (to skip repeats).
 const MAX_SEEN: usize = 10_000;
@@ -114,7 +116,11 @@ impl Follower {
         }
         let mut cursor = last.clone().unwrap_or(EventId { at: connected, rank: 0, request_id: String::new() });
         if let Some(after) = last {
-            if !self.catch_up(&after, &mut cursor, &tx).await {
+            // The client has `after` itself. Events published just before it may
+            // carry slightly smaller ids (see LAG_WINDOW_MS): those are sent again
+            // rather than risk missing one; their ids tell repeats apart.
+            self.seen.insert(after.clone());
+            if !self.catch_up(&window_before(&after), &mut cursor, &tx).await {
                 return;
             }
         }
@@ -135,8 +141,7 @@ impl Follower {
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::debug!(missed, formation = %self.formation_id, "event stream fell behind; catching up");
-                    let from = EventId { at: cursor.at - LAG_WINDOW_MS, rank: 0, request_id: String::new() };
-                    if !self.catch_up(&from, &mut cursor, &tx).await {
+                    if !self.catch_up(&window_before(&cursor.clone()), &mut cursor, &tx).await {
                         return;
                     }
                 }
@@ -183,6 +188,11 @@ impl Follower {
         }
         tx.send(frame(event)).await.is_ok()
     }
+}
+
+/// The id LAG_WINDOW_MS before `id`: where a catch-up starts.
+fn window_before(id: &EventId) -> EventId {
+    EventId { at: id.at.saturating_sub(LAG_WINDOW_MS), rank: 0, request_id: String::new() }
 }
 
 /// The SSE frame of an event: `id`, `event` (its kind) and the request's status
