@@ -350,3 +350,21 @@ async fn events_stream_a_users_lifecycle_and_resume_after_last_event_id() {
             .await;
     assert_eq!((code, body["code"].as_str()), (400, Some("invalid_last_event_id")), "{body}");
 }
+
+#[tokio::test]
+async fn a_session_s_event_stream_shows_only_that_session() {
+    let fx = fixture("");
+    let server = fx.start();
+    let alice = server.caller("f", "alice");
+    let mut events = alice.sse("/events/sess_watched", &[]).await;
+    let (_, other, _) = alice.chat(json!({ "message": "elsewhere", "session_id": "sess_other", "async": true })).await;
+    let (_, body, _) = alice.chat(json!({ "message": "here", "session_id": "sess_watched", "async": true })).await;
+    let (other, id) = (request_id(&other), request_id(&body));
+    let frames = events
+        .until(Duration::from_secs(30), |f| {
+            f.event.as_deref() == Some("request.completed") && f.json()["request_id"] == id.as_str()
+        })
+        .await;
+    assert!(frames.iter().all(|f| f.json()["session_id"] == "sess_watched"), "{frames:#?}");
+    assert!(frames.iter().all(|f| f.json()["request_id"] != other.as_str()), "{frames:#?}");
+}

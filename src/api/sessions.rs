@@ -131,7 +131,7 @@ pub struct RestoreMessage {
     role: String,
     content: String,
     /// RFC 3339, or a Unix time in seconds (or milliseconds, when that large).
-    #[serde(default)]
+    #[serde(default, alias = "created_at")]
     timestamp: Option<Value>,
 }
 

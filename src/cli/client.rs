@@ -29,9 +29,10 @@ impl Client {
         if formation.is_empty() || !formation.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return Err(CliError(format!("`{formation}` is not a formation id (letters, digits, - _ .)")));
         }
-        let server = conn.server.trim_end_matches('/').to_string();
+        let given = conn.server();
+        let server = given.trim_end_matches('/').to_string();
         if reqwest::Url::parse(&server).map(|u| !matches!(u.scheme(), "http" | "https")).unwrap_or(true) {
-            return Err(CliError(format!("--server must be an http(s) URL, got `{}`", conn.server)));
+            return Err(CliError(format!("--server must be an http(s) URL, got `{given}`")));
         }
         let key = conn.client_key(formation)?;
         let http = reqwest::Client::builder()
