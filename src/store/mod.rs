@@ -392,3 +392,6 @@ pub trait Store: Send + Sync + 'static {
 fn unsupported<T>(method: &str) -> StoreResult<T> {
     Err(StoreError(format!("{method}: not supported by this store")))
 }
+
+#[cfg(test)]
+mod session_tests;

@@ -762,7 +762,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<SessionMessage>> {
         let (formation_id, user_id, session_id) = (formation_id.to_owned(), user_id.to_owned(), session_id.to_owned());
         self.read("session_messages", move |conn| {
-            // Newest first with a stable tie-break (seeded, user turn, answer), reversed below.
+            // Newest first, reversed below. Ties of one millisecond: seeds first,
+            // then by request (ids are time-ordered), its question before its answer.
             let mut messages = conn
                 .prepare_cached(
                     "SELECT role, content, request_id, agent_id, status, ts FROM ( \
@@ -775,7 +776,7 @@ impl Store for SqliteStore {
                        UNION ALL \
                        SELECT role, content, NULL, NULL, NULL, created_at, 0, printf('%020d', seq) \
                          FROM session_messages WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 \
-                     ) ORDER BY ts DESC, rank DESC, k DESC LIMIT ?4",
+                     ) ORDER BY ts DESC, rank = 0, k DESC, rank DESC LIMIT ?4",
                 )?
                 .query_map(params![formation_id, user_id, session_id, sql_limit(limit)], |row| {
                     let status: Option<String> = row.get(4)?;
