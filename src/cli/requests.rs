@@ -111,10 +111,10 @@ fn print_table(requests: &[Value]) {
         eprintln!("no requests");
         return;
     }
-    println!("{:<40} {:<10} {:>4}  {:<12} {:<24} MESSAGE", "REQUEST", "STATUS", "%", "AGENT", "CREATED");
+    println!("{:<40} {:<10} {:>4}  {:<12} {:<24} STEP", "REQUEST", "STATUS", "%", "AGENT", "CREATED");
     for r in requests {
-        let message: String =
-            r["message"].as_str().or(r["current_step"].as_str()).unwrap_or("").chars().take(40).collect();
+        let step: String =
+            r["current_step"].as_str().or(r["message"].as_str()).unwrap_or("").chars().take(40).collect();
         println!(
             "{:<40} {:<10} {:>4}  {:<12} {:<24} {}",
             r["request_id"].as_str().unwrap_or(""),
@@ -122,7 +122,7 @@ fn print_table(requests: &[Value]) {
             r["progress"].as_f64().unwrap_or(0.0).round(),
             r["agent_id"].as_str().unwrap_or(""),
             r["created_at"].as_str().unwrap_or(""),
-            message.replace('\n', " "),
+            step.replace('\n', " "),
         );
     }
 }
