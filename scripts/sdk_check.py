@@ -510,8 +510,28 @@ class Checks:
                 assert config.get("id") == self.args.formation_id, compact(config)
                 status = await client.get_request_status(answer["request_id"], self.user)
                 assert status.get("status") == "completed", compact(status)
+                # The async event stream shows a request of this user once it is live.
                 events = await client.stream_events(self.user)
-                await events.aclose()
+                seen: asyncio.Queue = asyncio.Queue()
+
+                async def collect():
+                    async for event in events:
+                        await seen.put(event.get("data") or "")
+
+                reader = asyncio.create_task(collect())
+                try:
+                    for _ in range(20):
+                        ping = (await client.chat({"message": "async ping"}, user_id=self.user))["request_id"]
+                        try:
+                            while True:
+                                data = await asyncio.wait_for(seen.get(), timeout=1.0)
+                                if ping in data:
+                                    return
+                        except asyncio.TimeoutError:
+                            continue
+                    raise AssertionError("the async event stream showed none of 20 requests")
+                finally:
+                    reader.cancel()
 
         asyncio.run(go())
 
