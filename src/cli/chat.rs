@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::client::Client;
 use super::follow::{follow, print_final};
-use super::progress::Display;
+use super::progress::{spinner, Display};
 use super::{CliResult, Connection, Outcome};
 
 #[derive(Debug, Args)]
@@ -46,7 +46,12 @@ pub async fn run(args: ChatArgs) -> CliResult<Outcome> {
     if args.async_ {
         body["async"] = json!(true);
     }
-    let answer = match client.call(Method::POST, "/chat", Some(&body)).await {
+    let waiting = spinner(conn.json, &format!("{} is working on it", args.formation));
+    let answer = client.call(Method::POST, "/chat", Some(&body)).await;
+    if let Some(waiting) = waiting {
+        waiting.finish_and_clear();
+    }
+    let answer = match answer {
         Ok(answer) => answer,
         // The request ran and failed: that is the request's outcome, not the command's.
         Err(e) if matches!(e.code.as_deref(), Some("request_failed" | "request_timeout" | "request_cancelled")) => {

@@ -13,6 +13,20 @@ pub enum Display {
     Quiet,
 }
 
+/// A spinner with elapsed time while waiting for an answer; on a terminal only.
+pub fn spinner(json: bool, text: &str) -> Option<ProgressBar> {
+    if json || !std::io::stdout().is_terminal() {
+        return None;
+    }
+    let spinner = ProgressBar::with_draw_target(None, ProgressDrawTarget::stdout());
+    if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}") {
+        spinner.set_style(style);
+    }
+    spinner.set_message(text.to_string());
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    Some(spinner)
+}
+
 impl Display {
     /// The display for this process: a bar only when stdout is a terminal.
     pub fn new(json: bool) -> Display {
