@@ -10,8 +10,8 @@ use common::pty::Pty;
 use common::*;
 use serde_json::Value;
 
-/// `echo` answers at once; `slow` works STEPS steps of 0.4 s with progress;
-/// `broken` fails.
+/// `echo` answers at once; `slow` (6) and `slower` (15) work STEPS steps of
+/// 0.4 s with progress; `broken` fails.
 const AGENT: &str = r#"#!/usr/bin/env python3
 import json, os, sys, time
 req = json.load(sys.stdin)
@@ -41,6 +41,10 @@ agents:
     estimated_seconds: 20
     command: ["python3", "agent.py"]
     env: {KIND: slow, STEPS: "6"}
+  - id: slower
+    estimated_seconds: 20
+    command: ["python3", "agent.py"]
+    env: {KIND: slow, STEPS: "15"}
   - id: broken
     estimated_seconds: 0.1
     command: ["python3", "agent.py"]
@@ -181,7 +185,7 @@ async fn in_a_terminal_the_bar_advances_and_ctrl_c_can_leave_the_request_running
     let server = fx.start();
     let env = env(&server);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut pty = Pty::spawn(&["chat", "f", "under a pty", "--agent", "slow"], &env);
+    let mut pty = Pty::spawn(&["chat", "f", "under a pty", "--agent", "slower"], &env);
 
     // The bar is drawn and its percentage grows while the agent works.
     let first = pty.wait_for(Duration::from_secs(30), "a progress bar", |out| bar_percents(out).iter().any(|p| *p > 0));
@@ -217,7 +221,7 @@ async fn in_a_terminal_ctrl_c_can_cancel_the_request() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let (_, body, _) = server
         .caller("f", "alice")
-        .chat(serde_json::json!({ "message": "cancel me", "agent_id": "slow", "async": true }))
+        .chat(serde_json::json!({ "message": "cancel me", "agent_id": "slower", "async": true }))
         .await;
     let id = request_id(&body);
     let mut pty = Pty::spawn(&["requests", "follow", "f", &id], &env);
