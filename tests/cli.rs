@@ -244,3 +244,21 @@ fn bar_percents(out: &str) -> Vec<u64> {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn triggers_fire_in_the_background_or_are_followed_with_wait() {
+    let fx = fixture(true);
+    fx.write("f/triggers/greet.md", "---\nagent: slow\n---\nGreet ${{ data.name }}\n");
+    let server = fx.start();
+    let (code, out, err) = client(&server, &["trigger", "f", "greet", "--data", r#"{"name": "Ada"}"#]).await;
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_string();
+    assert!(id.starts_with("req_") && err.contains("muxi-rt requests follow f"), "{out}\n{err}");
+    let (code, out, err) = client(&server, &["trigger", "f", "greet", "--data", r#"{"name": "Bob"}"#, "--wait"]).await;
+    assert_eq!((code, out.trim()), (0, "done: Greet Bob"), "{err}");
+    let finished = server.caller("f", "alice").finished(&id).await;
+    assert_eq!(finished["result"]["text"], "done: Greet Ada");
+    let (code, _, err) = client(&server, &["trigger", "f", "greet", "--data", "{}"]).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("missing_trigger_data"), "{err}");
+}
