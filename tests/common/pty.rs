@@ -21,8 +21,8 @@ impl Pty {
     /// other MUXI_* variables removed.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Pty {
         let (mut master, mut slave): (RawFd, RawFd) = (-1, -1);
-        let mut size = libc::winsize { ws_row: 30, ws_col: 120, ws_xpixel: 0, ws_ypixel: 0 };
-        let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &mut size) };
+        let size = libc::winsize { ws_row: 30, ws_col: 120, ws_xpixel: 0, ws_ypixel: 0 };
+        let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size) };
         assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
         let mut command = Command::new(super::BIN);
         command.args(args).env("TERM", "xterm-256color");
