@@ -109,7 +109,10 @@ async fn sessions_are_listed_read_and_restored_per_user() {
     ]});
     let (code, body) = bob.post("/sessions/sess_old/restore", seed.clone()).await;
     assert_eq!(code, 200, "{body}");
-    assert_eq!(body["data"]["restored"], 2);
+    assert_eq!(
+        (body["data"]["messages_loaded"].as_u64(), body["data"]["messages_dropped"].as_u64()),
+        (Some(2), Some(0))
+    );
     bob.post("/sessions/sess_old/restore", seed).await;
     let (_, body) = bob.get("/sessions/sess_old/messages").await;
     let contents: Vec<&str> =
@@ -118,6 +121,27 @@ async fn sessions_are_listed_read_and_restored_per_user() {
     assert_eq!(body["data"]["messages"][1]["timestamp"], "2025-01-01T00:00:01.000Z");
     let (code, _) = alice.get("/sessions/sess_old").await;
     assert_eq!(code, 404, "a restored session belongs to its user");
+
+    // Paging back through the messages.
+    let (_, page) = alice.get("/sessions/sess_a/messages?limit=3").await;
+    let contents: Vec<&str> =
+        page["data"]["messages"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap()).collect();
+    assert_eq!((contents, page["data"]["has_more"].as_bool()), (vec!["echo: one", "two", "echo: two"], Some(true)));
+    let first = page["data"]["messages"][0]["timestamp"].as_str().unwrap();
+    let (code, earlier) = alice.get(&format!("/sessions/sess_a/messages?before={first}")).await;
+    assert_eq!(code, 200, "{earlier}");
+    assert_eq!(earlier["data"]["messages"][0]["content"], "one");
+    assert_eq!(earlier["data"]["has_more"], false);
+
+    // A session with work in flight is active.
+    let (code, body, _) = alice.chat(json!({ "message": "steps:10", "session_id": "sess_busy", "async": true })).await;
+    assert_eq!(code, 202, "{body}");
+    let (_, active) = alice.get("/sessions?active_only=true").await;
+    let ids: Vec<&str> =
+        active["data"]["sessions"].as_array().unwrap().iter().map(|s| s["session_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["sess_busy"], "{active}");
+    assert_eq!(active["data"]["sessions"][0]["active"], true);
+    alice.cancel(&request_id(&body)).await;
 }
 
 #[tokio::test]
@@ -135,15 +159,30 @@ async fn session_routes_reject_bad_input_with_codes() {
         (json!({ "messages": [{ "role": "user" }] }), "content"),
         (json!({ "messages": [{ "role": "user", "content": "x", "timestamp": "soon" }] }), "timestamp"),
         (json!({ "messages": "nope" }), "messages"),
+        (json!({ "messages": [{ "role": "user", "content": "  " }] }), "must not be empty"),
     ];
     for (body, words) in cases {
         let (code, answer) = alice.post("/sessions/s1/restore", body.clone()).await;
         assert_eq!((code, answer["code"].as_str()), (400, Some("invalid_request")), "{body}: {answer}");
         assert!(answer["message"].as_str().unwrap().contains(words), "{body}: {answer}");
     }
-    let many: Vec<Value> = (0..1001).map(|i| json!({ "role": "user", "content": i.to_string() })).collect();
+    // Beyond 1000 messages the oldest are dropped, and counted.
+    let many: Vec<Value> =
+        (0..1001).map(|i| json!({ "role": "user", "content": i.to_string(), "timestamp": i })).collect();
     let (code, answer) = alice.post("/sessions/s1/restore", json!({ "messages": many })).await;
-    assert_eq!(code, 400, "{answer}");
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(
+        (answer["data"]["messages_loaded"].as_u64(), answer["data"]["messages_dropped"].as_u64()),
+        (Some(1000), Some(1))
+    );
+    let (_, kept) = alice.get("/sessions/s1/messages?limit=1000").await;
+    assert_eq!(kept["data"]["messages"][0]["content"], "1", "the oldest was dropped");
+    for query in ["?before=yesterday", "?limit=0"] {
+        let (code, answer) = alice.get(&format!("/sessions/s1/messages{query}")).await;
+        assert_eq!((code, answer["code"].as_str()), (400, Some("invalid_request")), "{query}: {answer}");
+    }
+    let (code, answer) = alice.get("/sessions?active_only=maybe").await;
+    assert_eq!((code, answer["code"].as_str()), (400, Some("invalid_request")), "{answer}");
     let long = "s".repeat(300);
     let (code, answer) = alice.get(&format!("/sessions/{long}")).await;
     assert_eq!((code, answer["code"].as_str()), (400, Some("invalid_request")), "{answer}");

@@ -19,11 +19,13 @@ use crate::store::{NewSessionMessage, SessionMessage, SessionSummary};
 use crate::time::rfc3339;
 
 const DEFAULT_LIMIT: usize = 50;
-const MAX_LIMIT: usize = 500;
-const DEFAULT_MESSAGES: usize = 200;
+const MAX_LIMIT: usize = 1000;
+const DEFAULT_MESSAGES: usize = 50;
 const MAX_MESSAGES: usize = 1000;
-/// The most messages one restore may seed.
+/// The most messages a session is seeded with: a restore keeps the newest.
 const MAX_RESTORE: usize = 1000;
+/// The longest agent id a restored message may name.
+const MAX_AGENT_ID: usize = 200;
 /// The longest session id accepted.
 const MAX_SESSION_ID: usize = 200;
 
@@ -51,9 +53,22 @@ fn check_session_id(session_id: &str) -> ApiResult<()> {
 pub struct ListParams {
     limit: Option<String>,
     user_id: Option<String>,
+    active_only: Option<String>,
 }
 
-/// `GET /sessions`: the caller's sessions, latest activity first.
+/// A boolean query parameter: `true`/`false`/`1`/`0`.
+fn parse_flag(name: &str, text: Option<&str>) -> ApiResult<bool> {
+    match text.map(|t| t.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") => Ok(true),
+        Some(other) => {
+            Err(ApiError::new(Code::InvalidRequest, format!("`{name}` must be true or false, got `{other}`")))
+        }
+    }
+}
+
+/// `GET /sessions`: the caller's sessions, latest activity first
+/// (`active_only=true`: those with a request still running).
 pub async fn list(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -62,8 +77,9 @@ pub async fn list(
 ) -> ApiResult<Response> {
     auth::authorize(&state, &id, &headers, Role::Client)?;
     let limit = parse_limit(params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
+    let active_only = parse_flag("active_only", params.active_only.as_deref())?;
     let user = auth::user_id(&headers, params.user_id.as_deref());
-    let sessions = state.engine.store().sessions(&id, &user, limit).await?;
+    let sessions = state.engine.store().sessions(&id, &user, active_only, limit).await?;
     let sessions: Vec<Value> = sessions.iter().map(|s| session_view(&user, s)).collect();
     Ok(envelope::ok(
         "session.list",
@@ -94,9 +110,12 @@ pub async fn show(
 #[derive(Debug, Deserialize)]
 pub struct MessageParams {
     limit: Option<String>,
+    before: Option<String>,
 }
 
-/// `GET /sessions/{session_id}/messages`: oldest first, the latest `limit`.
+/// `GET /sessions/{session_id}/messages`: oldest first, the latest `limit`
+/// (of those before `before`, RFC 3339 or a Unix time); `has_more` says
+/// whether earlier ones exist.
 pub async fn messages(
     State(state): State<AppState>,
     Path((id, session_id)): Path<(String, String)>,
@@ -106,18 +125,38 @@ pub async fn messages(
     auth::authorize(&state, &id, &headers, Role::Client)?;
     check_session_id(&session_id)?;
     let limit = parse_limit(params.limit.as_deref(), DEFAULT_MESSAGES, MAX_MESSAGES)?;
+    let before = match params.before.as_deref().map(str::trim).filter(|b| !b.is_empty()) {
+        None => None,
+        Some(text) => {
+            let value = text.parse::<f64>().map(|n| json!(n)).unwrap_or_else(|_| json!(text));
+            Some(parse_timestamp(&value).ok_or_else(|| {
+                ApiError::new(Code::InvalidRequest, format!("`before` must be RFC 3339 or a Unix time; got `{text}`"))
+            })?)
+        }
+    };
     let user = auth::user_id(&headers, None);
     let store = state.engine.store();
     if store.session(&id, &user, &session_id).await?.is_none() {
         return Err(ApiError::new(Code::SessionNotFound, format!("session `{session_id}` not found")));
     }
-    let messages = store.session_messages(&id, &user, &session_id, limit).await?;
+    // One more than asked tells whether earlier messages exist.
+    let mut messages = store.session_messages(&id, &user, &session_id, before, limit + 1).await?;
+    let has_more = messages.len() > limit;
+    if has_more {
+        messages.remove(0);
+    }
     let messages: Vec<Value> = messages.iter().map(message_view).collect();
     Ok(envelope::ok(
         "session.messages",
         None,
         None,
-        json!({ "session_id": session_id, "user_id": user, "messages": messages, "count": messages.len() }),
+        json!({
+            "session_id": session_id,
+            "user_id": user,
+            "messages": messages,
+            "count": messages.len(),
+            "has_more": has_more,
+        }),
     ))
 }
 
@@ -130,13 +169,16 @@ pub struct RestoreBody {
 pub struct RestoreMessage {
     role: String,
     content: String,
+    #[serde(default)]
+    agent_id: Option<String>,
     /// RFC 3339, or a Unix time in seconds (or milliseconds, when that large).
     #[serde(default, alias = "created_at")]
     timestamp: Option<Value>,
 }
 
-/// `POST /sessions/{session_id}/restore` with `{"messages": [{role, content}]}`:
-/// replaces the messages the session was seeded with.
+/// `POST /sessions/{session_id}/restore` with `{"messages": [{role, content,
+/// timestamp?, agent_id?}]}`: replaces the messages the session was seeded
+/// with, in timestamp order; beyond [`MAX_RESTORE`] the oldest are dropped.
 pub async fn restore(
     State(state): State<AppState>,
     Path((id, session_id)): Path<(String, String)>,
@@ -149,12 +191,6 @@ pub async fn restore(
     let given = body
         .messages
         .ok_or_else(|| ApiError::new(Code::InvalidRequest, "`messages` is required: a list of {role, content}"))?;
-    if given.len() > MAX_RESTORE {
-        return Err(ApiError::new(
-            Code::InvalidRequest,
-            format!("`messages` holds {} messages; at most {MAX_RESTORE} can be restored at once", given.len()),
-        ));
-    }
     let now = crate::time::now_ms();
     let mut messages = Vec::with_capacity(given.len());
     for (i, m) in given.into_iter().enumerate() {
@@ -162,6 +198,15 @@ pub async fn restore(
             return Err(ApiError::new(
                 Code::InvalidRequest,
                 format!("messages[{i}].role must be user, assistant or system; got `{}`", m.role),
+            ));
+        }
+        if m.content.trim().is_empty() {
+            return Err(ApiError::new(Code::InvalidRequest, format!("messages[{i}].content must not be empty")));
+        }
+        if m.agent_id.as_ref().is_some_and(|a| a.len() > MAX_AGENT_ID || a.chars().any(char::is_control)) {
+            return Err(ApiError::new(
+                Code::InvalidRequest,
+                format!("messages[{i}].agent_id must be at most {MAX_AGENT_ID} printable characters"),
             ));
         }
         let timestamp = match &m.timestamp {
@@ -173,15 +218,25 @@ pub async fn restore(
                 )
             })?,
         };
-        messages.push(NewSessionMessage { role: m.role, content: m.content, timestamp });
+        messages.push(NewSessionMessage { role: m.role, content: m.content, agent_id: m.agent_id, timestamp });
     }
-    let count = messages.len();
+    // In time order (stable: messages of one instant keep their order), newest kept.
+    messages.sort_by_key(|m| m.timestamp);
+    let dropped = messages.len().saturating_sub(MAX_RESTORE);
+    messages.drain(..dropped);
+    let loaded = messages.len();
     state.engine.store().restore_session(&id, &user, &session_id, messages).await?;
     Ok(envelope::ok(
         "session.restored",
         None,
         None,
-        json!({ "session_id": session_id, "user_id": user, "restored": count, "status": "restored" }),
+        json!({
+            "session_id": session_id,
+            "user_id": user,
+            "messages_loaded": loaded,
+            "messages_dropped": dropped,
+            "message": "Session restored successfully",
+        }),
     ))
 }
 
@@ -217,6 +272,8 @@ fn session_view(user: &str, s: &SessionSummary) -> Value {
         "updated_at": rfc3339(s.last_activity),
         "message_count": s.message_count,
         "request_count": s.request_count,
+        "active": s.active_requests > 0,
+        "active_requests": s.active_requests,
     })
 }
 

@@ -254,6 +254,8 @@ pub struct SessionSummary {
     /// User turns, agent answers and seeded messages.
     pub message_count: u64,
     pub request_count: u64,
+    /// Its requests still pending or processing.
+    pub active_requests: u64,
 }
 
 /// One message of a session, in order. From a request (`request_id` set: its
@@ -274,6 +276,8 @@ pub struct SessionMessage {
 pub struct NewSessionMessage {
     pub role: String,
     pub content: String,
+    /// The agent that gave an assistant message, if known.
+    pub agent_id: Option<String>,
     pub timestamp: i64,
 }
 
@@ -337,8 +341,15 @@ pub trait Store: Send + Sync + 'static {
     // Sessions and the event feed (issue 12). Default bodies keep other stores
     // (test doubles, a future PostgreSQL store) compiling until they add them.
 
-    /// A user's sessions in a formation, latest activity first.
-    async fn sessions(&self, _formation_id: &str, _user_id: &str, _limit: usize) -> StoreResult<Vec<SessionSummary>> {
+    /// A user's sessions in a formation, latest activity first; with
+    /// `active_only`, those with a request still pending or processing.
+    async fn sessions(
+        &self,
+        _formation_id: &str,
+        _user_id: &str,
+        _active_only: bool,
+        _limit: usize,
+    ) -> StoreResult<Vec<SessionSummary>> {
         unsupported("sessions")
     }
 
@@ -353,12 +364,13 @@ pub trait Store: Send + Sync + 'static {
     }
 
     /// A session's messages in order (oldest first): seeded ones and those of
-    /// its requests; at most the latest `limit`.
+    /// its requests; at most the latest `limit` from before `before` (ms).
     async fn session_messages(
         &self,
         _formation_id: &str,
         _user_id: &str,
         _session_id: &str,
+        _before: Option<i64>,
         _limit: usize,
     ) -> StoreResult<Vec<SessionMessage>> {
         unsupported("session_messages")

@@ -32,7 +32,7 @@ fn done(text: &str) -> Outcome {
 }
 
 fn seed(role: &str, content: &str, timestamp: i64) -> NewSessionMessage {
-    NewSessionMessage { role: role.into(), content: content.into(), timestamp }
+    NewSessionMessage { role: role.into(), content: content.into(), agent_id: None, timestamp }
 }
 
 #[tokio::test]
@@ -49,16 +49,25 @@ async fn sessions_are_counted_and_ordered_by_latest_activity() {
         .await
         .unwrap();
 
-    let sessions = store.sessions("f1", "alice", 10).await.unwrap();
+    let sessions = store.sessions("f1", "alice", false, 10).await.unwrap();
     let shown: Vec<(&str, i64, u64, u64)> =
         sessions.iter().map(|s| (s.session_id.as_str(), s.last_activity, s.message_count, s.request_count)).collect();
     // s1: r1 ended at 50 (2 messages) + r3 running (1 message).
     assert_eq!(shown, [("s1", 50, 3, 2), ("s2", 20, 1, 1), ("s3", 6, 2, 0)]);
     assert_eq!(sessions[0].created_at, 10);
-    assert_eq!(store.sessions("f1", "alice", 1).await.unwrap().len(), 1);
-    assert_eq!(store.sessions("f1", "bob", 10).await.unwrap().len(), 1);
-    assert!(store.sessions("f2", "alice", 10).await.unwrap().is_empty());
+    assert_eq!(store.sessions("f1", "alice", false, 1).await.unwrap().len(), 1);
+    assert_eq!(store.sessions("f1", "bob", false, 10).await.unwrap().len(), 1);
+    assert!(store.sessions("f2", "alice", false, 10).await.unwrap().is_empty());
     assert_eq!(store.session("f1", "alice", "s2").await.unwrap().map(|s| s.message_count), Some(1));
+    // Active: a request still pending or processing (r2 in s2, r3 in s1).
+    let active: Vec<(String, u64)> = store
+        .sessions("f1", "alice", true, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.session_id, s.active_requests))
+        .collect();
+    assert_eq!(active, [("s1".to_string(), 1), ("s2".to_string(), 1)]);
     assert_eq!(store.session("f1", "bob", "s2").await.unwrap(), None);
 }
 
@@ -81,7 +90,7 @@ async fn messages_come_in_order_with_seeds_and_a_restore_replaces_the_seed() {
         )
         .await
         .unwrap();
-    let messages = store.session_messages("f1", "alice", "s1", 100).await.unwrap();
+    let messages = store.session_messages("f1", "alice", "s1", None, 100).await.unwrap();
     let shown: Vec<(&str, &str, Option<&str>)> =
         messages.iter().map(|m| (m.role.as_str(), m.content.as_str(), m.request_id.as_deref())).collect();
     assert_eq!(
@@ -97,12 +106,15 @@ async fn messages_come_in_order_with_seeds_and_a_restore_replaces_the_seed() {
     );
     assert_eq!(messages[4].status, Some(Status::Failed));
     // The latest `limit`, still oldest first.
-    let last_two = store.session_messages("f1", "alice", "s1", 2).await.unwrap();
+    let last_two = store.session_messages("f1", "alice", "s1", None, 2).await.unwrap();
     assert_eq!(last_two.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(), ["a1", "asked r2"]);
+    // Before a time: only what came earlier.
+    let before = store.session_messages("f1", "alice", "s1", Some(20), 100).await.unwrap();
+    assert_eq!(before.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(), ["be brief", "hi", "asked r1"]);
     store.restore_session("f1", "alice", "s1", vec![seed("user", "again", 2)]).await.unwrap();
-    let messages = store.session_messages("f1", "alice", "s1", 100).await.unwrap();
+    let messages = store.session_messages("f1", "alice", "s1", None, 100).await.unwrap();
     assert_eq!(messages.iter().filter(|m| m.request_id.is_none()).count(), 1);
-    assert!(store.session_messages("f1", "bob", "s1", 100).await.unwrap().is_empty());
+    assert!(store.session_messages("f1", "bob", "s1", None, 100).await.unwrap().is_empty());
 }
 
 #[tokio::test]

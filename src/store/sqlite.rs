@@ -115,6 +115,7 @@ CREATE TABLE session_messages (
     seq          INTEGER NOT NULL,
     role         TEXT NOT NULL,
     content      TEXT NOT NULL,
+    agent_id     TEXT,
     created_at   INTEGER NOT NULL,
     PRIMARY KEY (formation_id, user_id, session_id, seq)
 );
@@ -728,12 +729,21 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn sessions(&self, formation_id: &str, user_id: &str, limit: usize) -> StoreResult<Vec<SessionSummary>> {
+    async fn sessions(
+        &self,
+        formation_id: &str,
+        user_id: &str,
+        active_only: bool,
+        limit: usize,
+    ) -> StoreResult<Vec<SessionSummary>> {
         let (formation_id, user_id) = (formation_id.to_owned(), user_id.to_owned());
         self.read("sessions", move |conn| {
-            conn.prepare_cached(&format!("{SESSIONS_SQL} ORDER BY last_activity DESC, session_id DESC LIMIT ?4"))?
-                .query_map(params![formation_id, user_id, None::<String>, sql_limit(limit)], session_from_row)?
-                .collect()
+            conn.prepare_cached(&format!(
+                "{SESSIONS_SQL} HAVING NOT ?5 OR active_requests > 0 \
+                 ORDER BY last_activity DESC, session_id DESC LIMIT ?4"
+            ))?
+            .query_map(params![formation_id, user_id, None::<String>, sql_limit(limit), active_only], session_from_row)?
+            .collect()
         })
         .await
     }
@@ -746,8 +756,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<SessionSummary>> {
         let (formation_id, user_id, session_id) = (formation_id.to_owned(), user_id.to_owned(), session_id.to_owned());
         self.read("session", move |conn| {
-            conn.prepare_cached(&format!("{SESSIONS_SQL} LIMIT ?4"))?
-                .query_row(params![formation_id, user_id, session_id, 1], session_from_row)
+            conn.prepare_cached(&format!("{SESSIONS_SQL} HAVING NOT ?5 LIMIT ?4"))?
+                .query_row(params![formation_id, user_id, session_id, 1, false], session_from_row)
                 .optional()
         })
         .await
@@ -758,9 +768,11 @@ impl Store for SqliteStore {
         formation_id: &str,
         user_id: &str,
         session_id: &str,
+        before: Option<i64>,
         limit: usize,
     ) -> StoreResult<Vec<SessionMessage>> {
         let (formation_id, user_id, session_id) = (formation_id.to_owned(), user_id.to_owned(), session_id.to_owned());
+        let before = before.unwrap_or(i64::MAX);
         self.read("session_messages", move |conn| {
             // Newest first, reversed below. Ties of one millisecond: seeds first,
             // then by request (ids are time-ordered), its question before its answer.
@@ -774,11 +786,11 @@ impl Store for SqliteStore {
                        SELECT 'assistant', result_text, id, agent_id, status, completed_at, 2, id FROM requests \
                         WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 AND status = 'completed' \
                        UNION ALL \
-                       SELECT role, content, NULL, NULL, NULL, created_at, 0, printf('%020d', seq) \
+                       SELECT role, content, NULL, agent_id, NULL, created_at, 0, printf('%020d', seq) \
                          FROM session_messages WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 \
-                     ) ORDER BY ts DESC, rank = 0, k DESC, rank DESC LIMIT ?4",
+                     ) WHERE ts < ?5 ORDER BY ts DESC, rank = 0, k DESC, rank DESC LIMIT ?4",
                 )?
-                .query_map(params![formation_id, user_id, session_id, sql_limit(limit)], |row| {
+                .query_map(params![formation_id, user_id, session_id, sql_limit(limit), before], |row| {
                     let status: Option<String> = row.get(4)?;
                     Ok(SessionMessage {
                         role: row.get(0)?,
@@ -810,8 +822,8 @@ impl Store for SqliteStore {
             )?
             .execute(params![formation_id, user_id, session_id])?;
             let mut insert = conn.prepare_cached(
-                "INSERT INTO session_messages (formation_id, user_id, session_id, seq, role, content, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO session_messages (formation_id, user_id, session_id, seq, role, content, agent_id, \
+                 created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             for (seq, message) in messages.iter().enumerate() {
                 insert.execute(params![
@@ -821,6 +833,7 @@ impl Store for SqliteStore {
                     seq as i64,
                     message.role,
                     message.content,
+                    message.agent_id,
                     message.timestamp
                 ])?;
             }
@@ -850,15 +863,17 @@ impl Store for SqliteStore {
 }
 
 /// A user's sessions (`?3` NULL: all, else the one named), as `session_from_row` reads
-/// them: from their requests and seeded messages.
+/// them: from their requests and seeded messages. Callers add `HAVING` (on `?5`)
+/// and `LIMIT ?4`.
 const SESSIONS_SQL: &str = "SELECT session_id, MIN(first) AS created_at, MAX(last) AS last_activity, \
-     SUM(messages) AS message_count, SUM(requests) AS request_count FROM ( \
+     SUM(messages) AS message_count, SUM(requests) AS request_count, SUM(active) AS active_requests FROM ( \
        SELECT session_id, created_at AS first, MAX(created_at, COALESCE(completed_at, created_at)) AS last, \
-              1 + (status = 'completed') AS messages, 1 AS requests FROM requests \
+              1 + (status = 'completed') AS messages, 1 AS requests, \
+              status IN ('pending', 'processing') AS active FROM requests \
         WHERE formation_id = ?1 AND user_id = ?2 AND session_id IS NOT NULL \
           AND (?3 IS NULL OR session_id = ?3) \
        UNION ALL \
-       SELECT session_id, created_at, created_at, 1, 0 FROM session_messages \
+       SELECT session_id, created_at, created_at, 1, 0, 0 FROM session_messages \
         WHERE formation_id = ?1 AND user_id = ?2 AND (?3 IS NULL OR session_id = ?3) \
      ) GROUP BY session_id";
 
@@ -869,6 +884,7 @@ fn session_from_row(row: &Row) -> rusqlite::Result<SessionSummary> {
         last_activity: row.get("last_activity")?,
         message_count: row.get::<_, i64>("message_count")?.max(0) as u64,
         request_count: row.get::<_, i64>("request_count")?.max(0) as u64,
+        active_requests: row.get::<_, i64>("active_requests")?.max(0) as u64,
     })
 }
 
