@@ -240,6 +240,9 @@ agents:
     assert_eq!(agents["data"]["agents"][0]["type"], "command");
     let (code, echo) = server.admin_get("f", "/agents/echo").await;
     assert_eq!((code, echo["data"]["name"].as_str()), (200, Some("Echo")), "{echo}");
+    // A value taken from a secret is shown as its placeholder, as the runtime does.
+    let argv = echo["data"]["settings"]["argv"].as_array().unwrap();
+    assert_eq!(argv.last().unwrap(), "--token=${{ secrets.SESSIONS_TEST_ARG }}", "{echo}");
     let (code, missing) = server.admin_get("f", "/agents/nobody").await;
     assert_eq!((code, missing["code"].as_str()), (404, Some("agent_not_found")), "{missing}");
     assert!(missing["message"].as_str().unwrap().contains("echo, remote"), "{missing}");

@@ -1,12 +1,13 @@
 //! `GET /agents`, `GET /agents/{id}` and `GET /config` (admin key): the
 //! formation's agents and its effective settings, defaults filled in.
 //!
-//! Secrets never leave: keys are shown as `"***"`, and every string the
-//! formation's files fill from `${{ secrets.NAME }}` is redacted wherever its
-//! value appears (an URL, an argument, a header), as is any settings value
-//! whose name says key, secret, token or password.
+//! Secrets never leave: as the MUXI runtime does, every value the formation's
+//! files fill from `${{ secrets.NAME }}` is shown as that placeholder again,
+//! wherever it appears (an URL, an argument, a header); keys not taken from
+//! secrets are shown as `"***"`, as is any settings value whose name says key,
+//! secret, token or password.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path as FsPath;
 
 use axum::extract::{Path, State};
@@ -100,9 +101,9 @@ fn agent_view(agent: &AgentSpec) -> Value {
     view
 }
 
-/// The values this formation took from secrets, and its keys: everything that
-/// must never be shown.
-fn secret_values(formation: &Formation) -> BTreeSet<String> {
+/// What must never be shown, and what is shown instead: each value this
+/// formation took from a secret (as its placeholder), and its keys (`***`).
+fn secret_values(formation: &Formation) -> Secrets {
     let mut names = BTreeSet::new();
     let mut files = vec![formation.source.clone()];
     if let Ok(entries) = std::fs::read_dir(formation.dir.join("agents")) {
@@ -114,15 +115,23 @@ fn secret_values(formation: &Formation) -> BTreeSet<String> {
             names.extend(secret_names(&text));
         }
     }
-    let mut values: BTreeSet<String> = names.iter().filter_map(|name| std::env::var(name).ok()).collect();
-    values.extend(formation.keys.admin.clone());
-    values.extend(formation.keys.client.clone());
-    values.extend(formation.overlord.async_.webhook_secret.clone());
-    values.extend(formation.llm.api_keys.values().cloned());
+    let mut values = Secrets::new();
+    let keys = [&formation.keys.admin, &formation.keys.client, &formation.overlord.async_.webhook_secret];
+    for key in keys.into_iter().flatten().chain(formation.llm.api_keys.values()) {
+        values.insert(key.clone(), REDACTED.to_string());
+    }
+    for name in names {
+        if let Ok(value) = std::env::var(&name) {
+            values.insert(value, format!("${{{{ secrets.{name} }}}}"));
+        }
+    }
     // Very short values would redact ordinary words.
-    values.retain(|v| v.trim().len() >= 4);
+    values.retain(|v, _| v.trim().len() >= 4);
     values
 }
+
+/// Secret value -> what is shown in its place.
+type Secrets = BTreeMap<String, String>;
 
 fn is_formation_file(path: &FsPath) -> bool {
     matches!(path.extension().and_then(|e| e.to_str()), Some("afs" | "yaml" | "yml"))
@@ -148,12 +157,15 @@ fn secret_names(text: &str) -> Vec<String> {
 
 /// Replaces every occurrence of a secret value in `value`'s strings, and the
 /// value of every object key that names a credential.
-pub fn redact(value: Value, secrets: &BTreeSet<String>) -> Value {
+fn redact(value: Value, secrets: &Secrets) -> Value {
     match value {
         Value::String(mut s) => {
-            for secret in secrets {
+            // Longest first, so a secret containing another is replaced whole.
+            let mut ordered: Vec<(&String, &String)> = secrets.iter().collect();
+            ordered.sort_by_key(|(secret, _)| std::cmp::Reverse(secret.len()));
+            for (secret, shown) in ordered {
                 if s.contains(secret.as_str()) {
-                    s = s.replace(secret.as_str(), REDACTED);
+                    s = s.replace(secret.as_str(), shown);
                 }
             }
             Value::String(s)
@@ -189,9 +201,14 @@ mod tests {
 
     #[test]
     fn redacts_values_anywhere_and_credential_fields() {
-        let secrets: BTreeSet<String> = ["s3cr3t-value".to_string()].into();
+        let secrets: Secrets = [
+            ("s3cr3t-value".to_string(), "${{ secrets.S }}".to_string()),
+            ("s3cr3t-value-longer".to_string(), REDACTED.to_string()),
+        ]
+        .into();
         let doc = json!({
             "url": "https://h/x?key=s3cr3t-value&a=1",
+            "other": "s3cr3t-value-longer",
             "argv": ["run", "--token=s3cr3t-value"],
             "settings": { "api_key": "plain", "api_base": "http://localhost", "max_tokens": 5 },
         });
@@ -200,7 +217,9 @@ mod tests {
         assert!(!text.contains("s3cr3t-value"), "{text}");
         assert!(!text.contains("plain"), "{text}");
         assert_eq!(out["settings"]["api_base"], "http://localhost");
-        assert_eq!(out["argv"][1], "--token=***");
+        assert_eq!(out["argv"][1], "--token=${{ secrets.S }}");
+        assert_eq!(out["url"], "https://h/x?key=${{ secrets.S }}&a=1");
+        assert_eq!(out["other"], "***");
         assert_eq!(out["settings"]["max_tokens"], 5);
     }
 }
