@@ -68,7 +68,9 @@ pub fn effective(formation: &Formation) -> Value {
         formation.llm.api_keys.keys().map(|provider| (provider.clone(), json!(REDACTED))).collect();
     let config = json!({
         "schema": "1.0.0",
+        "schema_version": "1.0.0",
         "id": formation.id,
+        "formation_id": formation.id,
         "version": formation.version,
         "revision": formation.revision,
         "description": formation.description,
