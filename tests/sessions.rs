@@ -8,11 +8,15 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-/// Echoes the message; `steps:N` works N steps of 0.2 s with progress first.
+/// Echoes the message; `steps:N` works N steps of 0.2 s with progress first;
+/// `history?` answers with the history it was given, as JSON.
 const AGENT: &str = r#"#!/usr/bin/env python3
 import json, sys, time
 req = json.load(sys.stdin)
 msg = req["message"]
+if msg == "history?":
+    print(json.dumps({"result": json.dumps(req.get("history", []))}), flush=True)
+    sys.exit(0)
 if msg.startswith("steps:"):
     n = int(msg.split(":")[1])
     for i in range(n):
@@ -409,4 +413,36 @@ async fn a_session_s_event_stream_shows_only_that_session() {
         .await;
     assert!(frames.iter().all(|f| f.json()["session_id"] == "sess_watched"), "{frames:#?}");
     assert!(frames.iter().all(|f| f.json()["request_id"] != other.as_str()), "{frames:#?}");
+}
+
+#[tokio::test]
+async fn agents_see_a_restored_session_s_messages_as_history() {
+    let fx = fixture("");
+    let server = fx.start();
+    let alice = server.caller("f", "alice");
+    let seed = json!({ "messages": [
+        { "role": "user", "content": "my name is Ada" },
+        { "role": "assistant", "content": "hello Ada" },
+    ]});
+    let (code, body) = alice.post("/sessions/sess_back/restore", seed).await;
+    assert_eq!(code, 200, "{body}");
+    say(&alice, "sess_back", "and now?").await;
+    let (code, body, _) = alice.chat(json!({ "message": "history?", "session_id": "sess_back", "async": false })).await;
+    assert_eq!(code, 200, "{body}");
+    let history: Value = serde_json::from_str(body["data"]["message"]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        history,
+        json!([
+            { "role": "user", "content": "my name is Ada" },
+            { "role": "assistant", "content": "hello Ada" },
+            { "role": "user", "content": "and now?" },
+            { "role": "assistant", "content": "echo: and now?" },
+        ])
+    );
+    // Another user's session of the same name lends nothing.
+    let (_, body, _) = server
+        .caller("f", "bob")
+        .chat(json!({ "message": "history?", "session_id": "sess_back", "async": false }))
+        .await;
+    assert_eq!(body["data"]["message"]["content"], "[]", "{body}");
 }

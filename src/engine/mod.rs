@@ -12,6 +12,7 @@
 //! ([`Engine::recover`]): at-least-once, and the attempt count says so.
 
 pub mod feed;
+mod history;
 mod live;
 mod pool;
 
@@ -350,19 +351,9 @@ impl Engine {
         }
     }
 
+    /// Restored (seeded) messages and earlier turns of the request's session.
     async fn session_history(&self, record: &RequestRecord) -> Vec<Turn> {
-        let Some(session) = &record.session_id else { return Vec::new() };
-        let turns = self
-            .store
-            .session_turns(&record.formation_id, &record.user_id, session, SESSION_TURNS)
-            .await
-            .unwrap_or_default();
-        turns
-            .into_iter()
-            .flat_map(|(asked, answered)| {
-                [Turn { role: "user".into(), content: asked }, Turn { role: "assistant".into(), content: answered }]
-            })
-            .collect()
+        history::session_history(self.store.as_ref(), record, 2 * SESSION_TURNS).await
     }
 
     async fn on_event(&self, record: &RequestRecord, live: &LiveRequest, event: AgentEvent) {
