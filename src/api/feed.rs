@@ -32,8 +32,10 @@ use crate::error::{ApiError, ApiResult, Code};
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Frames queued for one connection before the pump waits for the client.
 const CONNECTION_BUFFER: usize = 64;
-/// The most stored requests one catch-up reads.
+/// Stored requests read per page of a catch-up.
 const MAX_REPLAY: usize = 1000;
+/// Pages one catch-up reads at most.
+const MAX_REPLAY_PAGES: usize = 50;
 /// How far back a catch-up looks, for events published a little out of id
 /// order (an acceptance or an end is published after its commit, with the
 /// timestamp taken before it).
@@ -155,24 +157,34 @@ impl Follower {
             && self.session.as_ref().is_none_or(|s| event.record.session_id.as_deref() == Some(s.as_str()))
     }
 
-    /// Sends the stored events after `after` not sent yet; false when the client left.
+    /// Sends the stored events after `after` not sent yet, page by page (at
+    /// most [`MAX_REPLAY_PAGES`]); false when the client left.
     async fn catch_up(&mut self, after: &EventId, cursor: &mut EventId, tx: &mpsc::Sender<Event>) -> bool {
-        let store = self.state.engine.store();
-        let records = match store.lifecycle_since(&self.formation_id, &self.user, after.at, MAX_REPLAY).await {
-            Ok(records) => records,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot replay events");
-                return true;
+        let store = self.state.engine.store().clone();
+        let mut since = after.at;
+        for _ in 0..MAX_REPLAY_PAGES {
+            let records = match store.lifecycle_since(&self.formation_id, &self.user, since, MAX_REPLAY).await {
+                Ok(records) => records,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot replay events");
+                    return true;
+                }
+            };
+            let (events, next) = feed::replay_page(&records, after, since, records.len() == MAX_REPLAY);
+            for event in events {
+                if !self.wanted(&event) || self.seen.contains(&event.id) {
+                    continue;
+                }
+                if !self.send(&event, cursor, tx).await {
+                    return false;
+                }
             }
-        };
-        for event in feed::replay(&records, after) {
-            if !self.wanted(&event) || self.seen.contains(&event.id) {
-                continue;
-            }
-            if !self.send(&event, cursor, tx).await {
-                return false;
+            match next {
+                Some(next) => since = next,
+                None => return true,
             }
         }
+        tracing::warn!(formation = %self.formation_id, "event catch-up stopped after {MAX_REPLAY_PAGES} pages");
         true
     }
 

@@ -117,6 +117,33 @@ pub fn replay(records: &[RequestRecord], after: &EventId) -> Vec<Lifecycle> {
     events
 }
 
+/// One page of a catch-up: the stored requests accepted or ended at or after
+/// `since` (oldest accepted first), `full` when the store had more than it
+/// returned. Gives the events after `after` that the page holds completely, and
+/// where the next page starts (`None`: this was the last).
+///
+/// With a full page only events before the last acceptance read are certain to
+/// be complete (a request accepted at that millisecond may be on the next page);
+/// when a page cannot advance (more requests in one millisecond than a page) it
+/// is given whole and ends the catch-up.
+pub fn replay_page(
+    records: &[RequestRecord],
+    after: &EventId,
+    since: i64,
+    full: bool,
+) -> (Vec<Lifecycle>, Option<i64>) {
+    let mut events = replay(records, after);
+    events.retain(|e| e.id.at >= since);
+    let boundary = records.last().map(|r| r.created_at).filter(|_| full);
+    match boundary {
+        Some(boundary) if boundary > since => {
+            events.retain(|e| e.id.at < boundary);
+            (events, Some(boundary))
+        }
+        _ => (events, None),
+    }
+}
+
 /// A request as it was when accepted (what its live acceptance event showed).
 fn as_accepted(record: &RequestRecord) -> RequestRecord {
     let mut accepted = record.clone();
@@ -237,6 +264,26 @@ mod tests {
         let after = all[2].id.clone();
         let rest: Vec<String> = replay(&records, &after).iter().map(|e| e.id.to_string()).collect();
         assert_eq!(rest, [all[3].id.to_string(), all[4].id.to_string()]);
+    }
+
+    #[test]
+    fn pages_give_only_the_events_they_hold_completely() {
+        let start = EventId { at: 0, rank: 0, request_id: String::new() };
+        // A full page ending with a request accepted at 30: events at 30 and
+        // later wait for the next page, which starts at 30.
+        let page = [record("req_1", 10, Status::Completed, Some(40)), record("req_2", 30, Status::Pending, None)];
+        let (events, next) = replay_page(&page, &start, 0, true);
+        let ids: Vec<String> = events.iter().map(|e| format!("{}@{}", e.record.id, e.id.at)).collect();
+        assert_eq!((ids, next), (vec!["req_1@10".to_string()], Some(30)));
+        // The next page: events from 30 on, and it was the last.
+        let page = [record("req_1", 10, Status::Completed, Some(40)), record("req_2", 30, Status::Pending, None)];
+        let (events, next) = replay_page(&page, &start, 30, false);
+        let ids: Vec<String> = events.iter().map(|e| format!("{}@{}", e.record.id, e.id.at)).collect();
+        assert_eq!((ids, next), (vec!["req_2@30".to_string(), "req_1@40".to_string()], None));
+        // A full page that cannot advance is given whole and ends the catch-up.
+        let page = [record("req_3", 50, Status::Pending, None), record("req_4", 50, Status::Pending, None)];
+        let (events, next) = replay_page(&page, &start, 50, true);
+        assert_eq!((events.len(), next), (2, None));
     }
 
     #[test]
