@@ -8,19 +8,24 @@ failure, ends with `sdk-check: N passed, N failed[, N skipped]` and exits 1 if a
 Formation agents it relies on: `echo` (default; result `echo: <message>`),
 `worker` (3 quick steps, a `part I. ` content line after each, result
 `worked: <message>`), `slow` (60 steps of 0.5 s; cancelled mid-flight).
+The server must serve only this formation (for `FormationClient(url=...)`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import queue
 import sys
+import threading
 import time
 import traceback
 import uuid
 
+import httpx
 import muxi
-from muxi import FormationClient
+from muxi import AsyncFormationClient, FormationClient
 from muxi.errors import (
     AuthenticationError,
     AuthorizationError,
@@ -324,6 +329,212 @@ class Checks:
         frame = json.loads(errors[0]["data"])
         assert frame["code"] == "request_not_found" and frame["message"], frame
 
+    # --- sessions, agents, config, the event stream, the root mount -----------
+
+    def get_sessions(self):
+        sid = self.need(self.stream_request_id and self.stream_session_id, "the streamed session")
+        doc = self.client.get_sessions(self.user)
+        assert isinstance(doc, dict), f"get_sessions returned {doc!r}"
+        sessions = doc.get("sessions")
+        assert isinstance(sessions, list) and sessions, f"no `sessions` list in {compact(doc)}"
+        mine = [x for x in sessions if x.get("session_id") == sid]
+        assert mine, f"session {sid} not listed: {compact(doc)}"
+        assert mine[0].get("message_count") == 2, f"message_count {mine[0].get('message_count')!r}, expected 2"
+        assert mine[0].get("last_activity"), f"no last_activity in {compact(mine[0])}"
+        stamps = [x.get("last_activity") for x in sessions]
+        assert stamps == sorted(stamps, reverse=True), f"not newest first: {stamps}"
+        limited = self.client.get_sessions(self.user, limit=1)
+        assert len(limited.get("sessions", [])) == 1, f"limit=1 gave {compact(limited)}"
+        other = self.client.get_sessions(self.user + "-other")
+        assert not any(x.get("session_id") == sid for x in other.get("sessions", [])), "another user sees the session"
+
+    def get_session(self):
+        sid = self.need(self.stream_request_id and self.stream_session_id, "the streamed session")
+        doc = self.client.get_session(sid, self.user)
+        assert doc.get("session_id") == sid, f"session_id is {doc.get('session_id')!r}: {compact(doc)}"
+        try:
+            self.client.get_session(sid, self.user + "-other")
+        except NotFoundError as e:
+            readable(e)
+        else:
+            raise AssertionError("another user read the session")
+
+    def get_session_messages(self):
+        sid = self.need(self.stream_request_id and self.stream_session_id, "the streamed session")
+        doc = self.client.get_session_messages(sid, self.user)
+        messages = doc.get("messages")
+        assert isinstance(messages, list), f"no `messages` list in {compact(doc)}"
+        seen = [(m.get("role"), m.get("content"), m.get("request_id")) for m in messages]
+        want = [("user", "stream me", self.stream_request_id), ("assistant", "worked: stream me", self.stream_request_id)]
+        assert seen == want, f"messages {seen}, expected {want}"
+
+    def restore_session(self):
+        sid = f"sess_{uuid.uuid4().hex[:12]}"
+        given = [{"role": "user", "content": "from before"}, {"role": "assistant", "content": "remembered"}]
+        returned = self.client.restore_session(sid, self.user, given)
+        assert returned is None, f"restore_session returned {returned!r}"  # the SDK drops the body
+        doc = self.client.get_session_messages(sid, self.user)
+        seen = [{"role": m.get("role"), "content": m.get("content")} for m in doc.get("messages", [])]
+        assert seen == given, f"restored messages read back as {seen}"
+        listed = {x.get("session_id") for x in self.client.get_sessions(self.user).get("sessions", [])}
+        assert sid in listed, f"restored session {sid} not listed"
+
+    def get_agents(self):
+        doc = self.client.get_agents()
+        agents = doc.get("agents")
+        assert isinstance(agents, list), f"no `agents` list in {compact(doc)}"
+        ids = [a.get("id") for a in agents]
+        assert ids == ["echo", "worker", "slow"], f"agents {ids}"
+
+    def get_agent(self):
+        doc = self.client.get_agent("worker")
+        assert doc.get("id") == "worker" and doc.get("name") == "Worker", f"get_agent('worker') gave {compact(doc)}"
+        try:
+            self.client.get_agent("no-such-agent")
+        except NotFoundError as e:
+            readable(e)
+        else:
+            raise AssertionError("get_agent of an unknown agent did not raise")
+
+    def get_config(self):
+        doc = self.client.get_config()
+        assert doc.get("id") == self.args.formation_id, f"id is {doc.get('id')!r}: {compact(doc)}"
+        assert doc.get("async", {}).get("threshold_seconds") == 7, f"async as written: {compact(doc.get('async'))}"
+        retry = doc.get("overlord", {}).get("workflow", {}).get("retry", {})
+        assert retry.get("max_attempts") == 3, f"default retry not filled in: {compact(retry)}"
+        text = json.dumps(doc)
+        for secret in (self.args.client_key, self.args.admin_key):
+            assert secret not in text, "a key is shown by get_config"
+
+    def stream_events(self):
+        """A request started by another client (at the root URL) reaches the
+        user's event stream, accepted then completed; a reconnect with
+        Last-Event-ID (which the SDK cannot send: plain httpx) replays the end."""
+        got: queue.Queue = queue.Queue()
+
+        def listen():
+            try:
+                for event in self.client.stream_events(self.user):
+                    got.put(event)
+            except Exception as e:  # noqa: BLE001 - reported through the queue
+                got.put(e)
+
+        threading.Thread(target=listen, daemon=True).start()
+        # The stream subscribes when the thread first reads it: quick pings until
+        # one shows up prove it is live before the watched request starts.
+        for _ in range(20):
+            ping = self.client.chat({"message": "ping"}, user_id=self.user).get("request_id")
+            try:
+                event = got.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if isinstance(event, Exception):
+                raise event
+            if ping in (event.get("data") or ""):
+                break
+        else:
+            raise AssertionError("the event stream showed none of 20 requests")
+        elsewhere = FormationClient(url=self.args.server_url, client_key=self.args.client_key)
+        started = elsewhere.chat({"message": "watched", "agent_id": "worker", "async": True}, user_id=self.user)
+        rid = started.get("request_id")
+        assert rid, f"no request id: {compact(started)}"
+        seen = []
+        deadline = time.monotonic() + POLL_LIMIT_SECONDS
+        accepted_id = None
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no completion of {rid} on the stream; events: {seen}"
+            try:
+                event = got.get(timeout=left)
+            except queue.Empty:
+                continue
+            if isinstance(event, Exception):
+                raise event
+            data = json.loads(event.get("data") or "{}")
+            if data.get("request_id") != rid:
+                continue
+            seen.append(event.get("event"))
+            if event.get("event") == "request.accepted":
+                accepted_id = data.get("event_id")
+            if event.get("event") == "request.completed":
+                assert data.get("result", {}).get("text") == "worked: watched", f"completed with {compact(data)}"
+                break
+        assert seen[0] == "request.accepted", f"events of {rid}: {seen}"
+        assert accepted_id, f"the accepted event had no event_id: {seen}"
+        headers = {"X-Muxi-Client-Key": self.args.client_key, "X-Muxi-User-ID": self.user,
+                   "Last-Event-ID": accepted_id, "Accept": "text/event-stream"}
+        url = f"{self.args.server_url}/api/{self.args.formation_id}/v1/events"
+        replayed = None
+        with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(10.0)) as r:
+            assert r.status_code == 200, f"reconnect answered {r.status_code}"
+            kind = None
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:") and kind:
+                    data = json.loads(line[5:])
+                    if data.get("request_id") == rid:
+                        replayed = kind
+                        break
+        assert replayed == "request.completed", f"after Last-Event-ID the first event of {rid} is {replayed!r}"
+
+    def root_url(self):
+        root = FormationClient(url=self.args.server_url, client_key=self.args.client_key, admin_key=self.args.admin_key)
+        doc = root.health()
+        assert doc.get("status") == "healthy", f"health at the root: {compact(doc)}"
+        status = root.get_status()
+        assert status.get("formation_id") == self.args.formation_id, f"get_status at the root: {compact(status)}"
+        rid = self.need(self.sync_request_id, "the sync request id")
+        assert root.get_request_status(rid, self.user).get("request_id") == rid
+
+    def async_client(self):
+        async def go():
+            async with AsyncFormationClient(
+                server_url=self.args.server_url,
+                formation_id=self.args.formation_id,
+                client_key=self.args.client_key,
+                admin_key=self.args.admin_key,
+            ) as client:
+                answer = await client.chat({"message": "async sdk", "session_id": f"sess_{uuid.uuid4().hex[:8]}"},
+                                           user_id=self.user)
+                assert answer.get("message", {}).get("content") == "echo: async sdk", f"chat: {compact(answer)}"
+                sid = answer.get("session_id")
+                sessions = await client.get_sessions(self.user)
+                assert sid in {x.get("session_id") for x in sessions.get("sessions", [])}, f"{sid} not listed"
+                messages = await client.get_session_messages(sid, self.user)
+                assert [m.get("role") for m in messages.get("messages", [])] == ["user", "assistant"]
+                await client.restore_session(f"sess_{uuid.uuid4().hex[:8]}", self.user, [{"role": "user", "content": "x"}])
+                agent = await client.get_agent("echo")
+                assert agent.get("id") == "echo", compact(agent)
+                config = await client.get_config()
+                assert config.get("id") == self.args.formation_id, compact(config)
+                status = await client.get_request_status(answer["request_id"], self.user)
+                assert status.get("status") == "completed", compact(status)
+                # The async event stream shows a request of this user once it is live.
+                events = await client.stream_events(self.user)
+                seen: asyncio.Queue = asyncio.Queue()
+
+                async def collect():
+                    async for event in events:
+                        await seen.put(event.get("data") or "")
+
+                reader = asyncio.create_task(collect())
+                try:
+                    for _ in range(20):
+                        ping = (await client.chat({"message": "async ping"}, user_id=self.user))["request_id"]
+                        try:
+                            while True:
+                                data = await asyncio.wait_for(seen.get(), timeout=1.0)
+                                if ping in data:
+                                    return
+                        except asyncio.TimeoutError:
+                            continue
+                    raise AssertionError("the async event stream showed none of 20 requests")
+                finally:
+                    reader.cancel()
+
+        asyncio.run(go())
+
     def error_conflict(self):
         rid = self.need(self.sync_request_id, "the completed sync request id")
         try:
@@ -384,6 +595,16 @@ def main() -> int:
     ]
     for name, fn in stream_errors:
         c.run(name, fn)
+    c.run("get_sessions", c.get_sessions)
+    c.run("get_session", c.get_session)
+    c.run("get_session_messages", c.get_session_messages)
+    c.run("restore_session", c.restore_session)
+    c.run("get_agents", c.get_agents)
+    c.run("get_agent", c.get_agent)
+    c.run("get_config (secrets redacted)", c.get_config)
+    c.run("stream_events (+ Last-Event-ID resume)", c.stream_events)
+    c.run("FormationClient(url=...) at the root", c.root_url)
+    c.run("AsyncFormationClient", c.async_client)
     print(f"sdk-check: {c.passed} passed, {c.failed} failed", flush=True)
     return 1 if c.failed else 0
 

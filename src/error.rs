@@ -41,6 +41,9 @@ pub enum Code {
     DeliveryNotFound,
     DeliveryAlreadyDelivered,
     RequestNotRerunnable,
+    SessionNotFound,
+    AgentNotFound,
+    InvalidLastEventId,
 }
 
 impl Code {
@@ -76,6 +79,9 @@ impl Code {
             Code::DeliveryNotFound => "delivery_not_found",
             Code::DeliveryAlreadyDelivered => "delivery_already_delivered",
             Code::RequestNotRerunnable => "request_not_rerunnable",
+            Code::SessionNotFound => "session_not_found",
+            Code::AgentNotFound => "agent_not_found",
+            Code::InvalidLastEventId => "invalid_last_event_id",
         }
     }
 
@@ -104,6 +110,8 @@ impl Code {
             Code::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Code::DeliveryNotFound => StatusCode::NOT_FOUND,
             Code::DeliveryAlreadyDelivered | Code::RequestNotRerunnable => StatusCode::CONFLICT,
+            Code::SessionNotFound | Code::AgentNotFound => StatusCode::NOT_FOUND,
+            Code::InvalidLastEventId => StatusCode::BAD_REQUEST,
         }
     }
 }

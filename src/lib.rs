@@ -8,6 +8,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod cli;
 pub mod console;
 pub mod data_lock;
 pub mod engine;

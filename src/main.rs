@@ -1,10 +1,12 @@
-//! The `muxi-rt` command line: `serve`, `validate`, `schema`.
+//! The `muxi-rt` command line: `serve`, `validate`, `schema`, and the client
+//! commands `chat`, `requests`, `trigger` (see `muxi_rt::cli`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use muxi_rt::cli;
 use muxi_rt::formation::{self, Diagnostic};
 use muxi_rt::server::{serve, ServeConfig};
 
@@ -40,6 +42,10 @@ enum Command {
         /// Do not serve the web console at /console.
         #[arg(long)]
         no_console: bool,
+        /// Also serve this formation at /v1/... (default: the only formation,
+        /// when exactly one is loaded).
+        #[arg(long, env = "MUXI_DEFAULT_FORMATION")]
+        default_formation: Option<String>,
     },
     /// Check formation files or folders; prints FILE:LINE:COL: PATH: message per
     /// problem and exits 1 on any error.
@@ -49,12 +55,27 @@ enum Command {
     },
     /// Print the formation JSON Schema (for editors and yaml-language-server).
     Schema,
+    /// Send a message to a formation on a running server; long work shows a
+    /// progress bar until it ends.
+    Chat(cli::chat::ChatArgs),
+    /// Your requests on a running server: list, show, follow, cancel.
+    Requests(cli::requests::RequestsArgs),
+    /// Fire a trigger of a formation on a running server.
+    Trigger(cli::trigger::TriggerArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { dir, listen, data_dir, allow_webhook_hosts, mcp_allowed_hosts, no_console } => {
+        Command::Serve {
+            dir,
+            listen,
+            data_dir,
+            allow_webhook_hosts,
+            mcp_allowed_hosts,
+            no_console,
+            default_formation,
+        } => {
             init_logging();
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
@@ -72,6 +93,7 @@ fn main() -> ExitCode {
                 allow_webhook_hosts,
                 mcp_allowed_hosts,
                 console: !no_console,
+                default_formation,
             })) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -85,6 +107,9 @@ fn main() -> ExitCode {
             println!("{}", formation::schema::SCHEMA_JSON);
             ExitCode::SUCCESS
         }
+        Command::Chat(args) => cli::run(cli::chat::run(args)),
+        Command::Requests(args) => cli::run(cli::requests::run(args)),
+        Command::Trigger(args) => cli::run(cli::trigger::run(args)),
     }
 }
 

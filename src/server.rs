@@ -25,6 +25,8 @@ pub struct ServeConfig {
     pub mcp_allowed_hosts: Vec<String>,
     /// Serve the web console at `/console`.
     pub console: bool,
+    /// The formation also served at `/v1/...` (see `api::root`).
+    pub default_formation: Option<String>,
 }
 
 /// How long in-flight HTTP calls get to finish after a shutdown signal.
@@ -74,6 +76,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         mcp_allowed_hosts: Arc::new(crate::mcp::allowed_hosts(addr, &config.mcp_allowed_hosts)),
         started_at: std::time::Instant::now(),
         shutdown: shutdown.clone(),
+        default_formation: config.default_formation.clone(),
     };
     // Signal handlers are in place before anyone learns the address.
     let signals = Signals::install()?;

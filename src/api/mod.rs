@@ -5,12 +5,16 @@ pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod chat;
+pub mod config;
 pub mod envelope;
 pub mod events;
 pub mod extract;
+pub mod feed;
 pub mod formations;
 pub mod limits;
 pub mod requests;
+pub mod root;
+pub mod sessions;
 pub mod triggers;
 pub mod views;
 
@@ -41,6 +45,9 @@ pub struct AppState {
     pub mcp_allowed_hosts: Arc<Vec<String>>,
     pub started_at: std::time::Instant,
     pub shutdown: CancellationToken,
+    /// The formation also served at `/v1/...` (`serve --default-formation`);
+    /// without one, the only formation loaded, if there is exactly one.
+    pub default_formation: Option<String>,
 }
 
 /// All routes.
@@ -62,8 +69,17 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/requests/{request_id}", get(admin::show).delete(admin::cancel))
         .route("/admin/requests/{request_id}/events", get(admin::follow))
         .route("/admin/requests/{request_id}/rerun", axum::routing::post(admin::rerun))
-        .route("/admin/deliveries/{request_id}/retry", axum::routing::post(admin::retry_delivery));
-    Router::new()
+        .route("/admin/deliveries/{request_id}/retry", axum::routing::post(admin::retry_delivery))
+        .route("/sessions", get(sessions::list))
+        .route("/sessions/{session_id}", get(sessions::show))
+        .route("/sessions/{session_id}/messages", get(sessions::messages))
+        .route("/sessions/{session_id}/restore", axum::routing::post(sessions::restore))
+        .route("/events", get(feed::stream))
+        .route("/events/{session_id}", get(feed::stream_session))
+        .route("/agents", get(config::agents))
+        .route("/agents/{agent_id}", get(config::agent))
+        .route("/config", get(config::config));
+    let app = Router::new()
         .route("/health", get(formations::server_health))
         .nest("/api/{formation_id}/v1", formation)
         .fallback(not_found)
@@ -73,7 +89,8 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         // After the layers: MCP answers are JSON-RPC or SSE as rmcp makes them.
         .route("/api/{formation_id}/v1/mcp", crate::mcp::route(&state))
-        .with_state(state)
+        .with_state(state.clone());
+    root::mount(app, state)
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {

@@ -14,6 +14,8 @@
 //! at start-up (after a crash or restart: at-least-once, `attempts` says so),
 //! when a lease expires, and when a request's formation comes back.
 
+pub mod feed;
+mod history;
 mod leases;
 mod live;
 mod pool;
@@ -98,6 +100,8 @@ pub struct Engine {
     /// Wakes the sweeper (a formation was loaded, a request handed back).
     sweep: Notify,
     shutdown: CancellationToken,
+    /// Lifecycle events of every formation's requests (`GET /events`).
+    feed: feed::Feeds,
 }
 
 impl Engine {
@@ -119,6 +123,7 @@ impl Engine {
             deliveries,
             sweep: Notify::new(),
             shutdown,
+            feed: feed::Feeds::default(),
         })
     }
 
@@ -129,6 +134,11 @@ impl Engine {
     /// This process's name in leases and claims.
     pub fn owner(&self) -> &str {
         &self.owner
+    }
+
+    /// The lifecycle events of requests, per formation.
+    pub fn feed(&self) -> &feed::Feeds {
+        &self.feed
     }
 
     /// Estimates how long `message` will take on `agent_id` of `formation`,
@@ -180,6 +190,7 @@ impl Engine {
         let accepting = tokio::spawn(async move {
             match engine.store.insert(request, &engine.owner, leases::lease_ms()).await? {
                 Inserted::Created(record) => {
+                    engine.feed.accepted(&record);
                     let (live, events) = engine.start(formation, record.clone(), follow);
                     Ok(Submitted { record, live: Some(live), events })
                 }
@@ -249,18 +260,7 @@ impl Engine {
     }
 
     async fn session_history(&self, record: &RequestRecord) -> Vec<Turn> {
-        let Some(session) = &record.session_id else { return Vec::new() };
-        let turns = self
-            .store
-            .session_turns(&record.formation_id, &record.user_id, session, SESSION_TURNS)
-            .await
-            .unwrap_or_default();
-        turns
-            .into_iter()
-            .flat_map(|(asked, answered)| {
-                [Turn { role: "user".into(), content: asked }, Turn { role: "assistant".into(), content: answered }]
-            })
-            .collect()
+        history::session_history(self.store.as_ref(), record, 2 * SESSION_TURNS).await
     }
 
     /// Ends a request (first writer wins; with `fence`, only under that lease),
@@ -285,6 +285,7 @@ impl Engine {
         }
         if let Some(finished) = self.store.get(&record.id).await? {
             self.remember_duration(&finished);
+            self.feed.ended(&finished);
             if let Some(live) = live {
                 live.finish(finished);
             }

@@ -200,6 +200,7 @@ impl Engine {
             };
             live.apply(|r| super::apply_progress(r, &update));
             live.publish(LiveEvent::Progress(update.clone()));
+            self.feed.progress(&record.formation_id, || live.snapshot());
             progress.add(update);
         }
         for piece in pending.text {

@@ -13,7 +13,8 @@ use super::*;
 use crate::formation::AgentKind;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{
-    AdminQuery, Backlog, Claim, Delivery, DeliveryUpdate, ListQuery, Mode, Owner, Reruns, StoreHealth, StoreResult,
+    AdminQuery, Backlog, Claim, Delivery, DeliveryUpdate, ListQuery, Mode, NewSessionMessage, Owner, Reruns,
+    SessionMessage, SessionSummary, StoreHealth, StoreResult,
 };
 use crate::testing::{agent, formation_with_agents};
 use crate::webhooks::{Dispatcher, FormationLookup};
@@ -120,6 +121,29 @@ impl Store for Faulty {
     }
     async fn reruns(&self, request_id: &str) -> StoreResult<Reruns> {
         self.inner.reruns(request_id).await
+    }
+    async fn sessions(&self, f: &str, u: &str, active_only: bool, limit: usize) -> StoreResult<Vec<SessionSummary>> {
+        self.inner.sessions(f, u, active_only, limit).await
+    }
+    async fn session(&self, f: &str, u: &str, s: &str) -> StoreResult<Option<SessionSummary>> {
+        self.inner.session(f, u, s).await
+    }
+    async fn session_messages(
+        &self,
+        f: &str,
+        u: &str,
+        s: &str,
+        before: Option<i64>,
+        limit: usize,
+    ) -> StoreResult<Vec<SessionMessage>> {
+        self.inner.session_messages(f, u, s, before, limit).await
+    }
+    async fn restore_session(&self, f: &str, u: &str, s: &str, messages: Vec<NewSessionMessage>) -> StoreResult<()> {
+        self.check("restore_session")?;
+        self.inner.restore_session(f, u, s, messages).await
+    }
+    async fn lifecycle_since(&self, f: &str, u: &str, since: i64, limit: usize) -> StoreResult<Vec<RequestRecord>> {
+        self.inner.lifecycle_since(f, u, since, limit).await
     }
 }
 

@@ -344,6 +344,44 @@ pub struct Reruns {
     pub rerun_as: Vec<String>,
 }
 
+/// One session of a user, as listed: derived from its requests and any
+/// messages it was seeded with (`restore`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionSummary {
+    pub session_id: String,
+    pub created_at: i64,
+    /// The latest message or request end.
+    pub last_activity: i64,
+    /// User turns, agent answers and seeded messages.
+    pub message_count: u64,
+    pub request_count: u64,
+    /// Its requests still pending or processing.
+    pub active_requests: u64,
+}
+
+/// One message of a session, in order. From a request (`request_id` set: its
+/// user turn, then its answer once completed) or seeded by a restore.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionMessage {
+    pub role: String,
+    pub content: String,
+    pub request_id: Option<String>,
+    pub agent_id: Option<String>,
+    /// The request's status, for messages from requests.
+    pub status: Option<Status>,
+    pub timestamp: i64,
+}
+
+/// A message a session is seeded with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSessionMessage {
+    pub role: String,
+    pub content: String,
+    /// The agent that gave an assistant message, if known.
+    pub agent_id: Option<String>,
+    pub timestamp: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
 pub struct StoreError(pub String);
@@ -466,4 +504,53 @@ pub trait Store: Send + Sync + 'static {
 
     /// The re-run links of a request.
     async fn reruns(&self, request_id: &str) -> StoreResult<Reruns>;
+
+    // Sessions and the event feed.
+
+    /// A user's sessions in a formation, latest activity first; with
+    /// `active_only`, those with a request still pending or processing.
+    async fn sessions(
+        &self,
+        formation_id: &str,
+        user_id: &str,
+        active_only: bool,
+        limit: usize,
+    ) -> StoreResult<Vec<SessionSummary>>;
+
+    /// One session of a user, if it has any request or seeded message.
+    async fn session(&self, formation_id: &str, user_id: &str, session_id: &str)
+        -> StoreResult<Option<SessionSummary>>;
+
+    /// A session's messages in order (oldest first): seeded ones and those of
+    /// its requests; at most the latest `limit` from before `before` (ms).
+    async fn session_messages(
+        &self,
+        formation_id: &str,
+        user_id: &str,
+        session_id: &str,
+        before: Option<i64>,
+        limit: usize,
+    ) -> StoreResult<Vec<SessionMessage>>;
+
+    /// Replaces a session's seeded messages with `messages`.
+    async fn restore_session(
+        &self,
+        formation_id: &str,
+        user_id: &str,
+        session_id: &str,
+        messages: Vec<NewSessionMessage>,
+    ) -> StoreResult<()>;
+
+    /// A user's requests accepted or ended at or after `since` (ms), oldest
+    /// accepted first, at most `limit`: the durable side of the event feed.
+    async fn lifecycle_since(
+        &self,
+        formation_id: &str,
+        user_id: &str,
+        since: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<RequestRecord>>;
 }
+
+#[cfg(test)]
+mod session_tests;

@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod pty;
 pub mod receiver;
+pub mod sse;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -415,4 +417,57 @@ pub fn client_key(id: &str) -> (&'static str, String) {
 
 pub fn admin_key(id: &str) -> (&'static str, String) {
     ("X-Muxi-Admin-Key", format!("admin-{id}"))
+}
+
+impl Caller<'_> {
+    /// `GET {path}` of the formation as this caller: status and body.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        json(self.request(reqwest::Method::GET, path).send().await.unwrap()).await
+    }
+
+    /// `POST {path}` with a JSON body as this caller: status and body.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        json(self.request(reqwest::Method::POST, path).json(&body).send().await.unwrap()).await
+    }
+
+    /// Opens an SSE stream at `path` as this caller, with extra headers.
+    pub async fn sse(&self, path: &str, headers: &[(&str, &str)]) -> sse::SseReader {
+        let mut request = self.request(reqwest::Method::GET, path).header("Accept", "text/event-stream");
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        sse::SseReader::new(request.send().await.unwrap())
+    }
+}
+
+impl Server {
+    /// `GET /api/{formation}/v1{path}` with the admin key: status and body.
+    pub async fn admin_get(&self, formation: &str, path: &str) -> (u16, Value) {
+        let (name, key) = admin_key(formation);
+        json(self.get(&format!("/api/{formation}/v1{path}")).header(name, key).send().await.unwrap()).await
+    }
+}
+
+/// Runs a `muxi-rt` client command to completion with `env` set and every
+/// other MUXI_* variable removed: (exit code, stdout, stderr).
+pub async fn run_client(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(BIN);
+    command.args(args).stdin(std::process::Stdio::null());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("MUXI_") {
+            command.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), command.output())
+        .await
+        .expect("the client command ends")
+        .expect("muxi-rt runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
