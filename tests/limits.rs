@@ -136,6 +136,8 @@ async fn an_http_agent_asking_to_retry_after_1e20_fails_the_request_cleanly() {
     let data = caller.finished(&request_id(&body)).await;
     assert_eq!(data["status"], "failed", "{data}");
     assert_eq!(data["attempts"], 1, "{data}");
+    let message = data["error"]["message"].as_str().unwrap();
+    assert!(message.contains("asked to retry after 3600s"), "the error says why: {message}");
     assert_eq!(rx.hits("/agent").len(), 1);
     assert_eq!(server.get("/health").send().await.unwrap().status(), 200);
 }

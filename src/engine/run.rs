@@ -151,7 +151,18 @@ impl Engine {
                         until_deadline,
                     );
                     if delay >= until_deadline {
-                        return End::Finish(Outcome::Failed(timeout_error("workflow_timeout", timeouts.workflow())));
+                        let asked = failure.retry_after.map_or(String::new(), |after| {
+                            format!("; the agent asked to retry after {}s", after.as_secs_f64())
+                        });
+                        return End::Finish(Outcome::Failed(ErrorInfo {
+                            kind: "timeout".into(),
+                            message: format!(
+                                "attempt {attempt} failed ({}) and a retry would end after workflow_timeout ({}s){asked}",
+                                failure.message,
+                                timeouts.workflow().as_secs_f64()
+                            ),
+                            retryable: false,
+                        }));
                     }
                     let note = format!(
                         "attempt {attempt} of {} failed ({}); retrying in {:.1}s",

@@ -14,8 +14,11 @@
 //! sends the event again after restart, with the same `webhook-id` for
 //! de-duplication.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::FutureExt;
 
 use rand::Rng;
 use tokio::sync::Notify;
@@ -159,7 +162,16 @@ impl Dispatcher {
         };
         for delivery in due {
             let this = Arc::clone(self);
-            tasks.spawn(async move { this.run(delivery).await });
+            tasks.spawn(async move {
+                let (id, owner) = (delivery.id.clone(), this.owner.clone());
+                // A bug in one attempt must not leave its delivery due forever:
+                // it is recorded as failed, and the dispatcher goes on.
+                if AssertUnwindSafe(this.run(delivery)).catch_unwind().await.is_err() {
+                    tracing::error!(delivery = %id, "a webhook attempt panicked; the delivery is marked failed");
+                    let update = DeliveryUpdate::Failed { error: "internal error during the attempt".into() };
+                    let _ = this.store.record_delivery(&id, &owner, &update).await;
+                }
+            });
         }
     }
 
