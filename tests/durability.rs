@@ -19,13 +19,15 @@ req = json.load(sys.stdin)
 msg = req["message"]
 if msg.startswith("sleep:"):
     time.sleep(float(msg[6:]))
+if msg == "rate-limited" and req["attempt"] == 1:
+    sys.exit(75)
 print(json.dumps({"result": "done: " + msg[:40]}), flush=True)
 "#;
 
 fn fixture(extra: &str) -> Fixture {
     let fx = Fixture::new();
     fx.script("f/agent.py", AGENT);
-    let agents = "agents:\n  - id: worker\n    estimated_seconds: 0.2\n    command: [\"python3\", \"agent.py\"]\n";
+    let agents = "agents:\n  - id: worker\n    estimated_seconds: 0.2\n    command: [\"python3\", \"agent.py\"]\n    retryable_exit_codes: [75]\n  - id: echo\n    command: [\"echo\", \"{\\\"result\\\": \\\"ok\\\"}\"]\n";
     fx.write("f/formation.afs", &formation_yaml("f", &format!("{extra}{agents}")));
     fx
 }
@@ -275,4 +277,77 @@ async fn a_read_only_data_folder_is_refused_at_start() {
     assert!(!out.status.success(), "a server that cannot write must not start");
     let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
     assert!(stderr.contains("not writable") || stderr.contains("read-only"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_request_whose_attempts_all_died_with_the_server_fails_instead_of_running_again() {
+    let settings = "async:\n  mode: async\noverlord:\n  workflow:\n    retry: {max_attempts: 1}\n";
+    let fx = fixture(settings);
+    let server = fx.start();
+    let caller = server.caller("f", "u1");
+    let (_, body, _) = caller.chat(json!({ "message": "sleep:60" })).await;
+    let id = request_id(&body);
+    eventually(Duration::from_secs(30), "the attempt to start", || async {
+        (caller.data(&id).await["status"] == "processing").then_some(())
+    })
+    .await;
+    server.kill();
+
+    let server = fx.start();
+    let data = server.caller("f", "u1").finished(&id).await;
+    assert_eq!(data["status"], "failed", "{data}");
+    assert_eq!(data["error"]["type"], "interrupted", "{data}");
+    assert_eq!(data["attempts"], 1, "not run a second time: {data}");
+}
+
+#[tokio::test]
+async fn a_retry_waiting_out_its_backoff_gives_its_slot_to_the_next_request() {
+    let settings = "async:\n  mode: async\noverlord:\n  max_concurrent_requests: 1\n  workflow:\n    \
+                    retry: {max_attempts: 2, initial_delay: 30, max_delay: 30, backoff_factor: 1}\n";
+    let fx = fixture(settings);
+    let server = fx.start();
+    let caller = server.caller("f", "u1");
+    let (_, body, _) = caller.chat(json!({ "message": "rate-limited" })).await;
+    let waiting = request_id(&body);
+    eventually(Duration::from_secs(30), "the first attempt to fail", || async {
+        (caller.data(&waiting).await["attempts"] == 1).then_some(())
+    })
+    .await;
+    // The only slot is free while the first request waits 15-30 s to retry.
+    let (_, body, _) = caller.chat(json!({ "message": "next" })).await;
+    let next = caller.finished(&request_id(&body)).await;
+    assert_eq!(next["status"], "completed", "{next}");
+    let first = caller.data(&waiting).await;
+    assert_eq!(first["status"], "processing", "still waiting to retry: {first}");
+}
+
+#[tokio::test]
+async fn each_webhook_is_delivered_once_under_load() {
+    let rx = common::receiver::Receiver::start().await;
+    let fx = fixture("async:\n  mode: async\noverlord:\n  max_concurrent_requests: 32\n");
+    let server = Server::start(&fx, &["--allow-webhook-host", "127.0.0.1"], &[]);
+    let hook = rx.url("/hook");
+    let n = 300;
+    let sends = (0..n).map(|i| {
+        let caller = server.caller("f", "u1");
+        let hook = hook.clone();
+        async move {
+            let body = json!({ "message": format!("job {i}"), "agent_id": "echo", "webhook_url": hook });
+            let (code, body, _) = caller.chat(body).await;
+            assert_eq!(code, 202, "{body}");
+            request_id(&body)
+        }
+    });
+    let ids: Vec<String> = futures::future::join_all(sends).await;
+    rx.wait_for("/hook", n, Duration::from_secs(90)).await;
+    // Give a second delivery of any of them time to show up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut per_request = std::collections::HashMap::<String, usize>::new();
+    for hit in rx.hits("/hook") {
+        *per_request.entry(hit.json()["request_id"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    assert_eq!(per_request.len(), n);
+    assert!(ids.iter().all(|id| per_request[id] == 1), "delivered more than once: {:?}", {
+        per_request.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+    });
 }
