@@ -14,9 +14,7 @@ use serde_json::{json, Value};
 
 use super::auth::{self, Role};
 use super::extract::{Path, Query};
-use super::requests::finished_verb;
 use super::{envelope, views, AppState};
-use crate::engine::CancelError;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::store::{AdminQuery, Delivery, Mode, NewRequest, RequestRecord, Status};
 use crate::time::rfc3339;
@@ -235,22 +233,7 @@ pub async fn cancel(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let record = find(&state, &id, &headers, &request_id).await?;
-    match state.engine.cancel(&record).await {
-        Ok(cancelled) => Ok(envelope::ok(
-            "request.cancelled",
-            Some(&cancelled.id),
-            None,
-            json!({ "request_id": cancelled.id, "status": cancelled.status.as_str(), "message": "Request cancelled by an admin" }),
-        )),
-        Err(CancelError::AlreadyFinished(status)) => Err(ApiError::new(
-            Code::RequestAlreadyFinished,
-            format!(
-                "request `{request_id}` has already {}; only pending or processing requests can be cancelled",
-                finished_verb(status)
-            ),
-        )),
-        Err(CancelError::Store(e)) => Err(e.into()),
-    }
+    super::requests::cancel_and_answer(&state, &record, "Request cancelled by an admin").await
 }
 
 /// `POST /admin/requests/{rid}/rerun`: a new request with the same input (user,

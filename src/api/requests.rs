@@ -87,17 +87,23 @@ pub async fn cancel(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let record = find(&state, &id, &headers, &request_id).await?;
-    match state.engine.cancel(&record).await {
+    cancel_and_answer(&state, &record, "Request cancelled by user").await
+}
+
+/// Cancels `record` and answers for it (the user's route and the admin's).
+pub(super) async fn cancel_and_answer(state: &AppState, record: &RequestRecord, message: &str) -> ApiResult<Response> {
+    match state.engine.cancel(record).await {
         Ok(cancelled) => Ok(envelope::ok(
             "request.cancelled",
             Some(&cancelled.id),
             None,
-            json!({ "request_id": cancelled.id, "status": cancelled.status.as_str(), "message": "Request cancelled by user" }),
+            json!({ "request_id": cancelled.id, "status": cancelled.status.as_str(), "message": message }),
         )),
         Err(CancelError::AlreadyFinished(status)) => Err(ApiError::new(
             Code::RequestAlreadyFinished,
             format!(
-                "request `{request_id}` has already {}; only pending or processing requests can be cancelled",
+                "request `{}` has already {}; only pending or processing requests can be cancelled",
+                record.id,
                 finished_verb(status)
             ),
         )),
