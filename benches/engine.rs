@@ -39,7 +39,8 @@
 //!   10,000 async requests (from `/proc/<pid>/status`).
 //!
 //! N defaults to 20,000 per phase; `MUXI_BENCH_REQUESTS=N` changes it (the RSS
-//! phase always accepts 10,000).
+//! phase always accepts 10,000). `MUXI_BENCH_SERVER=PATH` measures another
+//! muxi-rt binary (an older build) against the same baseline.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -379,7 +380,10 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn start_muxi(fixture: &Fixture) -> ServerProcess {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_muxi-rt"));
+        // `MUXI_BENCH_SERVER=path/to/muxi-rt` measures another build (an older
+        // commit, say) with the same load and baseline.
+        let binary = std::env::var_os("MUXI_BENCH_SERVER").unwrap_or_else(|| env!("CARGO_BIN_EXE_muxi-rt").into());
+        let mut command = Command::new(binary);
         command
             .arg("serve")
             .arg(&fixture.formations)
