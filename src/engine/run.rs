@@ -57,7 +57,9 @@ impl Engine {
             }));
         }
         let deadline = workflow_deadline(record.started_at, timeouts.workflow());
-        let history = self.session_history(record).await;
+        // Read once, when the first attempt is about to run: a request waiting
+        // in the queue costs no store read.
+        let mut history: Option<Vec<crate::agents::Turn>> = None;
         let pool = self.pool(formation);
 
         loop {
@@ -81,6 +83,9 @@ impl Engine {
                 }
             };
             live.set_lease(claim.lease);
+            if history.is_none() {
+                history = Some(self.session_history(record).await);
+            }
             let attempt = claim.attempt;
             live.apply(|r| {
                 r.status = Status::Processing;
@@ -101,7 +106,7 @@ impl Engine {
                 session_id: record.session_id.clone(),
                 message: record.message.clone(),
                 attempt,
-                history: history.clone(),
+                history: history.clone().unwrap_or_default(),
             };
             let (events, mut reports) = Events::channel();
             let mut work = Box::pin(agents::run(&self.agents, formation, spec, request, events));
