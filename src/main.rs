@@ -46,6 +46,18 @@ enum Command {
         /// when exactly one is loaded).
         #[arg(long, env = "MUXI_DEFAULT_FORMATION")]
         default_formation: Option<String>,
+        /// Neither record metrics nor serve GET /metrics (Prometheus text format,
+        /// served by default on the main listener).
+        #[arg(long, env = "MUXI_NO_METRICS")]
+        no_metrics: bool,
+        /// A bearer token GET /metrics requires on the main listener
+        /// (`Authorization: Bearer TOKEN`); without one /metrics is open.
+        #[arg(long, env = "MUXI_METRICS_TOKEN", hide_env_values = true)]
+        metrics_token: Option<String>,
+        /// Serve GET /metrics on this address (e.g. 127.0.0.1:9464) instead of
+        /// the main listener (the token, if set, is asked there too).
+        #[arg(long, env = "MUXI_METRICS_LISTEN")]
+        metrics_listen: Option<String>,
     },
     /// Check formation files or folders; prints FILE:LINE:COL: PATH: message per
     /// problem and exits 1 on any error.
@@ -75,6 +87,9 @@ fn main() -> ExitCode {
             mcp_allowed_hosts,
             no_console,
             default_formation,
+            no_metrics,
+            metrics_token,
+            metrics_listen,
         } => {
             init_logging();
             let runtime = match tokio::runtime::Runtime::new() {
@@ -94,6 +109,9 @@ fn main() -> ExitCode {
                 mcp_allowed_hosts,
                 console: !no_console,
                 default_formation,
+                metrics: !no_metrics,
+                metrics_token: metrics_token.filter(|t| !t.trim().is_empty()),
+                metrics_listen,
             })) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -89,6 +89,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         // After the layers: MCP answers are JSON-RPC or SSE as rmcp makes them.
         .route("/api/{formation_id}/v1/mcp", crate::mcp::route(&state))
+        .layer(middleware::from_fn(crate::observability::http::track))
         .with_state(state.clone());
     root::mount(app, state)
 }

@@ -191,6 +191,7 @@ impl Engine {
             match engine.store.insert(request, &engine.owner, leases::lease_ms()).await? {
                 Inserted::Created(record) => {
                     engine.feed.accepted(&record);
+                    crate::observability::metrics::request_accepted(&formation, &record);
                     let (live, events) = engine.start(formation, record.clone(), follow);
                     Ok(Submitted { record, live: Some(live), events })
                 }
@@ -256,6 +257,7 @@ impl Engine {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         let pool = pools.entry(formation.id.clone()).or_insert_with(|| Arc::new(Pool::new(size)));
         pool.resize(size);
+        crate::observability::metrics::pool_limit(formation, size);
         pool.clone()
     }
 
@@ -286,6 +288,9 @@ impl Engine {
         if let Some(finished) = self.store.get(&record.id).await? {
             self.remember_duration(&finished);
             self.feed.ended(&finished);
+            if let Some(formation) = self.registry.get(&finished.formation_id) {
+                crate::observability::metrics::request_ended(&formation, &finished, live.is_some_and(|l| l.promoted()));
+            }
             if let Some(live) = live {
                 live.finish(finished);
             }

@@ -303,6 +303,16 @@ mod tests {
         compare_defaults(&defs["async"], serde_json::to_value(AsyncSettings::default()).unwrap(), "async");
         compare_defaults(&defs["retry"], serde_json::to_value(RetryPolicy::default()).unwrap(), "retry");
         compare_defaults(&defs["timeouts"], serde_json::to_value(Timeouts::default()).unwrap(), "timeouts");
+        compare_defaults(
+            &defs["observability"],
+            serde_json::to_value(crate::formation::config::ObservabilitySettings::default()).unwrap(),
+            "observability",
+        );
+        compare_defaults(
+            &defs["rateLimits"],
+            serde_json::to_value(crate::formation::config::RateLimits::default()).unwrap(),
+            "rateLimits",
+        );
         let max = &schema()["properties"]["overlord"]["properties"]["max_concurrent_requests"]["default"];
         assert_eq!(max.as_u64(), Some(default_max_concurrent() as u64));
     }
