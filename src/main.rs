@@ -58,6 +58,13 @@ enum Command {
         /// the main listener (the token, if set, is asked there too).
         #[arg(long, env = "MUXI_METRICS_LISTEN")]
         metrics_listen: Option<String>,
+        /// A rate limit per API key across the server, as RPS[:BURST]
+        /// (e.g. `20:40`: 20 requests a second, 40 at once; the burst defaults
+        /// to the rate rounded up). Over it: 429 rate_limited with Retry-After.
+        /// Formations add their own (server.rate_limits) and a cap on unfinished
+        /// requests per user (overlord.max_pending_per_user).
+        #[arg(long, env = "MUXI_RATE_LIMIT", value_parser = muxi_rt::api::rate_limit::parse_rate)]
+        rate_limit: Option<muxi_rt::formation::Rate>,
     },
     /// Check formation files or folders; prints FILE:LINE:COL: PATH: message per
     /// problem and exits 1 on any error.
@@ -90,6 +97,7 @@ fn main() -> ExitCode {
             no_metrics,
             metrics_token,
             metrics_listen,
+            rate_limit,
         } => {
             init_logging();
             let runtime = match tokio::runtime::Runtime::new() {
@@ -112,6 +120,7 @@ fn main() -> ExitCode {
                 metrics: !no_metrics,
                 metrics_token: metrics_token.filter(|t| !t.trim().is_empty()),
                 metrics_listen,
+                rate_limit,
             })) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

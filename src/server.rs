@@ -33,6 +33,8 @@ pub struct ServeConfig {
     pub metrics_token: Option<String>,
     /// Serve `GET /metrics` on this address instead of the main listener.
     pub metrics_listen: Option<String>,
+    /// A server-wide rate limit per API key (`--rate-limit`).
+    pub rate_limit: Option<crate::formation::Rate>,
 }
 
 /// How long in-flight HTTP calls get to finish after a shutdown signal.
@@ -86,6 +88,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         started_at: std::time::Instant::now(),
         shutdown: shutdown.clone(),
         default_formation: config.default_formation.clone(),
+        rate_limits: Arc::new(api::rate_limit::RateLimits::new(config.rate_limit)),
     };
     // Signal handlers are in place before anyone learns the address.
     let signals = Signals::install()?;
