@@ -65,6 +65,12 @@ enum Command {
         /// requests per user (overlord.max_pending_per_user).
         #[arg(long, env = "MUXI_RATE_LIMIT", value_parser = muxi_rt::api::rate_limit::parse_rate)]
         rate_limit: Option<muxi_rt::formation::Rate>,
+        /// How log lines on stderr are written: `text` (coloured only when
+        /// stderr is a terminal) or `json` (one object per line). Each request's
+        /// lines carry its formation, request_id and agent. MUXI_LOG sets the
+        /// filter (default: info).
+        #[arg(long, env = "MUXI_LOG_FORMAT", value_enum, default_value = "text")]
+        log_format: muxi_rt::observability::logs::LogFormat,
     },
     /// Check formation files or folders; prints FILE:LINE:COL: PATH: message per
     /// problem and exits 1 on any error.
@@ -98,8 +104,9 @@ fn main() -> ExitCode {
             metrics_token,
             metrics_listen,
             rate_limit,
+            log_format,
         } => {
-            init_logging();
+            muxi_rt::observability::logs::init(log_format);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(e) => {
@@ -138,12 +145,6 @@ fn main() -> ExitCode {
         Command::Requests(args) => cli::run(cli::requests::run(args)),
         Command::Trigger(args) => cli::run(cli::trigger::run(args)),
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MUXI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmcp=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn validate(paths: Vec<PathBuf>) -> ExitCode {

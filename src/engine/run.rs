@@ -84,6 +84,7 @@ impl Engine {
             };
             live.set_lease(claim.lease);
             let attempt = claim.attempt;
+            tracing::debug!(attempt, "attempt started");
             crate::observability::metrics::attempt_started(
                 formation,
                 &record.agent_id,
