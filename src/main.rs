@@ -50,7 +50,7 @@ enum Command {
         /// served by default on the main listener).
         #[arg(long, env = "MUXI_NO_METRICS")]
         no_metrics: bool,
-        /// A bearer token GET /metrics requires on the main listener
+        /// A bearer token GET /metrics requires, wherever it is served
         /// (`Authorization: Bearer TOKEN`); without one /metrics is open.
         #[arg(long, env = "MUXI_METRICS_TOKEN", hide_env_values = true)]
         metrics_token: Option<String>,
