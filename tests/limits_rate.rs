@@ -95,7 +95,7 @@ fn a_bad_rate_limit_is_refused_clearly() {
     let fx = fixture("");
     let (code, _, stderr) = run_cli(
         &["serve", fx.formations.to_str().unwrap(), "--listen", "127.0.0.1:0", "--rate-limit", "0:5"],
-        &fx.data.parent().unwrap().to_path_buf(),
+        fx.data.parent().unwrap(),
     );
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--rate-limit") && stderr.contains("above 0"), "{stderr}");
