@@ -49,16 +49,16 @@ async fn until_refused(caller: &Caller<'_>, most: usize) -> (usize, Value, u64) 
 
 #[tokio::test]
 async fn a_user_past_the_formation_limit_waits_retry_after_then_passes() {
-    // 1 request every 2 s, 3 at once, per user; per key: plenty.
+    // 1 request every 5 s, 3 at once, per user; per key: plenty.
     let fx = fixture(
-        "  rate_limits:\n    per_user: { requests_per_second: 0.5, burst: 3 }\n    per_key: { requests_per_second: 1000 }\n",
+        "  rate_limits:\n    per_user: { requests_per_second: 0.2, burst: 3 }\n    per_key: { requests_per_second: 1000 }\n",
     );
     // (`server:` is opened by formation_yaml; the lines above continue it.)
     let server = Server::start(&fx, &[], &[]);
     let alice = server.caller("f", "alice");
     let (passed, body, retry_after) = until_refused(&alice, 10).await;
     assert_eq!(passed, 3, "the burst passes, then the limit holds");
-    assert!((1..=2).contains(&retry_after), "the real wait, rounded up: {retry_after} ({body})");
+    assert!((1..=5).contains(&retry_after), "the real wait, rounded up: {retry_after} ({body})");
     // Another user has their own bucket.
     let (code, body, _) = health(&server.caller("f", "bob")).await;
     assert_eq!(code, 200, "{body}");
@@ -74,11 +74,11 @@ async fn a_user_past_the_formation_limit_waits_retry_after_then_passes() {
 #[tokio::test]
 async fn the_server_limit_is_per_key() {
     let fx = fixture("");
-    let server = Server::start(&fx, &["--rate-limit", "1:2"], &[]);
+    let server = Server::start(&fx, &["--rate-limit", "0.25:2"], &[]);
     let alice = server.caller("f", "alice");
     let (passed, _, retry_after) = until_refused(&alice, 10).await;
     assert_eq!(passed, 2);
-    assert_eq!(retry_after, 1);
+    assert!((1..=4).contains(&retry_after), "{retry_after}");
     // The same key for another user is the same bucket.
     let (code, _, _) = health(&server.caller("f", "bob")).await;
     assert_eq!(code, 429);
@@ -116,7 +116,9 @@ async fn the_pending_cap_per_user_holds_under_concurrency() {
         assert_eq!(body["code"], "rate_limited", "{body}");
         assert!(headers.get("retry-after").is_some());
     }
-    assert_eq!(alice.list("?status=processing").await.len() + alice.list("?status=pending").await.len(), 3);
+    let listed = alice.list("").await;
+    assert_eq!(listed.len(), 3, "only the accepted ones were stored: {listed:?}");
+    assert!(listed.iter().all(|r| matches!(r["status"].as_str(), Some("pending" | "processing"))), "{listed:?}");
     // Another user is not held back.
     let (code, body, _) = server.caller("f", "bob").chat(json!({"message": "quick"})).await;
     assert_eq!(code, 202, "{body}");
