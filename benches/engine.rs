@@ -36,7 +36,9 @@
 //!   `GET /api/bench/v1/requests/{id}` cycling over the ids accepted in (1),
 //!   with the client key and `X-Muxi-User-ID`, vs the baseline GET; (3) RSS:
 //!   a fresh muxi-rt server, VmRSS at idle, then after accepting exactly
-//!   10,000 async requests (from `/proc/<pid>/status`).
+//!   10,000 async requests (from `/proc/<pid>/status`); (4) metrics cost: the
+//!   accept phase against two fresh servers, `--no-metrics` and metrics on,
+//!   in alternating rounds.
 //!
 //! N defaults to 20,000 per phase; `MUXI_BENCH_REQUESTS=N` changes it (the RSS
 //! phase always accepts 10,000). `MUXI_BENCH_SERVER=PATH` measures another
@@ -157,6 +159,18 @@ async fn run(n: usize, rounds: usize) {
     let loaded = rss(muxi_b.pid());
     drop(muxi_b);
 
+    // -- Phase 4: accept with metrics off and on, alternating. ------------------
+    eprintln!("phase 4: accept with metrics off (--no-metrics) vs on");
+    let (fixture_off, fixture_on) = (Fixture::new(), Fixture::new());
+    let metrics_off = ServerProcess::start_muxi_with(&fixture_off, &["--no-metrics"]);
+    let metrics_on = ServerProcess::start_muxi(&fixture_on);
+    load(warmup, 202, post(&metrics_off.base)).await;
+    load(warmup, 202, post(&metrics_on.base)).await;
+    let (accept_off, accept_on) =
+        compare(n, rounds, (202, post(&metrics_off.base)), (202, post(&metrics_on.base))).await;
+    drop(metrics_on);
+    drop(metrics_off);
+
     report(Report {
         n,
         rounds,
@@ -175,6 +189,18 @@ async fn run(n: usize, rounds: usize) {
         loaded,
         data_fs: fs_kind(&fixture.data),
     });
+    let (off, on) = (accept_off.throughput(), accept_on.throughput());
+    println!(
+        "\nmetrics cost (phase 4, same run): accept {on:.0} req/s with metrics on, {off:.0} req/s off: {:.1}% of off \
+         (p50 {:.2} / {:.2} ms, p99 {:.2} / {:.2} ms; errors {} / {})",
+        100.0 * on / off.max(f64::MIN_POSITIVE),
+        accept_on.percentile_ms(0.50),
+        accept_off.percentile_ms(0.50),
+        accept_on.percentile_ms(0.99),
+        accept_off.percentile_ms(0.99),
+        accept_on.errors,
+        accept_off.errors,
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -380,6 +406,10 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn start_muxi(fixture: &Fixture) -> ServerProcess {
+        ServerProcess::start_muxi_with(fixture, &[])
+    }
+
+    fn start_muxi_with(fixture: &Fixture, args: &[&str]) -> ServerProcess {
         // `MUXI_BENCH_SERVER=path/to/muxi-rt` measures another build (an older
         // commit, say) with the same load and baseline.
         let binary = std::env::var_os("MUXI_BENCH_SERVER").unwrap_or_else(|| env!("CARGO_BIN_EXE_muxi-rt").into());
@@ -391,6 +421,7 @@ impl ServerProcess {
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&fixture.data)
+            .args(args)
             .env("MUXI_LOG", "warn")
             .env_remove("MUXI_LISTEN")
             .env_remove("MUXI_DATA_DIR");

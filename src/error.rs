@@ -44,6 +44,7 @@ pub enum Code {
     SessionNotFound,
     AgentNotFound,
     InvalidLastEventId,
+    RateLimited,
 }
 
 impl Code {
@@ -82,6 +83,7 @@ impl Code {
             Code::SessionNotFound => "session_not_found",
             Code::AgentNotFound => "agent_not_found",
             Code::InvalidLastEventId => "invalid_last_event_id",
+            Code::RateLimited => "rate_limited",
         }
     }
 
@@ -112,6 +114,7 @@ impl Code {
             Code::DeliveryAlreadyDelivered | Code::RequestNotRerunnable => StatusCode::CONFLICT,
             Code::SessionNotFound | Code::AgentNotFound => StatusCode::NOT_FOUND,
             Code::InvalidLastEventId => StatusCode::BAD_REQUEST,
+            Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }
@@ -172,6 +175,10 @@ impl From<crate::engine::SubmitError> for ApiError {
                 ),
             )
             .with_details(json!({ "request_id": earlier.id })),
+            crate::engine::SubmitError::TooManyPending { limit } => crate::api::rate_limit::limited(
+                std::time::Duration::from_secs(1),
+                &format!("this user already holds {limit} unfinished requests in this formation (overlord.max_pending_per_user)"),
+            ),
         }
     }
 }
@@ -179,6 +186,7 @@ impl From<crate::engine::SubmitError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.code.status();
+        let retry_after = self.details.as_ref().and_then(|d| d["retry_after_seconds"].as_u64());
         let body = json!({
             "object": "error",
             "success": false,
@@ -194,6 +202,9 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert("retry-after", HeaderValue::from_static("5"));
+        }
+        if let (Code::RateLimited, Some(seconds)) = (self.code, retry_after) {
+            response.headers_mut().insert("retry-after", HeaderValue::from(seconds));
         }
         if status == StatusCode::REQUEST_TIMEOUT {
             // The rest of the body is still on the wire: do not reuse the connection.

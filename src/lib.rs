@@ -17,6 +17,7 @@ pub mod formation;
 pub mod http_server;
 pub mod keys;
 pub mod mcp;
+pub mod observability;
 pub mod overlord;
 pub mod registry;
 pub mod server;

@@ -46,6 +46,31 @@ enum Command {
         /// when exactly one is loaded).
         #[arg(long, env = "MUXI_DEFAULT_FORMATION")]
         default_formation: Option<String>,
+        /// Neither record metrics nor serve GET /metrics (Prometheus text format,
+        /// served by default on the main listener).
+        #[arg(long, env = "MUXI_NO_METRICS")]
+        no_metrics: bool,
+        /// A bearer token GET /metrics requires, wherever it is served
+        /// (`Authorization: Bearer TOKEN`); without one /metrics is open.
+        #[arg(long, env = "MUXI_METRICS_TOKEN", hide_env_values = true)]
+        metrics_token: Option<String>,
+        /// Serve GET /metrics on this address (e.g. 127.0.0.1:9464) instead of
+        /// the main listener (the token, if set, is asked there too).
+        #[arg(long, env = "MUXI_METRICS_LISTEN")]
+        metrics_listen: Option<String>,
+        /// A rate limit per API key across the server, as RPS[:BURST]
+        /// (e.g. `20:40`: 20 requests a second, 40 at once; the burst defaults
+        /// to the rate rounded up). Over it: 429 rate_limited with Retry-After.
+        /// Formations add their own (server.rate_limits) and a cap on unfinished
+        /// requests per user (overlord.max_pending_per_user).
+        #[arg(long, env = "MUXI_RATE_LIMIT", value_parser = muxi_rt::api::rate_limit::parse_rate)]
+        rate_limit: Option<muxi_rt::formation::Rate>,
+        /// How log lines on stderr are written: `text` (coloured only when
+        /// stderr is a terminal) or `json` (one object per line). Each request's
+        /// lines carry its formation, request_id and agent. MUXI_LOG sets the
+        /// filter (default: info).
+        #[arg(long, env = "MUXI_LOG_FORMAT", value_enum, default_value = "text")]
+        log_format: muxi_rt::observability::logs::LogFormat,
     },
     /// Check formation files or folders; prints FILE:LINE:COL: PATH: message per
     /// problem and exits 1 on any error.
@@ -75,8 +100,13 @@ fn main() -> ExitCode {
             mcp_allowed_hosts,
             no_console,
             default_formation,
+            no_metrics,
+            metrics_token,
+            metrics_listen,
+            rate_limit,
+            log_format,
         } => {
-            init_logging();
+            muxi_rt::observability::logs::init(log_format);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(e) => {
@@ -94,6 +124,10 @@ fn main() -> ExitCode {
                 mcp_allowed_hosts,
                 console: !no_console,
                 default_formation,
+                metrics: !no_metrics,
+                metrics_token: metrics_token.filter(|t| !t.trim().is_empty()),
+                metrics_listen,
+                rate_limit,
             })) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -111,12 +145,6 @@ fn main() -> ExitCode {
         Command::Requests(args) => cli::run(cli::requests::run(args)),
         Command::Trigger(args) => cli::run(cli::trigger::run(args)),
     }
-}
-
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MUXI_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmcp=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn validate(paths: Vec<PathBuf>) -> ExitCode {

@@ -141,6 +141,7 @@ impl Registry {
 
         let now = crate::time::now_ms();
         let loaded_at = loaded_times(&old, &formations, now);
+        crate::observability::metrics::formations_loaded(formations.len(), failures.len() + problems.len());
         let live = Arc::new(Live { formations, failures, problems, loaded_at, reloaded_at: now });
         *self.live.write().unwrap_or_else(|e| e.into_inner()) = live;
     }

@@ -27,6 +27,14 @@ pub struct ServeConfig {
     pub console: bool,
     /// The formation also served at `/v1/...` (see `api::root`).
     pub default_formation: Option<String>,
+    /// Record metrics and serve `GET /metrics` (`--no-metrics` turns both off).
+    pub metrics: bool,
+    /// The bearer token `GET /metrics` asks for on the main listener (`None`: open).
+    pub metrics_token: Option<String>,
+    /// Serve `GET /metrics` on this address instead of the main listener.
+    pub metrics_listen: Option<String>,
+    /// A server-wide rate limit per API key (`--rate-limit`).
+    pub rate_limit: Option<crate::formation::Rate>,
 }
 
 /// How long in-flight HTTP calls get to finish after a shutdown signal.
@@ -35,6 +43,9 @@ const GRACE: Duration = Duration::from_secs(10);
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create the data folder {}", config.data_dir.display()))?;
+    if config.metrics {
+        crate::observability::metrics::install().map_err(anyhow::Error::msg)?;
+    }
     // One server per data folder; held until the process exits.
     let _lock = crate::data_lock::DataLock::acquire(&config.data_dir)?;
     let owner = crate::engine::owner_id();
@@ -77,6 +88,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         started_at: std::time::Instant::now(),
         shutdown: shutdown.clone(),
         default_formation: config.default_formation.clone(),
+        rate_limits: Arc::new(api::rate_limit::RateLimits::new(config.rate_limit)),
     };
     // Signal handlers are in place before anyone learns the address.
     let signals = Signals::install()?;
@@ -92,6 +104,27 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
 
     let app = api::router(state);
     let app = if config.console { app.merge(crate::console::router()) } else { app };
+    let metrics = crate::observability::endpoint::MetricsState {
+        store: store.clone(),
+        token: config.metrics_token.as_deref().map(Arc::from),
+    };
+    let app = match (&config.metrics_listen, config.metrics) {
+        (_, false) => app,
+        (None, true) => crate::observability::endpoint::router(metrics).merge(app),
+        (Some(at), true) => {
+            let listener = tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("cannot listen on {at} for metrics"))?;
+            println!("muxi-rt metrics on http://{}/metrics", listener.local_addr()?);
+            let stop = shutdown.clone();
+            let router = crate::observability::endpoint::router(metrics);
+            tokio::spawn(crate::http_server::serve(listener, router, async move { stop.cancelled().await }));
+            app
+        }
+    };
+    if config.metrics {
+        crate::observability::endpoint::spawn_upkeep(shutdown.clone());
+    }
     let server = crate::http_server::serve(listener, app, {
         let shutdown = shutdown.clone();
         async move {

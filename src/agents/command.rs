@@ -497,6 +497,8 @@ mod tests {
             llm: Default::default(),
             agents: Vec::new(),
             mcp: Default::default(),
+            observability: Default::default(),
+            rate_limits: Default::default(),
             triggers: BTreeMap::new(),
             warnings: Vec::new(),
         }

@@ -58,6 +58,7 @@ pub fn authorize(state: &AppState, formation_id: &str, headers: &HeaderMap, role
         },
     };
     if allowed {
+        state.rate_limits.check(&formation, headers)?;
         Ok(formation)
     } else {
         Err(ApiError::new(Code::InvalidApiKey, format!("the key given is not valid for formation `{formation_id}`")))

@@ -12,6 +12,7 @@ pub mod extract;
 pub mod feed;
 pub mod formations;
 pub mod limits;
+pub mod rate_limit;
 pub mod requests;
 pub mod root;
 pub mod sessions;
@@ -48,6 +49,8 @@ pub struct AppState {
     /// The formation also served at `/v1/...` (`serve --default-formation`);
     /// without one, the only formation loaded, if there is exactly one.
     pub default_formation: Option<String>,
+    /// Rate limits per server and per formation (see `rate_limit`).
+    pub rate_limits: Arc<rate_limit::RateLimits>,
 }
 
 /// All routes.
@@ -89,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES))
         // After the layers: MCP answers are JSON-RPC or SSE as rmcp makes them.
         .route("/api/{formation_id}/v1/mcp", crate::mcp::route(&state))
+        .layer(middleware::from_fn(crate::observability::http::track))
         .with_state(state.clone());
     root::mount(app, state)
 }

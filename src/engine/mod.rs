@@ -18,6 +18,7 @@ pub mod feed;
 mod history;
 mod leases;
 mod live;
+mod per_user;
 mod pool;
 mod run;
 mod supervisor;
@@ -68,6 +69,10 @@ pub enum SubmitError {
     Store(StoreError),
     /// The idempotency key belongs to an earlier request that asked something else.
     KeyReused(Box<RequestRecord>),
+    /// The user holds `overlord.max_pending_per_user` unfinished requests already.
+    TooManyPending {
+        limit: u32,
+    },
 }
 
 impl From<StoreError> for SubmitError {
@@ -102,6 +107,8 @@ pub struct Engine {
     shutdown: CancellationToken,
     /// Lifecycle events of every formation's requests (`GET /events`).
     feed: feed::Feeds,
+    /// Unfinished requests per (formation, user) run here (`max_pending_per_user`).
+    per_user: per_user::PerUser,
 }
 
 impl Engine {
@@ -124,6 +131,7 @@ impl Engine {
             sweep: Notify::new(),
             shutdown,
             feed: feed::Feeds::default(),
+            per_user: per_user::PerUser::default(),
         })
     }
 
@@ -186,11 +194,17 @@ impl Engine {
         request: NewRequest,
         follow: bool,
     ) -> Result<Submitted, SubmitError> {
+        let (id, cap) = (request.id.clone(), formation.overlord.max_pending_per_user);
+        if let Err(limit) = self.per_user.admit(&request.formation_id, &request.user_id, &id, cap) {
+            crate::observability::metrics::rate_limited(&formation.id, "pending");
+            return Err(SubmitError::TooManyPending { limit });
+        }
         let engine = self.clone();
         let accepting = tokio::spawn(async move {
             match engine.store.insert(request, &engine.owner, leases::lease_ms()).await? {
                 Inserted::Created(record) => {
                     engine.feed.accepted(&record);
+                    crate::observability::metrics::request_accepted(&formation, &record);
                     let (live, events) = engine.start(formation, record.clone(), follow);
                     Ok(Submitted { record, live: Some(live), events })
                 }
@@ -206,7 +220,14 @@ impl Engine {
                 Inserted::KeyReused(record) => Err(SubmitError::KeyReused(Box::new(record))),
             }
         });
-        accepting.await.map_err(|e| SubmitError::Store(StoreError(format!("accepting the request failed: {e}"))))?
+        let submitted = accepting
+            .await
+            .map_err(|e| SubmitError::Store(StoreError(format!("accepting the request failed: {e}"))))?;
+        if !self.is_running(&id) {
+            // Not started under this id (a replay, a refusal, or already over).
+            self.per_user.release(&id);
+        }
+        submitted
     }
 
     /// The live handle of a request running in this process.
@@ -225,6 +246,7 @@ impl Engine {
 
     fn forget(&self, id: &str) {
         self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.per_user.release(id);
     }
 
     /// Starts a request's supervised task, unless this process already runs
@@ -244,6 +266,8 @@ impl Engine {
             }
             let live = Arc::new(LiveRequest::new(&record));
             running.insert(record.id.clone(), live.clone());
+            // Counted against its user's cap (never refused: it is accepted already).
+            let _ = self.per_user.admit(&record.formation_id, &record.user_id, &record.id, None);
             live
         };
         let events = follow.then(|| live.subscribe());
@@ -256,6 +280,7 @@ impl Engine {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         let pool = pools.entry(formation.id.clone()).or_insert_with(|| Arc::new(Pool::new(size)));
         pool.resize(size);
+        crate::observability::metrics::pool_limit(formation, size);
         pool.clone()
     }
 
@@ -286,6 +311,9 @@ impl Engine {
         if let Some(finished) = self.store.get(&record.id).await? {
             self.remember_duration(&finished);
             self.feed.ended(&finished);
+            if let Some(formation) = self.registry.get(&finished.formation_id) {
+                crate::observability::metrics::request_ended(&formation, &finished, live.is_some_and(|l| l.promoted()));
+            }
             if let Some(live) = live {
                 live.finish(finished);
             }

@@ -63,8 +63,9 @@ impl Engine {
         let pool = self.pool(formation);
 
         loop {
+            let queued = crate::observability::metrics::queued(formation);
             let _slot = tokio::select! {
-                slot = pool.acquire() => slot,
+                slot = pool.acquire() => (slot, crate::observability::metrics::running(formation)),
                 _ = live.cancel.cancelled() => return End::Gone,
                 _ = live.lost.cancelled() => return End::Gone,
                 _ = self.shutdown.cancelled() => return End::HandBack,
@@ -72,6 +73,7 @@ impl Engine {
                     return End::Finish(Outcome::Failed(timeout_error("workflow_timeout", timeouts.workflow())));
                 }
             };
+            drop(queued);
             let now = now_ms();
             let claim = match self.store.claim(&record.id, &self.owner, now, leases::lease_ms()).await {
                 Ok(Some(claim)) => claim,
@@ -87,6 +89,13 @@ impl Engine {
                 history = Some(self.session_history(record).await);
             }
             let attempt = claim.attempt;
+            tracing::debug!(attempt, "attempt started");
+            crate::observability::metrics::attempt_started(
+                formation,
+                &record.agent_id,
+                attempt,
+                now - record.created_at,
+            );
             live.apply(|r| {
                 r.status = Status::Processing;
                 r.attempts = attempt;
@@ -176,6 +185,7 @@ impl Engine {
                         delay.as_secs_f64()
                     );
                     tracing::warn!(request = %record.id, "{note}");
+                    crate::observability::metrics::retry_scheduled(formation, &record.agent_id);
                     progress.add(Progress { message: Some(note), ..Progress::default() });
                     live.apply(|r| super::apply_progress(r, progress.latest()));
                     if !progress.flush(self, &record.id).await {

@@ -45,10 +45,14 @@ impl Engine {
         live: Arc<LiveRequest>,
     ) {
         let engine = self.clone();
-        tokio::spawn(async move {
-            let work = engine.run(&formation, &record, &live);
-            engine.supervise(&record, &live, work).await;
-        });
+        let span = crate::observability::logs::request_span(&record.formation_id, &record.id, &record.agent_id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let work = engine.run(&formation, &record, &live);
+                engine.supervise(&record, &live, work).await;
+            },
+            span,
+        ));
     }
 
     /// Drives `work` to its end and acts on how it ended, whatever that is.
@@ -83,7 +87,10 @@ impl Engine {
         let mut failures = 0u32;
         loop {
             match self.complete(record, Some(live), &outcome, fence).await {
-                Ok(_) => return,
+                Ok(ended) => {
+                    tracing::info!(status = outcome.status().as_str(), recorded = ended, "request ended");
+                    return;
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::error!(request = %record.id, error = %e, failures, "cannot record the end of a request; retrying");

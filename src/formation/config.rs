@@ -34,6 +34,10 @@ pub struct Formation {
     pub agents: Vec<AgentSpec>,
     /// The `mcp` section: the MCP endpoint and which agents are its tools.
     pub mcp: McpSettings,
+    /// The `observability` section: what is measured.
+    pub observability: ObservabilitySettings,
+    /// `server.rate_limits`: per key and per user (none: unlimited).
+    pub rate_limits: RateLimits,
     /// Trigger templates from `triggers/*.md`, by name.
     pub triggers: BTreeMap<String, crate::triggers::Trigger>,
     /// Non-fatal problems (unknown top-level sections and the like).
@@ -64,6 +68,8 @@ pub struct OverlordSettings {
     pub retry: RetryPolicy,
     pub timeouts: Timeouts,
     pub max_concurrent_requests: usize,
+    /// `overlord.max_pending_per_user`: unfinished requests one user may hold (none: unlimited).
+    pub max_pending_per_user: Option<u32>,
 }
 
 impl Default for OverlordSettings {
@@ -73,6 +79,7 @@ impl Default for OverlordSettings {
             retry: RetryPolicy::default(),
             timeouts: Timeouts::default(),
             max_concurrent_requests: default_max_concurrent(),
+            max_pending_per_user: None,
         }
     }
 }
@@ -111,6 +118,40 @@ impl Default for McpSettings {
     fn default() -> Self {
         McpSettings { enabled: true, agents: None }
     }
+}
+
+/// The `observability` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObservabilitySettings {
+    /// Count this formation's requests in the request metrics.
+    #[serde(default = "default_true")]
+    pub track_async_tasks: bool,
+}
+
+impl Default for ObservabilitySettings {
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("defaults deserialise")
+    }
+}
+
+/// `server.rate_limits`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    #[serde(default)]
+    pub per_key: Option<Rate>,
+    #[serde(default)]
+    pub per_user: Option<Rate>,
+}
+
+/// A token bucket: `requests_per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub requests_per_second: f64,
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
 
 /// The `async` section.

@@ -35,8 +35,8 @@ pub struct LoadReport {
 }
 
 /// Top-level sections muxi-rt reads.
-const IMPLEMENTED: [&str; 10] =
-    ["schema", "id", "description", "version", "server", "llm", "agents", "overlord", "async", "mcp"];
+const IMPLEMENTED: [&str; 11] =
+    ["schema", "id", "description", "version", "server", "llm", "agents", "overlord", "async", "mcp", "observability"];
 /// Descriptive metadata: nothing to implement, so no warning.
 const METADATA: [&str; 4] = ["name", "author", "url", "license"];
 /// AFS sections muxi-rt knows exist and does not implement.
@@ -243,6 +243,8 @@ impl<'a> Builder<'a> {
         let agents = self.agents();
         let triggers = self.triggers();
         let mcp = self.mcp(&agents);
+        let observability = typed(self.src, self.doc, "/observability", &mut self.errors);
+        let rate_limits = typed(self.src, self.doc, "/server/rate_limits", &mut self.errors);
         if !self.errors.is_empty() {
             return Err(self.errors);
         }
@@ -259,6 +261,8 @@ impl<'a> Builder<'a> {
             llm: self.llm,
             agents,
             mcp,
+            observability,
+            rate_limits,
             triggers,
             warnings,
         })
@@ -288,7 +292,12 @@ impl<'a> Builder<'a> {
         let timeouts: Timeouts = typed(self.src, &workflow_doc, "/overlord/workflow/timeouts", &mut self.errors);
         let max = self.doc.pointer("/overlord/max_concurrent_requests").and_then(Value::as_u64);
         let max_concurrent_requests = max.and_then(|n| usize::try_from(n).ok()).unwrap_or_else(default_max_concurrent);
-        OverlordSettings { async_, retry, timeouts, max_concurrent_requests }
+        let max_pending_per_user = self
+            .doc
+            .pointer("/overlord/max_pending_per_user")
+            .and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok());
+        OverlordSettings { async_, retry, timeouts, max_concurrent_requests, max_pending_per_user }
     }
 
     fn keys(&self) -> ApiKeys {

@@ -303,8 +303,45 @@ mod tests {
         compare_defaults(&defs["async"], serde_json::to_value(AsyncSettings::default()).unwrap(), "async");
         compare_defaults(&defs["retry"], serde_json::to_value(RetryPolicy::default()).unwrap(), "retry");
         compare_defaults(&defs["timeouts"], serde_json::to_value(Timeouts::default()).unwrap(), "timeouts");
+        compare_defaults(
+            &defs["observability"],
+            serde_json::to_value(crate::formation::config::ObservabilitySettings::default()).unwrap(),
+            "observability",
+        );
+        compare_defaults(
+            &defs["rateLimits"],
+            serde_json::to_value(crate::formation::config::RateLimits::default()).unwrap(),
+            "rateLimits",
+        );
         let max = &schema()["properties"]["overlord"]["properties"]["max_concurrent_requests"]["default"];
         assert_eq!(max.as_u64(), Some(default_max_concurrent() as u64));
+    }
+
+    /// `observability`, `server.rate_limits` and `max_pending_per_user` are
+    /// strict and bounded like the other sections.
+    #[test]
+    fn observability_and_rate_limits_are_strict() {
+        let mut doc = minimal();
+        doc["observability"] = json!({"track_async_tasks": false});
+        doc["server"] = json!({"rate_limits": {"per_key": {"requests_per_second": 0.5, "burst": 2}}});
+        doc["overlord"] = json!({"max_pending_per_user": 3});
+        assert!(validate(&doc).is_empty(), "{:?}", validate(&doc));
+        for (pointer, bad) in [
+            ("/observability", json!({"track_async_task": false})),
+            ("/server/rate_limits", json!({"per_key": {"requests_per_second": 0}})),
+            ("/server/rate_limits", json!({"per_key": {"burst": 2}})),
+            ("/server/rate_limits", json!({"per_users": {"requests_per_second": 1}})),
+            ("/overlord/max_pending_per_user", json!(0)),
+        ] {
+            let mut doc = minimal();
+            let (parent, key) = pointer.rsplit_once('/').unwrap();
+            if parent.is_empty() {
+                doc[key] = bad;
+            } else {
+                doc[&parent[1..]] = json!({ key: bad });
+            }
+            assert!(!validate(&doc).is_empty(), "{pointer}: {doc} should be refused");
+        }
     }
 
     /// Every seconds or days setting has the maximum `crate::time` enforces.

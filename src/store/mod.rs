@@ -336,6 +336,15 @@ pub struct Backlog {
     pub processing: u64,
 }
 
+/// The webhook outbox at one moment (for `/metrics`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Deliveries neither delivered nor given up.
+    pub pending: u64,
+    /// Age of the oldest of them, in ms (0 when none).
+    pub oldest_age_ms: u64,
+}
+
 /// The re-run links of a request: what it re-runs, and what re-ran it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reruns {
@@ -483,6 +492,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether writes are getting through, as last seen.
     fn health(&self) -> StoreHealth;
+
+    /// The webhook outbox now (`now`: ms since the epoch), for metrics; `None`
+    /// from a store that does not tell.
+    async fn outbox_stats(&self, now: i64) -> StoreResult<Option<OutboxStats>> {
+        let _ = now;
+        Ok(None)
+    }
 
     // The admin console's reads and actions.
 

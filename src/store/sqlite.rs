@@ -413,7 +413,9 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let outcome = run_batch(&mut conn, &mut batch);
+        crate::observability::metrics::store_batch(batch.len(), started.elapsed(), outcome.is_ok());
         if let (Ok(()), Some(failure)) = (&outcome, batch.iter().find_map(|job| job.storage_failure())) {
             // The batch committed, but a write in it failed for want of storage.
             note_health(&health, &Err(StoreError(failure)));
@@ -981,6 +983,17 @@ impl Store for SqliteStore {
                 }
             }
             Ok(backlog)
+        })
+        .await
+    }
+
+    async fn outbox_stats(&self, now: i64) -> StoreResult<Option<super::OutboxStats>> {
+        self.read("outbox_stats", move |conn| {
+            let (pending, oldest): (i64, Option<i64>) = conn
+                .prepare_cached("SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE status = 'pending'")?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let oldest_age_ms = oldest.map_or(0, |at| now.saturating_sub(at).max(0) as u64);
+            Ok(Some(super::OutboxStats { pending: pending.max(0) as u64, oldest_age_ms }))
         })
         .await
     }

@@ -26,6 +26,8 @@ pub fn formation_with_agents(agents: Vec<AgentSpec>) -> Formation {
         llm: LlmSettings::default(),
         agents,
         mcp: Default::default(),
+        observability: Default::default(),
+        rate_limits: Default::default(),
         triggers: BTreeMap::new(),
         warnings: Vec::new(),
     }

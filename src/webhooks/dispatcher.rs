@@ -177,7 +177,13 @@ impl Dispatcher {
 
     /// One attempt of one delivery, its result recorded in the store.
     async fn run(&self, delivery: Delivery) {
+        let started = std::time::Instant::now();
         let update = self.attempt(&delivery).await;
+        crate::observability::metrics::webhook_attempt(
+            &delivery.formation_id,
+            crate::observability::metrics::delivery_outcome(&update),
+            started.elapsed(),
+        );
         let host =
             reqwest::Url::parse(&delivery.url).ok().and_then(|u| u.host_str().map(str::to_string)).unwrap_or_default();
         match &update {
@@ -341,6 +347,8 @@ mod tests {
             llm: Default::default(),
             agents: vec![],
             mcp: Default::default(),
+            observability: Default::default(),
+            rate_limits: Default::default(),
             triggers: Default::default(),
             warnings: vec![],
         }
