@@ -53,6 +53,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 const CONCURRENCY: usize = 64;
+/// Concurrent callers of the MCP phase (issue 9: 16).
+const MCP_CALLERS: usize = 16;
 const IN_FLIGHT_TARGET: usize = 10_000;
 const FORMATION: &str = "bench";
 const CLIENT_KEY: &str = "client-bench-0123456789";
@@ -171,6 +173,17 @@ async fn run(n: usize, rounds: usize) {
     drop(metrics_on);
     drop(metrics_off);
 
+    // -- Phase 5: an MCP tool call -> execution id, beside HTTP accept. -------
+    eprintln!("phase 5: MCP tool call vs HTTP accept, {MCP_CALLERS} callers");
+    let fixture_mcp = Fixture::new();
+    let mcp_server = ServerProcess::start_muxi(&fixture_mcp);
+    let mcp_n = (n / 4).max(MCP_CALLERS * 20);
+    load_at(MCP_CALLERS, warmup, 202, post(&mcp_server.base)).await;
+    mcp_load(&mcp_server.base, MCP_CALLERS, warmup).await;
+    let http_16 = load_at(MCP_CALLERS, mcp_n, 202, post(&mcp_server.base)).await;
+    let mcp_16 = mcp_load(&mcp_server.base, MCP_CALLERS, mcp_n).await;
+    drop(mcp_server);
+
     report(Report {
         n,
         rounds,
@@ -201,6 +214,87 @@ async fn run(n: usize, rounds: usize) {
         accept_on.errors,
         accept_off.errors,
     );
+    println!(
+        "\nMCP (phase 5, same run, {MCP_CALLERS} callers, {} calls each side): tool call -> execution id \
+         {:.0} calls/s, p50 {:.2} ms, p99 {:.2} ms (errors {}); HTTP async accept {:.0} req/s, p50 {:.2} ms, \
+         p99 {:.2} ms (errors {})",
+        mcp_n,
+        mcp_16.throughput(),
+        mcp_16.percentile_ms(0.50),
+        mcp_16.percentile_ms(0.99),
+        mcp_16.errors,
+        http_16.throughput(),
+        http_16.percentile_ms(0.50),
+        http_16.percentile_ms(0.99),
+        http_16.errors,
+    );
+}
+
+/// `callers` MCP clients (rmcp, the handshake protocol, one session each) each
+/// calling the agent tool in turn; a call's latency is until its answer with
+/// the execution id.
+async fn mcp_load(base: &str, callers: usize, n: usize) -> Phase {
+    use rmcp::model::CallToolRequestParams;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::{ClientLifecycleMode, ClientServiceExt};
+
+    let url = format!("{base}/api/{FORMATION}/v1/mcp");
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|task| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut headers = std::collections::HashMap::new();
+                headers.insert(
+                    reqwest::header::HeaderName::from_static("x-muxi-user-id"),
+                    reqwest::header::HeaderValue::from_static(USER),
+                );
+                let config =
+                    StreamableHttpClientTransportConfig::with_uri(url).auth_header(CLIENT_KEY).custom_headers(headers);
+                let transport = StreamableHttpClientTransport::from_config(config);
+                let session =
+                    ().serve_with_lifecycle(transport, ClientLifecycleMode::Initialize).await.expect("MCP session");
+                let mut latencies = Vec::new();
+                let (mut errors, mut first_error) = (0, None);
+                for _ in (task..n).step_by(callers) {
+                    let arguments = json!({ "message": "summarise the benchmark please" });
+                    let params =
+                        CallToolRequestParams::new("sleeper").with_arguments(arguments.as_object().unwrap().clone());
+                    let sent = Instant::now();
+                    let result = session.call_tool(params).await;
+                    latencies.push(sent.elapsed());
+                    match result {
+                        Ok(result)
+                            if result.structured_content.as_ref().is_some_and(|v| v["execution_id"].is_string()) => {}
+                        Ok(result) => {
+                            errors += 1;
+                            first_error.get_or_insert_with(|| format!("{result:?}"));
+                        }
+                        Err(e) => {
+                            errors += 1;
+                            first_error.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                }
+                let _ = session.cancel().await;
+                (latencies, errors, first_error)
+            })
+        })
+        .collect();
+    let mut phase = Phase { n, latencies: Vec::with_capacity(n), ..Phase::empty() };
+    for task in tasks {
+        let (latencies, errors, first_error) = task.await.expect("MCP task");
+        phase.latencies.extend(latencies);
+        phase.errors += errors;
+        phase.first_error = phase.first_error.take().or(first_error);
+    }
+    phase.wall = start.elapsed();
+    phase.latencies.sort_unstable();
+    if let Some(e) = &phase.first_error {
+        eprintln!("  {} of {n} MCP calls failed; first: {e}", phase.errors);
+    }
+    phase
 }
 
 // ---------------------------------------------------------------------------
@@ -282,17 +376,25 @@ async fn load<F>(n: usize, expect: u16, make: F) -> Phase
 where
     F: Fn(usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
 {
+    load_at(CONCURRENCY, n, expect, make).await
+}
+
+/// [`load`] with `concurrency` clients.
+async fn load_at<F>(concurrency: usize, n: usize, expect: u16, make: F) -> Phase
+where
+    F: Fn(usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
+{
     let make = Arc::new(make);
     let start = Instant::now();
-    let tasks: Vec<_> = (0..CONCURRENCY)
+    let tasks: Vec<_> = (0..concurrency)
         .map(|task| {
             let make = make.clone();
             tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(n / CONCURRENCY + 1);
+                let mut latencies = Vec::with_capacity(n / concurrency + 1);
                 let mut ids = Vec::new();
                 let mut errors = 0;
                 let mut first_error = None;
-                for i in (task..n).step_by(CONCURRENCY) {
+                for i in (task..n).step_by(concurrency) {
                     let sent = Instant::now();
                     let outcome = match make(i).send().await {
                         Ok(response) => {
