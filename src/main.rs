@@ -46,6 +46,10 @@ enum Command {
         /// when exactly one is loaded).
         #[arg(long, env = "MUXI_DEFAULT_FORMATION")]
         default_formation: Option<String>,
+        /// A PostgreSQL database shared by several replicas
+        /// (`postgres://user@host/db`) instead of SQLite in the data folder.
+        #[arg(long, env = "MUXI_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
     },
     /// Check formation files or folders; prints FILE:LINE:COL: PATH: message per
     /// problem and exits 1 on any error.
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
             mcp_allowed_hosts,
             no_console,
             default_formation,
+            database_url,
         } => {
             init_logging();
             let runtime = match tokio::runtime::Runtime::new() {
@@ -94,6 +99,7 @@ fn main() -> ExitCode {
                 mcp_allowed_hosts,
                 console: !no_console,
                 default_formation,
+                database_url,
             })) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -19,6 +19,7 @@ mod history;
 mod leases;
 mod live;
 mod pool;
+mod remote_cancel;
 mod run;
 mod supervisor;
 mod sweeper;

@@ -3,6 +3,7 @@
 //! default. The trait speaks only in the types below, never in SQL, so a
 //! PostgreSQL implementation can stand beside it.
 
+pub mod postgres;
 pub mod sqlite;
 
 #[cfg(test)]
@@ -483,6 +484,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether writes are getting through, as last seen.
     fn health(&self) -> StoreHealth;
+
+    /// Ids of requests cancelled by any server sharing this store, as they are
+    /// cancelled (best effort: the lease renewal catches any missed). A store
+    /// only one server uses never yields.
+    fn watch_cancels(&self) -> futures::stream::BoxStream<'static, String> {
+        Box::pin(futures::stream::pending())
+    }
 
     // The admin console's reads and actions.
 
