@@ -8,6 +8,10 @@ pub mod sqlite;
 
 #[cfg(test)]
 mod admin_tests;
+#[cfg(test)]
+mod contract_tests;
+#[cfg(test)]
+pub(crate) mod test_backends;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
