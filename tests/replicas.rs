@@ -226,3 +226,37 @@ async fn webhooks_are_delivered_once_each_across_replicas() {
     let delivered: i64 = r.schema.scalar("SELECT COUNT(*) FROM deliveries WHERE status = 'delivered'").await;
     assert_eq!(delivered, ids.len() as i64);
 }
+
+#[tokio::test]
+async fn a_follower_on_another_replica_sees_progress_and_the_end() {
+    let r = Replicas::new().await;
+    let a = r.start("a");
+    let b = r.start("b");
+    let id = submit(&a, json!({ "message": "2 followed" })).await;
+    let response = b
+        .caller("f", "u1")
+        .request(reqwest::Method::GET, &format!("/requests/{id}/events"))
+        .send()
+        .await
+        .expect("B answers");
+    let mut reader = common::sse::SseReader::new(response);
+    let frames = reader
+        .until(Duration::from_secs(30), |frame| {
+            frame.event.is_none() && frame.json()["token"]["type"].as_str() == Some("completed")
+        })
+        .await;
+    let seen_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let end = frames.last().expect("frames").json();
+    assert_eq!(end["token"]["type"], "completed", "{frames:?}");
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.event.is_none() && f.json()["token"]["content"].as_str().is_some_and(|c| c.starts_with("pid "))),
+        "the agent's progress on A reached B: {frames:?}"
+    );
+    let completed_at: i64 = r.schema.scalar("SELECT completed_at FROM requests").await;
+    println!(
+        "follower on B saw the end {} ms after A committed it (B polls the store every 500 ms)",
+        seen_at - completed_at
+    );
+}

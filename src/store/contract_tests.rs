@@ -291,6 +291,21 @@ async fn cancel_before_start(store: Arc<TestStore>) {
     assert_eq!(record.duration_ms(), Some(1));
 }
 
+/// A user's cancel of running work (from any server) ends the lease: the
+/// runner's next renewal no longer lists it, which stops the work there even if
+/// the cancel's announcement was missed; the runner's late writes are refused.
+async fn a_cancel_ends_the_runners_lease(store: Arc<TestStore>) {
+    store.put(request("req_1", 1)).await.expect("insert");
+    store.put(request("req_2", 1)).await.expect("insert");
+    let runner = store.claim("req_1", ME, 2, LEASE_MS).await.expect("claim").expect("claimed");
+    store.claim("req_2", ME, 2, LEASE_MS).await.expect("claim").expect("claimed");
+    let cancel = Outcome::Cancelled { message: "Request cancelled by user".into() };
+    assert!(store.finish("req_1", &cancel, 3, None, None).await.expect("cancel"));
+    assert_eq!(store.renew_leases(ME, 4, LEASE_MS).await.expect("renew"), vec!["req_2".to_string()]);
+    assert!(!store.finish("req_1", &completed("late"), 5, None, Some(runner.lease)).await.expect("finish"));
+    assert_eq!(get(&store, "req_1").await.status, Status::Cancelled);
+}
+
 async fn attempts_count_and_started_at_sticks(store: Arc<TestStore>) {
     store.put(request("req_1", 1)).await.expect("insert");
     assert_eq!(store.start_attempt("req_1", 10).await.expect("start"), Some(1));
@@ -505,6 +520,7 @@ store_contract!(
     concurrent_same_key_inserts_create_exactly_one,
     finish_happens_exactly_once,
     cancel_before_start,
+    a_cancel_ends_the_runners_lease,
     attempts_count_and_started_at_sticks,
     progress_keeps_fields_it_does_not_name,
     outbox_row_comes_only_with_finish,

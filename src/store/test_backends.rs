@@ -53,7 +53,7 @@ impl TestStore {
             Backend::Postgres => {
                 let schema = format!("muxi_test_{}", uuid::Uuid::new_v4().simple());
                 let base = test_database_url();
-                let mut admin = sqlx::PgConnection::connect(&base).await.expect("connect to the test PostgreSQL");
+                let mut admin = connect_test_database(&base).await;
                 sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut admin).await.expect("create schema");
                 let _ = admin.close().await;
                 let store =
@@ -145,3 +145,24 @@ macro_rules! store_contract {
     };
 }
 pub(crate) use store_contract;
+
+/// A connection to the test database, creating the database first if the
+/// server has no such database yet (a fresh CI machine).
+pub async fn connect_test_database(url: &str) -> sqlx::PgConnection {
+    use sqlx::postgres::PgConnectOptions;
+    let options: PgConnectOptions = url.parse().expect("a valid test database URL");
+    match sqlx::PgConnection::connect_with(&options).await {
+        Ok(conn) => conn,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
+            let name = options.get_database().unwrap_or("test").to_string();
+            let mut admin = sqlx::PgConnection::connect_with(&options.clone().database("postgres"))
+                .await
+                .expect("connect to the test PostgreSQL");
+            // Another test may create it at the same moment (42P04): fine.
+            let _ = sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut admin).await;
+            let _ = admin.close().await;
+            sqlx::PgConnection::connect_with(&options).await.expect("connect to the test database")
+        }
+        Err(e) => panic!("cannot connect to the test PostgreSQL ({e}); set MUXI_TEST_DATABASE_URL"),
+    }
+}
