@@ -530,3 +530,31 @@ store_contract!(
     recent_durations_are_newest_first_for_one_agent,
     session_turns_are_the_latest_completed_oldest_first,
 );
+
+/// PostgreSQL only: replicas starting together migrate the schema once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replicas_starting_together_migrate_once() {
+    use super::postgres::PgStore;
+    use super::test_backends::{connect_test_database, drop_schema, test_database_url, with_search_path};
+    let schema = format!("muxi_test_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = connect_test_database(&test_database_url()).await;
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut admin).await.expect("create schema");
+    struct Dropped(String);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            drop_schema(&self.0);
+        }
+    }
+    let _dropped = Dropped(schema.clone());
+    let url = with_search_path(&test_database_url(), &schema);
+    let opened = futures::future::join_all((0..4).map(|_| PgStore::connect(&url))).await;
+    let stores: Vec<PgStore> = opened.into_iter().map(|s| s.expect("every replica opens")).collect();
+    let applied: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {schema}.muxi_migrations"))
+        .fetch_one(&mut admin)
+        .await
+        .expect("count");
+    assert_eq!(applied, 1);
+    // And they share one store.
+    assert_eq!(created(stores[0].insert(request("req_1", 1), ME, LEASE_MS).await.expect("insert")).id, "req_1");
+    assert!(stores[3].get("req_1").await.expect("get").is_some());
+}
