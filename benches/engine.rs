@@ -36,7 +36,11 @@
 //!   `GET /api/bench/v1/requests/{id}` cycling over the ids accepted in (1),
 //!   with the client key and `X-Muxi-User-ID`, vs the baseline GET; (3) RSS:
 //!   a fresh muxi-rt server, VmRSS at idle, then after accepting exactly
-//!   10,000 async requests (from `/proc/<pid>/status`).
+//!   10,000 async requests (from `/proc/<pid>/status`); (4) durable accept on
+//!   PostgreSQL (`MUXI_BENCH_DATABASE_URL`, default
+//!   `postgres://postgres@127.0.0.1:5432/test`, in a fresh schema dropped
+//!   after): the same POST against one replica, then split over two replicas
+//!   of one schema; skipped with a note when PostgreSQL cannot be reached.
 //!
 //! N defaults to 20,000 per phase; `MUXI_BENCH_REQUESTS=N` changes it (the RSS
 //! phase always accepts 10,000).
@@ -156,7 +160,10 @@ async fn run(n: usize, rounds: usize) {
     let loaded = rss(muxi_b.pid());
     drop(muxi_b);
 
+    let postgres = postgres_phase(n, warmup, &post).await;
+
     report(Report {
+        postgres,
         n,
         rounds,
         warmup,
@@ -379,6 +386,11 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn start_muxi(fixture: &Fixture) -> ServerProcess {
+        ServerProcess::start_muxi_on(fixture, &fixture.data, None)
+    }
+
+    /// muxi-rt with `data` as its data folder, on PostgreSQL with `database_url`.
+    fn start_muxi_on(fixture: &Fixture, data: &Path, database_url: Option<&str>) -> ServerProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_muxi-rt"));
         command
             .arg("serve")
@@ -386,10 +398,14 @@ impl ServerProcess {
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
-            .arg(&fixture.data)
+            .arg(data)
             .env("MUXI_LOG", "warn")
             .env_remove("MUXI_LISTEN")
-            .env_remove("MUXI_DATA_DIR");
+            .env_remove("MUXI_DATA_DIR")
+            .env_remove("MUXI_DATABASE_URL");
+        if let Some(url) = database_url {
+            command.env("MUXI_DATABASE_URL", url);
+        }
         ServerProcess::start(command, Some(fixture.marker.clone()))
     }
 
@@ -548,6 +564,45 @@ struct Report {
     idle: u64,
     loaded: u64,
     data_fs: &'static str,
+    /// Phase 4: (one replica, two replicas), if PostgreSQL was reachable.
+    postgres: Option<(Phase, Phase)>,
+}
+
+/// Phase 4: accept on PostgreSQL, one replica, then two sharing the schema.
+async fn postgres_phase<P, F>(n: usize, warmup: usize, post: &P) -> Option<(Phase, Phase)>
+where
+    P: Fn(&str) -> F,
+    F: Fn(usize) -> reqwest::RequestBuilder + Clone + Send + Sync + 'static,
+{
+    use sqlx::Connection;
+    let base = std::env::var("MUXI_BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let mut admin = match sqlx::PgConnection::connect(&base).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            eprintln!("phase 4 skipped: cannot reach PostgreSQL ({e}); set MUXI_BENCH_DATABASE_URL");
+            return None;
+        }
+    };
+    let schema = format!("muxi_bench_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut admin).await.expect("create the bench schema");
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+    let fixture = Fixture::new();
+
+    eprintln!("phase 4: accept on PostgreSQL, one replica");
+    let one = ServerProcess::start_muxi_on(&fixture, &fixture.data.join("r1"), Some(&url));
+    load(warmup, 202, post(&one.base)).await;
+    let single = load(n, 202, post(&one.base)).await;
+    eprintln!("phase 4: accept on PostgreSQL, two replicas");
+    let two = ServerProcess::start_muxi_on(&fixture, &fixture.data.join("r2"), Some(&url));
+    load(warmup, 202, post(&two.base)).await;
+    let (to_one, to_two) = (post(&one.base), post(&two.base));
+    let both = load(n, 202, move |i: usize| if i % 2 == 0 { to_one(i) } else { to_two(i) }).await;
+    drop(two);
+    drop(one);
+    let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut admin).await;
+    Some((single, both))
 }
 
 fn report(r: Report) {
@@ -578,6 +633,13 @@ fn report(r: Report) {
     row("POST baseline (bare axum, small JSON)", &r.base_post);
     row("GET /api/{id}/v1/requests/{rid} (muxi-rt)", &r.polls);
     row("GET baseline (bare axum, small JSON)", &r.base_get);
+    match &r.postgres {
+        Some((one, two)) => {
+            row("POST chat async on PostgreSQL, 1 replica", one);
+            row("POST chat async on PostgreSQL, 2 replicas", two);
+        }
+        None => println!("  (PostgreSQL accept not measured: PostgreSQL unreachable)"),
+    }
     println!();
 
     let accept_ratio = r.accept.throughput() / r.base_post.throughput();
