@@ -75,12 +75,19 @@ impl PgStore {
         let options: PgConnectOptions = url
             .parse()
             .map_err(|e: sqlx::Error| StoreError(format!("invalid database URL: {}", redact(&e.to_string(), url))))?;
+        let server = format!("{}:{}", options.get_host(), options.get_port());
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
-            .map_err(|e| StoreError(format!("cannot connect to PostgreSQL: {}", redact(&e.to_string(), url))))?;
+            .map_err(|e| match e {
+                sqlx::Error::PoolTimedOut => StoreError(format!(
+                    "cannot connect to PostgreSQL at {server}: no connection within {ACQUIRE_TIMEOUT:?} \
+                     (is it running and listening there?)"
+                )),
+                e => StoreError(format!("cannot connect to PostgreSQL at {server}: {}", redact(&e.to_string(), url))),
+            })?;
         schema::migrate(&pool).await?;
         let (cancels, _) = broadcast::channel(1024);
         let listener =
