@@ -38,7 +38,12 @@
 //!   a fresh muxi-rt server, VmRSS at idle, then after accepting exactly
 //!   10,000 async requests (from `/proc/<pid>/status`); (4) metrics cost: the
 //!   accept phase against two fresh servers, `--no-metrics` and metrics on,
-//!   in alternating rounds.
+//!   in alternating rounds; (5) an MCP tool call to its execution id beside
+//!   HTTP accept at 16 callers; (6) durable accept on PostgreSQL
+//!   (`MUXI_BENCH_DATABASE_URL`, default
+//!   `postgres://postgres@127.0.0.1:5432/test`, in a fresh schema dropped
+//!   after): the same POST against one replica, then split over two replicas
+//!   of one schema; skipped with a note when PostgreSQL cannot be reached.
 //!
 //! N defaults to 20,000 per phase; `MUXI_BENCH_REQUESTS=N` changes it (the RSS
 //! phase always accepts 10,000). `MUXI_BENCH_SERVER=PATH` measures another
@@ -184,7 +189,10 @@ async fn run(n: usize, rounds: usize) {
     let mcp_16 = mcp_load(&mcp_server.base, MCP_CALLERS, mcp_n).await;
     drop(mcp_server);
 
+    let postgres = postgres_phase(n, warmup, &post).await;
+
     report(Report {
+        postgres,
         n,
         rounds,
         warmup,
@@ -508,12 +516,17 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn start_muxi(fixture: &Fixture) -> ServerProcess {
-        ServerProcess::start_muxi_with(fixture, &[])
+        ServerProcess::start_muxi_on(fixture, &fixture.data, None, &[])
     }
 
     fn start_muxi_with(fixture: &Fixture, args: &[&str]) -> ServerProcess {
-        // `MUXI_BENCH_SERVER=path/to/muxi-rt` measures another build (an older
-        // commit, say) with the same load and baseline.
+        ServerProcess::start_muxi_on(fixture, &fixture.data, None, args)
+    }
+
+    /// muxi-rt with `data` as its data folder, on PostgreSQL with
+    /// `database_url`, with extra `args`. `MUXI_BENCH_SERVER=path/to/muxi-rt`
+    /// measures another build (an older commit, say) with the same load.
+    fn start_muxi_on(fixture: &Fixture, data: &Path, database_url: Option<&str>, args: &[&str]) -> ServerProcess {
         let binary = std::env::var_os("MUXI_BENCH_SERVER").unwrap_or_else(|| env!("CARGO_BIN_EXE_muxi-rt").into());
         let mut command = Command::new(binary);
         command
@@ -522,11 +535,15 @@ impl ServerProcess {
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
-            .arg(&fixture.data)
+            .arg(data)
             .args(args)
             .env("MUXI_LOG", "warn")
             .env_remove("MUXI_LISTEN")
-            .env_remove("MUXI_DATA_DIR");
+            .env_remove("MUXI_DATA_DIR")
+            .env_remove("MUXI_DATABASE_URL");
+        if let Some(url) = database_url {
+            command.env("MUXI_DATABASE_URL", url);
+        }
         ServerProcess::start(command, Some(fixture.marker.clone()))
     }
 
@@ -685,6 +702,45 @@ struct Report {
     idle: u64,
     loaded: u64,
     data_fs: &'static str,
+    /// Phase 4: (one replica, two replicas), if PostgreSQL was reachable.
+    postgres: Option<(Phase, Phase)>,
+}
+
+/// Phase 4: accept on PostgreSQL, one replica, then two sharing the schema.
+async fn postgres_phase<P, F>(n: usize, warmup: usize, post: &P) -> Option<(Phase, Phase)>
+where
+    P: Fn(&str) -> F,
+    F: Fn(usize) -> reqwest::RequestBuilder + Clone + Send + Sync + 'static,
+{
+    use sqlx::Connection;
+    let base = std::env::var("MUXI_BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let mut admin = match sqlx::PgConnection::connect(&base).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            eprintln!("phase 4 skipped: cannot reach PostgreSQL ({e}); set MUXI_BENCH_DATABASE_URL");
+            return None;
+        }
+    };
+    let schema = format!("muxi_bench_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut admin).await.expect("create the bench schema");
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
+    let fixture = Fixture::new();
+
+    eprintln!("phase 4: accept on PostgreSQL, one replica");
+    let one = ServerProcess::start_muxi_on(&fixture, &fixture.data.join("r1"), Some(&url), &[]);
+    load(warmup, 202, post(&one.base)).await;
+    let single = load(n, 202, post(&one.base)).await;
+    eprintln!("phase 4: accept on PostgreSQL, two replicas");
+    let two = ServerProcess::start_muxi_on(&fixture, &fixture.data.join("r2"), Some(&url), &[]);
+    load(warmup, 202, post(&two.base)).await;
+    let (to_one, to_two) = (post(&one.base), post(&two.base));
+    let both = load(n, 202, move |i: usize| if i % 2 == 0 { to_one(i) } else { to_two(i) }).await;
+    drop(two);
+    drop(one);
+    let _ = sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut admin).await;
+    Some((single, both))
 }
 
 fn report(r: Report) {
@@ -715,6 +771,13 @@ fn report(r: Report) {
     row("POST baseline (bare axum, small JSON)", &r.base_post);
     row("GET /api/{id}/v1/requests/{rid} (muxi-rt)", &r.polls);
     row("GET baseline (bare axum, small JSON)", &r.base_get);
+    match &r.postgres {
+        Some((one, two)) => {
+            row("POST chat async on PostgreSQL, 1 replica", one);
+            row("POST chat async on PostgreSQL, 2 replicas", two);
+        }
+        None => println!("  (PostgreSQL accept not measured: PostgreSQL unreachable)"),
+    }
     println!();
 
     let accept_ratio = r.accept.throughput() / r.base_post.throughput();

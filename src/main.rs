@@ -71,6 +71,10 @@ enum Command {
         /// filter (default: info).
         #[arg(long, env = "MUXI_LOG_FORMAT", value_enum, default_value = "text")]
         log_format: muxi_rt::observability::logs::LogFormat,
+        /// A PostgreSQL database shared by several replicas
+        /// (`postgres://user@host/db`) instead of SQLite in the data folder.
+        #[arg(long, env = "MUXI_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
     },
     /// Check formation files or folders; prints FILE:LINE:COL: PATH: message per
     /// problem and exits 1 on any error.
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
             metrics_listen,
             rate_limit,
             log_format,
+            database_url,
         } => {
             muxi_rt::observability::logs::init(log_format);
             let runtime = match tokio::runtime::Runtime::new() {
@@ -128,6 +133,7 @@ fn main() -> ExitCode {
                 metrics_token: metrics_token.filter(|t| !t.trim().is_empty()),
                 metrics_listen,
                 rate_limit,
+                database_url,
             })) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::engine::Engine;
 use crate::registry::Registry;
+use crate::store::postgres::PgStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::Store;
 use crate::webhooks::{Dispatcher, FormationLookup};
@@ -35,6 +36,8 @@ pub struct ServeConfig {
     pub metrics_listen: Option<String>,
     /// A server-wide rate limit per API key (`--rate-limit`).
     pub rate_limit: Option<crate::formation::Rate>,
+    /// A PostgreSQL URL: the store is shared with other replicas.
+    pub database_url: Option<String>,
 }
 
 /// How long in-flight HTTP calls get to finish after a shutdown signal.
@@ -49,10 +52,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // One server per data folder; held until the process exits.
     let _lock = crate::data_lock::DataLock::acquire(&config.data_dir)?;
     let owner = crate::engine::owner_id();
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&config.data_dir)
-            .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?,
-    );
+    let store: Arc<dyn Store> = match &config.database_url {
+        // The URL may hold a password: it is never put in a message.
+        Some(url) => Arc::new(PgStore::connect(url).await.context("cannot open the PostgreSQL store")?),
+        None => Arc::new(
+            SqliteStore::open(&config.data_dir)
+                .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?,
+        ),
+    };
     let registry = Arc::new(Registry::load(&config.dir, &config.data_dir));
     let shutdown = CancellationToken::new();
     registry.watch(shutdown.clone()).with_context(|| format!("cannot watch {}", config.dir.display()))?;
@@ -76,8 +83,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // Agents an earlier server left running die before their work is run
     // again (safe: the lock says that server is gone).
     crate::agents::lifetime::sweep(&config.data_dir).context("cannot sweep leftover agent processes")?;
-    // The lock proves that no other server uses this store: take over at once.
-    engine.recover(true).await.context("cannot recover unfinished requests")?;
+    // With SQLite the lock proves that no other server uses this store: take
+    // over at once. Other replicas on PostgreSQL keep their leases until they expire.
+    engine.recover(config.database_url.is_none()).await.context("cannot recover unfinished requests")?;
     engine.spawn_retention();
 
     let state = AppState {

@@ -2,7 +2,7 @@
 //!
 //! The server that accepts a request holds it from the insert on: the store
 //! row names this process (its [`owner_id`]) and an expiry. A background task
-//! renews every lease this process holds in one write every [`RENEW_EVERY`];
+//! renews every lease this process holds in one write every [`renew_every`];
 //! a request whose lease expired (its server died or stalled) may be claimed
 //! by anyone, and each claim raises the lease epoch, so writes of the old
 //! runner (fenced by its epoch) change nothing. A request that this process
@@ -15,14 +15,35 @@ use std::time::{Duration, Instant};
 use super::Engine;
 use crate::time::now_ms;
 
-/// How long a lease lasts without renewal.
+/// How long a lease lasts without renewal (unless `MUXI_LEASE_SECS` says otherwise).
 pub const LEASE: Duration = Duration::from_secs(30);
-/// How often this process renews its leases (a third of [`LEASE`]).
-pub const RENEW_EVERY: Duration = Duration::from_secs(10);
+/// The bounds of `MUXI_LEASE_SECS`.
+const LEASE_SECS_RANGE: std::ops::RangeInclusive<u64> = 3..=300;
 
-/// [`LEASE`] in the store's milliseconds.
+/// The lease time of this process: [`LEASE`], or `MUXI_LEASE_SECS` (3-300;
+/// tests shorten it to see takeovers sooner). Read once.
+pub fn lease() -> Duration {
+    static LEASE_TIME: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *LEASE_TIME.get_or_init(|| {
+        let Ok(text) = std::env::var("MUXI_LEASE_SECS") else { return LEASE };
+        match text.trim().parse::<u64>() {
+            Ok(secs) if LEASE_SECS_RANGE.contains(&secs) => Duration::from_secs(secs),
+            _ => {
+                tracing::warn!(value = %text, "MUXI_LEASE_SECS must be a whole number of seconds in 3-300; using {LEASE:?}");
+                LEASE
+            }
+        }
+    })
+}
+
+/// How often this process renews its leases: a third of [`lease`].
+pub fn renew_every() -> Duration {
+    lease() / 3
+}
+
+/// [`lease`] in the store's milliseconds.
 pub fn lease_ms() -> i64 {
-    LEASE.as_millis() as i64
+    lease().as_millis() as i64
 }
 
 /// A name for this server process, unique across restarts and hosts.
@@ -39,7 +60,7 @@ impl Engine {
     pub(super) fn spawn_lease_renewal(self: &Arc<Self>) {
         let engine = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RENEW_EVERY);
+            let mut tick = tokio::time::interval(renew_every());
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -56,7 +77,7 @@ impl Engine {
         let held = match self.store.renew_leases(&self.owner, now_ms(), lease_ms()).await {
             Ok(held) => held.into_iter().collect::<HashSet<String>>(),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot renew leases; they expire in {LEASE:?} unless a renewal gets through");
+                tracing::warn!(error = %e, "cannot renew leases; they expire in {:?} unless a renewal gets through", lease());
                 return;
             }
         };

@@ -20,6 +20,7 @@ mod leases;
 mod live;
 mod per_user;
 mod pool;
+mod remote_cancel;
 mod run;
 mod supervisor;
 mod sweeper;

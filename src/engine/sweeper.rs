@@ -36,6 +36,7 @@ impl Engine {
             tracing::info!(count = started, "recovered unfinished requests");
         }
         self.spawn_lease_renewal();
+        self.spawn_cancel_watch();
         self.spawn_sweeper();
         Ok(started)
     }

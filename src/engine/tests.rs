@@ -122,6 +122,9 @@ impl Store for Faulty {
     async fn reruns(&self, request_id: &str) -> StoreResult<Reruns> {
         self.inner.reruns(request_id).await
     }
+    async fn outbox_stats(&self, now: i64) -> StoreResult<Option<crate::store::OutboxStats>> {
+        self.inner.outbox_stats(now).await
+    }
     async fn sessions(&self, f: &str, u: &str, active_only: bool, limit: usize) -> StoreResult<Vec<SessionSummary>> {
         self.inner.sessions(f, u, active_only, limit).await
     }

@@ -1,14 +1,10 @@
 //! Tests of the admin console's store methods (`admin_list`, `backlog`,
-//! deliveries, re-run links) against the real SQLite store.
+//! deliveries, re-run links) against every store backend (SQLite and PostgreSQL).
 
-use super::sqlite::SqliteStore;
+use std::sync::Arc;
+
+use super::test_backends::{store_contract, TestStore};
 use super::*;
-
-fn open() -> (tempfile::TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = SqliteStore::open(dir.path()).expect("open");
-    (dir, store)
-}
 
 fn request(id: &str, user: &str, agent: &str, created_at: i64) -> NewRequest {
     NewRequest {
@@ -33,9 +29,7 @@ fn failed() -> Outcome {
     Outcome::Failed(ErrorInfo { kind: "agent_error".into(), message: "boom".into(), retryable: false })
 }
 
-#[tokio::test]
-async fn admin_list_spans_users_and_filters() {
-    let (_dir, store) = open();
+async fn admin_list_spans_users_and_filters(store: Arc<TestStore>) {
     for (id, user, agent, at) in [("a", "alice", "x", 10), ("b", "bob", "y", 20), ("c", "alice", "y", 30)] {
         store.insert(request(id, user, agent, at), "me", 30_000).await.expect("insert");
     }
@@ -59,9 +53,7 @@ async fn admin_list_spans_users_and_filters() {
     assert!(ids(AdminQuery { formation_id: "nope".into(), ..all }).await.is_empty());
 }
 
-#[tokio::test]
-async fn backlog_counts_pending_and_processing_of_one_formation() {
-    let (_dir, store) = open();
+async fn backlog_counts_pending_and_processing_of_one_formation(store: Arc<TestStore>) {
     for (id, at) in [("a", 1), ("b", 2), ("c", 3), ("d", 4)] {
         store.insert(request(id, "u", "x", at), "me", 30_000).await.expect("insert");
     }
@@ -72,9 +64,7 @@ async fn backlog_counts_pending_and_processing_of_one_formation() {
     assert_eq!(store.backlog("none").await.expect("backlog"), Backlog::default());
 }
 
-#[tokio::test]
-async fn a_failed_delivery_is_made_due_again_but_a_delivered_one_is_not() {
-    let (_dir, store) = open();
+async fn a_failed_delivery_is_made_due_again_but_a_delivered_one_is_not(store: Arc<TestStore>) {
     store.insert(request("a", "u", "x", 1), "me", 30_000).await.unwrap();
     store.insert(request("b", "u", "x", 2), "me", 30_000).await.unwrap();
     store.insert(request("c", "u", "x", 3), "me", 30_000).await.unwrap();
@@ -100,9 +90,7 @@ async fn a_failed_delivery_is_made_due_again_but_a_delivered_one_is_not() {
     assert_eq!(store.delivery_of("c").await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn reruns_are_linked_both_ways_and_go_with_their_requests() {
-    let (_dir, store) = open();
+async fn reruns_are_linked_both_ways_and_go_with_their_requests(store: Arc<TestStore>) {
     for (id, at) in [("orig", 1), ("r1", 2), ("r2", 3)] {
         store.insert(request(id, "u", "x", at), "me", 30_000).await.unwrap();
     }
@@ -120,3 +108,10 @@ async fn reruns_are_linked_both_ways_and_go_with_their_requests() {
     store.purge_finished_before(None, 11).await.unwrap();
     assert_eq!(store.reruns("orig").await.unwrap().rerun_as, ["r2"]);
 }
+
+store_contract!(
+    admin_list_spans_users_and_filters,
+    backlog_counts_pending_and_processing_of_one_formation,
+    a_failed_delivery_is_made_due_again_but_a_delivered_one_is_not,
+    reruns_are_linked_both_ways_and_go_with_their_requests,
+);

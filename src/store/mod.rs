@@ -3,10 +3,15 @@
 //! default. The trait speaks only in the types below, never in SQL, so a
 //! PostgreSQL implementation can stand beside it.
 
+pub mod postgres;
 pub mod sqlite;
 
 #[cfg(test)]
 mod admin_tests;
+#[cfg(test)]
+mod contract_tests;
+#[cfg(test)]
+pub(crate) mod test_backends;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -493,11 +498,14 @@ pub trait Store: Send + Sync + 'static {
     /// Whether writes are getting through, as last seen.
     fn health(&self) -> StoreHealth;
 
-    /// The webhook outbox now (`now`: ms since the epoch), for metrics; `None`
-    /// from a store that does not tell.
-    async fn outbox_stats(&self, now: i64) -> StoreResult<Option<OutboxStats>> {
-        let _ = now;
-        Ok(None)
+    /// The webhook outbox now (`now`: ms since the epoch), for metrics.
+    async fn outbox_stats(&self, now: i64) -> StoreResult<Option<OutboxStats>>;
+
+    /// Ids of requests cancelled by any server sharing this store, as they are
+    /// cancelled (best effort: the lease renewal catches any missed). A store
+    /// only one server uses never yields.
+    fn watch_cancels(&self) -> futures::stream::BoxStream<'static, String> {
+        Box::pin(futures::stream::pending())
     }
 
     // The admin console's reads and actions.

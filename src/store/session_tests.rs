@@ -1,14 +1,10 @@
-//! Unit tests of the store's session and event-feed methods on SQLite (kept
-//! apart from `sqlite.rs` so both evolve without merge conflicts).
+//! Tests of the store's session and event-feed methods against every backend
+//! (SQLite and PostgreSQL; kept apart from `sqlite.rs` so both evolve without merge conflicts).
 
-use super::sqlite::SqliteStore;
+use std::sync::Arc;
+
+use super::test_backends::{store_contract, TestStore};
 use super::*;
-
-fn open() -> (tempfile::TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let store = SqliteStore::open(dir.path()).expect("open store");
-    (dir, store)
-}
 
 fn turn(id: &str, user: &str, session: Option<&str>, created_at: i64) -> NewRequest {
     NewRequest {
@@ -37,9 +33,7 @@ fn seed(role: &str, content: &str, timestamp: i64) -> NewSessionMessage {
     NewSessionMessage { role: role.into(), content: content.into(), agent_id: None, timestamp }
 }
 
-#[tokio::test]
-async fn sessions_are_counted_and_ordered_by_latest_activity() {
-    let (_dir, store) = open();
+async fn sessions_are_counted_and_ordered_by_latest_activity(store: Arc<TestStore>) {
     store.insert(turn("r1", "alice", Some("s1"), 10), "me", 30_000).await.unwrap();
     store.finish("r1", &done("a1"), 50, None, None).await.unwrap();
     store.insert(turn("r2", "alice", Some("s2"), 20), "me", 30_000).await.unwrap();
@@ -73,9 +67,7 @@ async fn sessions_are_counted_and_ordered_by_latest_activity() {
     assert_eq!(store.session("f1", "bob", "s2").await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn messages_come_in_order_with_seeds_and_a_restore_replaces_the_seed() {
-    let (_dir, store) = open();
+async fn messages_come_in_order_with_seeds_and_a_restore_replaces_the_seed(store: Arc<TestStore>) {
     store
         .restore_session("f1", "alice", "s1", vec![seed("system", "be brief", 1), seed("user", "hi", 1)])
         .await
@@ -120,9 +112,7 @@ async fn messages_come_in_order_with_seeds_and_a_restore_replaces_the_seed() {
     assert!(store.session_messages("f1", "bob", "s1", None, 100).await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn lifecycle_since_finds_requests_accepted_or_ended_since() {
-    let (_dir, store) = open();
+async fn lifecycle_since_finds_requests_accepted_or_ended_since(store: Arc<TestStore>) {
     store.insert(turn("old", "alice", None, 10), "me", 30_000).await.unwrap();
     store.insert(turn("old_ended_late", "alice", None, 20), "me", 30_000).await.unwrap();
     store.finish("old_ended_late", &done("x"), 200, None, None).await.unwrap();
@@ -133,3 +123,9 @@ async fn lifecycle_since_finds_requests_accepted_or_ended_since() {
     assert_eq!(ids, ["old_ended_late", "new"]);
     assert_eq!(store.lifecycle_since("f1", "alice", 0, 1).await.unwrap().len(), 1);
 }
+
+store_contract!(
+    sessions_are_counted_and_ordered_by_latest_activity,
+    messages_come_in_order_with_seeds_and_a_restore_replaces_the_seed,
+    lifecycle_since_finds_requests_accepted_or_ended_since,
+);

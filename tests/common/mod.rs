@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod postgres;
 pub mod pty;
 pub mod receiver;
 pub mod sse;
@@ -78,6 +79,12 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_muxi-rt");
 
 impl Server {
     pub fn start(fixture: &Fixture, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_with_data(fixture, &fixture.data, args, env)
+    }
+
+    /// [`Server::start`] with a data folder of its own (replicas of one
+    /// formations folder, each with its own data folder).
+    pub fn start_with_data(fixture: &Fixture, data: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut command = Command::new(BIN);
         command
             .arg("serve")
@@ -85,7 +92,7 @@ impl Server {
             .arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
-            .arg(&fixture.data)
+            .arg(data)
             .args(args)
             .env("MUXI_LOG", "info,muxi_rt=debug")
             .env_remove("MUXI_LISTEN")
