@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use super::client::Client;
-use super::follow::{follow, print_final};
+use super::follow::{follow, print_final, Interrupt};
 use super::progress::{spinner, Display};
 use super::{CliResult, Connection, Outcome};
 
@@ -77,12 +77,13 @@ pub async fn run(args: ChatArgs) -> CliResult<Outcome> {
         }
         return Ok(Outcome::Done);
     }
+    let interrupt = Interrupt::listen()?;
     let mut display = Display::new(conn.json);
     display.note(&format!(
         "{id} is running in the background (estimated {})",
         answer.data["estimated_time"].as_str().unwrap_or("?")
     ));
-    follow(&client, &id, &mut display, conn.json).await
+    follow(&client, &id, interrupt, &mut display, conn.json).await
 }
 
 /// A synchronous answer: the reply text, or the document with `--json`.

@@ -17,19 +17,39 @@ use super::{CliError, CliResult, Outcome};
 /// How many times a stream that ended early is opened again.
 const MAX_REOPENS: u32 = 30;
 
+/// Ctrl-C, caught from the moment this is made: make it before anything is
+/// drawn, so an early Ctrl-C asks instead of killing the client.
+pub struct Interrupt(tokio::signal::unix::Signal);
+
+impl Interrupt {
+    pub fn listen() -> CliResult<Interrupt> {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map(Interrupt)
+            .map_err(|e| CliError(format!("cannot handle Ctrl-C: {e}")))
+    }
+}
+
 /// Follows request `id` until it ends (or the user stops following).
-pub async fn follow(client: &Client, id: &str, display: &mut Display, json: bool) -> CliResult<Outcome> {
+pub async fn follow(
+    client: &Client,
+    id: &str,
+    mut interrupt: Interrupt,
+    display: &mut Display,
+    json: bool,
+) -> CliResult<Outcome> {
     let path = format!("/requests/{id}/events");
     let mut percent = 0.0;
     let mut reopens = 0;
-    let interrupt = tokio::signal::ctrl_c();
-    tokio::pin!(interrupt);
     'streams: loop {
-        let mut reader = Reader::new(client.stream(&path).await?);
+        let stream = tokio::select! {
+            stream = client.stream(&path) => stream?,
+            _ = interrupt.0.recv() => return interrupted(client, id, &mut interrupt, display).await,
+        };
+        let mut reader = Reader::new(stream);
         loop {
             let frame = tokio::select! {
                 frame = reader.next() => frame,
-                _ = &mut interrupt => return interrupted(client, id, display).await,
+                _ = interrupt.0.recv() => return interrupted(client, id, &mut interrupt, display).await,
             };
             let frame = match frame {
                 Ok(Some(frame)) => frame,
@@ -108,7 +128,12 @@ pub fn print_final(status: &Value, json: bool) -> Outcome {
 }
 
 /// Ctrl-C while following: cancel the request, or leave it running.
-async fn interrupted(client: &Client, id: &str, display: &mut Display) -> CliResult<Outcome> {
+async fn interrupted(
+    client: &Client,
+    id: &str,
+    interrupt: &mut Interrupt,
+    display: &mut Display,
+) -> CliResult<Outcome> {
     display.finish();
     let cancel = if std::io::stdin().is_terminal() {
         eprint!("\nStop following {id}: [c]ancel the request, or [l]eave it running in the background? [l] ");
@@ -118,7 +143,7 @@ async fn interrupted(client: &Client, id: &str, display: &mut Display) -> CliRes
         });
         tokio::select! {
             answer = answer => answer.ok().and_then(Result::ok).is_some_and(|a| a.trim().to_lowercase().starts_with('c')),
-            _ = tokio::signal::ctrl_c() => false,
+            _ = interrupt.0.recv() => false,
         }
     } else {
         false

@@ -6,7 +6,7 @@ use reqwest::Method;
 use serde_json::Value;
 
 use super::client::Client;
-use super::follow::{follow, print_final};
+use super::follow::{follow, print_final, Interrupt};
 use super::progress::Display;
 use super::{CliError, CliResult, Connection, Outcome};
 
@@ -79,8 +79,9 @@ pub async fn run(args: RequestsArgs) -> CliResult<Outcome> {
             if matches!(status["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
                 return Ok(print_final(&status, conn.json));
             }
+            let interrupt = Interrupt::listen()?;
             let mut display = Display::new(conn.json);
-            follow(&client, id, &mut display, conn.json).await
+            follow(&client, id, interrupt, &mut display, conn.json).await
         }
         Action::Cancel { formation, request_id } => {
             let client = Client::new(&conn, &formation)?;

@@ -6,7 +6,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use super::client::Client;
-use super::follow::follow;
+use super::follow::{follow, Interrupt};
 use super::progress::Display;
 use super::{CliError, CliResult, Connection, Outcome};
 
@@ -55,6 +55,7 @@ pub async fn run(args: TriggerArgs) -> CliResult<Outcome> {
         }
         return Ok(Outcome::Done);
     }
+    let interrupt = Interrupt::listen()?;
     let mut display = Display::new(conn.json);
-    follow(&client, &id, &mut display, conn.json).await
+    follow(&client, &id, interrupt, &mut display, conn.json).await
 }
