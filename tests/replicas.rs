@@ -3,7 +3,8 @@
 //! one runs on another when the first dies, a paused replica's late writes are
 //! fenced off, a cancel on one replica kills the agent running on another, an
 //! idempotency key sent to two replicas at once makes one request, and
-//! webhooks go out once each. Leases are shortened with `MUXI_LEASE_SECS`.
+//! webhooks go out once each, and replicas whose formation files differ say
+//! so in `/health`. Leases are shortened with `MUXI_LEASE_SECS`.
 
 mod common;
 
@@ -270,4 +271,67 @@ async fn a_follower_on_another_replica_sees_progress_and_the_end() {
         "follower on B saw the end {} ms after A committed it (B polls the store every 500 ms)",
         seen_at - completed_at
     );
+}
+
+#[tokio::test]
+async fn a_replica_whose_formation_copy_differs_says_so_in_health() {
+    let r = Replicas::new().await;
+    // B loads its own folder: formation `f` with another description.
+    let other = Fixture::new();
+    let write_b = |description: &str| {
+        let yaml = std::fs::read_to_string(r.fx.formations.join("f/formation.afs")).expect("A's formation");
+        other.write("f/formation.afs", &yaml.replace("description: test formation f", description));
+    };
+    write_b("description: B's copy");
+    let a = r.start("a");
+    let lease = LEASE_SECS.to_string();
+    let b = Server::start_with_data(
+        &other,
+        &r.data.join("b"),
+        &[],
+        &[("MUXI_DATABASE_URL", r.schema.url().as_str()), ("MUXI_LEASE_SECS", lease.as_str())],
+    );
+    let revision = |server: &Server| {
+        let server = server.get("/health");
+        async move {
+            let (_, body) = json(server.send().await.unwrap()).await;
+            let f = &body["data"]["formations"][0];
+            format!("{}+{}", f["version"].as_str().unwrap_or_default(), f["revision"].as_str().unwrap_or_default())
+        }
+    };
+    let (rev_a, rev_b) = (revision(&a).await, revision(&b).await);
+    assert_ne!(rev_a, rev_b, "the two copies differ");
+
+    let health = |with_admin: bool| {
+        let mut request = a.get("/health");
+        if with_admin {
+            let (header, key) = admin_key("f");
+            request = request.header(header, key);
+        }
+        async move { json(request.send().await.unwrap()).await.1["data"].clone() }
+    };
+    let seen = eventually(Duration::from_secs(30), "A to see B's differing copy", || async {
+        let data = health(true).await;
+        (data["copies"].as_array().is_some_and(|c| !c.is_empty())).then_some(data)
+    })
+    .await;
+    assert_eq!(seen["status"], "degraded", "{seen}");
+    let copy = &seen["copies"][0];
+    assert_eq!(copy["formation"], "f", "{seen}");
+    assert_eq!(copy["this_replica"], rev_a.as_str(), "{seen}");
+    assert_eq!(copy["other_revision"], rev_b.as_str(), "{seen}");
+    assert!(copy["other_replica"].as_str().is_some_and(|o| !o.is_empty()), "the admin sees the owner: {seen}");
+    let anonymous = health(false).await;
+    assert_eq!(anonymous["copies"][0]["other_revision"], rev_b.as_str(), "{anonymous}");
+    assert!(anonymous["copies"][0].get("other_replica").is_none(), "no owner names without the key: {anonymous}");
+
+    // B's file made equal to A's: B reloads it, publishes, and A is healthy again.
+    write_b("description: test formation f");
+    let healed = eventually(Duration::from_secs(30), "the copies to agree", || async {
+        let data = health(true).await;
+        (data["copies"].as_array().is_some_and(|c| c.is_empty())).then_some(data)
+    })
+    .await;
+    assert_eq!(healed["status"], "healthy", "{healed}");
+    assert_eq!(revision(&b).await, rev_a);
 }

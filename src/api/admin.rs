@@ -268,7 +268,7 @@ pub async fn rerun(
     let request = NewRequest {
         id: format!("req_{}", uuid::Uuid::now_v7().simple()),
         formation_id: formation.id.clone(),
-        formation_version: format!("{}+{}", formation.version, formation.revision),
+        formation_version: formation.version_label(),
         user_id: original.user_id.clone(),
         session_id: original.session_id.clone(),
         agent_id: original.agent_id.clone(),

@@ -104,7 +104,7 @@ pub async fn accept(
         // instead of dirtying a random page each.
         id: format!("req_{}", uuid::Uuid::now_v7().simple()),
         formation_id: formation.id.clone(),
-        formation_version: format!("{}+{}", formation.version, formation.revision),
+        formation_version: formation.version_label(),
         user_id,
         // Every request belongs to a session; one is opened when none is named.
         session_id: Some(

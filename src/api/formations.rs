@@ -48,7 +48,11 @@ pub async fn server_health(State(state): State<AppState>, headers: HeaderMap) ->
         "failing_since": store.failing_since.map(crate::time::rfc3339),
         "error": if admin { store.error } else { None },
     });
-    let healthy = live.failures.is_empty() && live.problems.is_empty() && store["writable"] == true;
+    let copies = differing_copies(&state, &live, admin).await;
+    let healthy = live.failures.is_empty()
+        && live.problems.is_empty()
+        && store["writable"] == true
+        && copies.as_ref().is_none_or(|c| c.is_empty());
     envelope::ok(
         "health",
         None,
@@ -60,8 +64,38 @@ pub async fn server_health(State(state): State<AppState>, headers: HeaderMap) ->
             "failures": failures,
             "problems": problems,
             "store": store,
+            "copies": copies,
         }),
     )
+}
+
+/// The loaded formations whose copy here differs from another replica's
+/// (as published in the last three lease periods): one entry per other copy.
+/// Owner names (they hold host names) only for the admin key. `None` when the
+/// store cannot say: `/health` answers anyway.
+async fn differing_copies(state: &AppState, live: &crate::registry::Live, admin: bool) -> Option<Vec<Value>> {
+    let since = crate::time::now_ms() - 3 * crate::engine::lease().as_millis() as i64;
+    let copies = match state.engine.store().formation_copies(since).await {
+        Ok(copies) => copies,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read other replicas' formation copies");
+            return None;
+        }
+    };
+    let mine = state.engine.owner();
+    let differing = copies.into_iter().filter_map(|copy| {
+        let here = live.formations.get(&copy.formation_id)?.version_label();
+        if copy.owner == mine || copy.revision == here {
+            return None;
+        }
+        let mut entry =
+            json!({ "formation": copy.formation_id, "this_replica": here, "other_revision": copy.revision });
+        if admin {
+            entry["other_replica"] = json!(copy.owner);
+        }
+        Some(entry)
+    });
+    Some(differing.collect())
 }
 
 /// `GET /api/{id}/v1/health` (no key).

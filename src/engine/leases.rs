@@ -56,7 +56,8 @@ pub fn owner_id() -> String {
 
 impl Engine {
     /// Renews this process's leases until shutdown, stopping the work of any
-    /// request whose lease was taken over.
+    /// request whose lease was taken over, and publishes the formations it
+    /// has loaded (the first tick is at once, so at start-up too).
     pub(super) fn spawn_lease_renewal(self: &Arc<Self>) {
         let engine = self.clone();
         tokio::spawn(async move {
@@ -68,8 +69,20 @@ impl Engine {
                     _ = engine.shutdown.cancelled() => return,
                 }
                 engine.renew_leases().await;
+                engine.publish_copies().await;
             }
         });
+    }
+
+    /// Tells the store which revision of each formation this process has
+    /// loaded, so replicas whose copies differ can say so in `/health`.
+    async fn publish_copies(&self) {
+        let live = self.registry.snapshot();
+        let copies: Vec<(String, String)> =
+            live.formations.values().map(|f| (f.id.clone(), f.version_label())).collect();
+        if let Err(e) = self.store.publish_copies(&self.owner, &copies, now_ms()).await {
+            tracing::warn!(error = %e, "cannot publish this replica's formation copies");
+        }
     }
 
     async fn renew_leases(&self) {

@@ -27,7 +27,7 @@ mod sweeper;
 #[cfg(test)]
 mod tests;
 
-pub use leases::{owner_id, LEASE};
+pub use leases::{lease, owner_id, LEASE};
 pub use live::{LiveEvent, LiveRequest};
 
 use std::collections::HashMap;

@@ -13,8 +13,8 @@ use super::*;
 use crate::formation::AgentKind;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{
-    AdminQuery, Backlog, Claim, Delivery, DeliveryUpdate, ListQuery, Mode, NewSessionMessage, Owner, Reruns,
-    SessionMessage, SessionSummary, StoreHealth, StoreResult,
+    AdminQuery, Backlog, Claim, Delivery, DeliveryUpdate, FormationCopy, ListQuery, Mode, NewSessionMessage, Owner,
+    Reruns, SessionMessage, SessionSummary, StoreHealth, StoreResult,
 };
 use crate::testing::{agent, formation_with_agents};
 use crate::webhooks::{Dispatcher, FormationLookup};
@@ -147,6 +147,13 @@ impl Store for Faulty {
     }
     async fn lifecycle_since(&self, f: &str, u: &str, since: i64, limit: usize) -> StoreResult<Vec<RequestRecord>> {
         self.inner.lifecycle_since(f, u, since, limit).await
+    }
+    async fn publish_copies(&self, owner: &Owner, copies: &[(String, String)], now: i64) -> StoreResult<()> {
+        self.check("publish_copies")?;
+        self.inner.publish_copies(owner, copies, now).await
+    }
+    async fn formation_copies(&self, since: i64) -> StoreResult<Vec<FormationCopy>> {
+        self.inner.formation_copies(since).await
     }
 }
 

@@ -45,6 +45,12 @@ pub struct Formation {
 }
 
 impl Formation {
+    /// `version+revision`: what a request records as the formation version it
+    /// ran with, and what replicas compare their copies by.
+    pub fn version_label(&self) -> String {
+        format!("{}+{}", self.version, self.revision)
+    }
+
     /// The agent a request names, or the default agent when it names none.
     pub fn agent(&self, id: Option<&str>) -> Option<&AgentSpec> {
         match id {

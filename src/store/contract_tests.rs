@@ -512,7 +512,34 @@ async fn session_turns_are_the_latest_completed_oldest_first(store: Arc<TestStor
     assert!(store.session_turns("f1", "alice", "none", 10).await.expect("turns").is_empty());
 }
 
+async fn formation_copies_are_replaced_per_owner(store: Arc<TestStore>) {
+    let copies = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs.iter().map(|(f, r)| (f.to_string(), r.to_string())).collect()
+    };
+    store.publish_copies("a", &copies(&[("f1", "1.0.0+aaa"), ("f2", "2.0.0+bbb")]), 10).await.expect("publish a");
+    store.publish_copies("b", &copies(&[("f1", "1.0.0+ccc")]), 20).await.expect("publish b");
+    let seen = |all: Vec<FormationCopy>| -> Vec<(String, String, String, i64)> {
+        all.into_iter().map(|c| (c.formation_id, c.owner, c.revision, c.seen_at)).collect()
+    };
+    let all = seen(store.formation_copies(0).await.expect("copies"));
+    let row = |f: &str, o: &str, r: &str, at: i64| (f.to_string(), o.to_string(), r.to_string(), at);
+    assert_eq!(
+        all,
+        vec![row("f1", "a", "1.0.0+aaa", 10), row("f1", "b", "1.0.0+ccc", 20), row("f2", "a", "2.0.0+bbb", 10)]
+    );
+    // `since` is inclusive.
+    assert_eq!(seen(store.formation_copies(20).await.expect("copies")), vec![row("f1", "b", "1.0.0+ccc", 20)]);
+
+    // A new revision replaces the old one; a formation no longer loaded is forgotten.
+    store.publish_copies("a", &copies(&[("f1", "1.0.0+ddd")]), 30).await.expect("publish a again");
+    let all = seen(store.formation_copies(0).await.expect("copies"));
+    assert_eq!(all, vec![row("f1", "a", "1.0.0+ddd", 30), row("f1", "b", "1.0.0+ccc", 20)]);
+    store.publish_copies("a", &[], 40).await.expect("publish nothing");
+    assert_eq!(seen(store.formation_copies(0).await.expect("copies")), vec![row("f1", "b", "1.0.0+ccc", 20)]);
+}
+
 store_contract!(
+    formation_copies_are_replaced_per_owner,
     every_field_round_trips,
     idempotency_key_is_per_formation_and_user,
     leases_fence_the_writes_of_a_runner_taken_over,
@@ -553,7 +580,7 @@ async fn postgres_replicas_starting_together_migrate_once() {
         .fetch_one(&mut admin)
         .await
         .expect("count");
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2);
     // And they share one store.
     assert_eq!(created(stores[0].insert(request("req_1", 1), ME, LEASE_MS).await.expect("insert")).id, "req_1");
     assert!(stores[3].get("req_1").await.expect("get").is_some());

@@ -396,6 +396,18 @@ pub struct NewSessionMessage {
     pub timestamp: i64,
 }
 
+/// The formation revision one server process has loaded, as it last said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormationCopy {
+    pub formation_id: String,
+    /// The process ([`Owner`]) that loaded it.
+    pub owner: String,
+    /// `version+revision`, as requests record `formation_version`.
+    pub revision: String,
+    /// When it last said so (ms).
+    pub seen_at: i64,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
 pub struct StoreError(pub String);
@@ -574,6 +586,16 @@ pub trait Store: Send + Sync + 'static {
         since: i64,
         limit: usize,
     ) -> StoreResult<Vec<RequestRecord>>;
+
+    // Formation copies: which revision each replica loaded.
+
+    /// Records that `owner` has loaded `copies` (formation id, revision) at
+    /// `now`, and forgets its copies of formations not among them.
+    async fn publish_copies(&self, owner: &Owner, copies: &[(String, String)], now: i64) -> StoreResult<()>;
+
+    /// Every owner's copies last published at or after `since` (ms), by
+    /// formation and owner.
+    async fn formation_copies(&self, since: i64) -> StoreResult<Vec<FormationCopy>>;
 }
 
 #[cfg(test)]

@@ -34,9 +34,9 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use super::{
-    AdminQuery, Backlog, Claim, Delivery, DeliveryUpdate, ErrorInfo, Inserted, Lease, ListQuery, Mode, NewDelivery,
-    NewRequest, NewSessionMessage, Outcome, Owner, Progress, RequestRecord, RequestResult, Reruns, SessionMessage,
-    SessionSummary, Status, Store, StoreError, StoreHealth, StoreResult, WebhookState,
+    AdminQuery, Backlog, Claim, Delivery, DeliveryUpdate, ErrorInfo, FormationCopy, Inserted, Lease, ListQuery, Mode,
+    NewDelivery, NewRequest, NewSessionMessage, Outcome, Owner, Progress, RequestRecord, RequestResult, Reruns,
+    SessionMessage, SessionSummary, Status, Store, StoreError, StoreHealth, StoreResult, WebhookState,
 };
 
 /// The most commands one transaction carries.
@@ -138,6 +138,16 @@ CREATE TABLE session_messages (
     PRIMARY KEY (formation_id, user_id, session_id, seq)
 );
 CREATE INDEX session_messages_by_user ON session_messages (formation_id, user_id, created_at);
+"#,
+    r#"
+-- The formation revision each server process has loaded (see `Store::publish_copies`).
+CREATE TABLE formation_copies (
+    formation_id TEXT NOT NULL,
+    owner        TEXT NOT NULL,
+    revision     TEXT NOT NULL,
+    seen_at      INTEGER NOT NULL,
+    PRIMARY KEY (formation_id, owner)
+);
 "#,
 ];
 
@@ -1175,6 +1185,41 @@ impl Store for SqliteStore {
                  ORDER BY r.created_at, r.id LIMIT ?4"
             ))?
             .query_map(params![formation_id, user_id, since, sql_limit(limit)], record_from_row)?
+            .collect()
+        })
+        .await
+    }
+
+    async fn publish_copies(&self, owner: &Owner, copies: &[(String, String)], now: i64) -> StoreResult<()> {
+        let (owner, copies) = (owner.to_owned(), copies.to_vec());
+        self.write("publish_copies", move |conn| {
+            // One savepoint: the owner's rows are replaced as a whole.
+            conn.prepare_cached("DELETE FROM formation_copies WHERE owner = ?1")?.execute(params![owner])?;
+            let mut insert = conn.prepare_cached(
+                "INSERT OR REPLACE INTO formation_copies (formation_id, owner, revision, seen_at) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (formation_id, revision) in &copies {
+                insert.execute(params![formation_id, owner, revision, now])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn formation_copies(&self, since: i64) -> StoreResult<Vec<FormationCopy>> {
+        self.read("formation_copies", move |conn| {
+            conn.prepare_cached(
+                "SELECT formation_id, owner, revision, seen_at FROM formation_copies \
+                 WHERE seen_at >= ?1 ORDER BY formation_id, owner",
+            )?
+            .query_map(params![since], |row| {
+                Ok(FormationCopy {
+                    formation_id: row.get(0)?,
+                    owner: row.get(1)?,
+                    revision: row.get(2)?,
+                    seen_at: row.get(3)?,
+                })
+            })?
             .collect()
         })
         .await

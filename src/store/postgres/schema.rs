@@ -12,7 +12,8 @@ const MIGRATION_LOCK: i64 = 0x6d75_7869_2d6d_6967;
 /// Schema migrations, in order; `muxi_migrations` records those applied.
 /// Append only: never edit a migration that has shipped. Ids are `COLLATE "C"`
 /// so they order bytewise, as SQLite orders them.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE requests (
     id                  TEXT COLLATE "C" PRIMARY KEY,
     formation_id        TEXT NOT NULL,
@@ -88,7 +89,18 @@ CREATE TABLE session_messages (
     PRIMARY KEY (formation_id, user_id, session_id, seq)
 );
 CREATE INDEX session_messages_by_user ON session_messages (formation_id, user_id, created_at);
-"#];
+"#,
+    r#"
+-- The formation revision each server process has loaded (see `Store::publish_copies`).
+CREATE TABLE formation_copies (
+    formation_id TEXT COLLATE "C" NOT NULL,
+    owner        TEXT COLLATE "C" NOT NULL,
+    revision     TEXT NOT NULL,
+    seen_at      BIGINT NOT NULL,
+    PRIMARY KEY (formation_id, owner)
+);
+"#,
+];
 
 /// Applies the migrations this database has not seen yet.
 pub async fn migrate(pool: &PgPool) -> StoreResult<()> {
