@@ -22,6 +22,7 @@ pub mod overlord;
 pub mod registry;
 pub mod server;
 pub mod store;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod time;
 pub mod triggers;
