@@ -6,21 +6,20 @@ use std::sync::Arc;
 use super::test_backends::{store_contract, TestStore};
 use super::*;
 
-/// The trait's calls as the tests below use them: one owner, no fences.
-trait Simple {
+/// The trait's calls as the store tests use them: one owner, no fences.
+pub(super) trait Simple {
     async fn put(&self, request: NewRequest) -> StoreResult<Inserted>;
     async fn start_attempt(&self, id: &str, now: i64) -> StoreResult<Option<u32>>;
     async fn progress(&self, id: &str, progress: &Progress) -> StoreResult<bool>;
     async fn end(&self, id: &str, outcome: &Outcome, now: i64, delivery: Option<NewDelivery>) -> StoreResult<bool>;
     async fn unfinished(&self) -> StoreResult<Vec<RequestRecord>>;
     async fn due_deliveries(&self, now: i64, limit: usize) -> StoreResult<Vec<Delivery>>;
-    async fn delivery_result(&self, id: &str, update: &DeliveryUpdate) -> StoreResult<bool>;
 }
 
-const ME: &str = "me";
-const LEASE_MS: i64 = 30_000;
+pub(super) const ME: &str = "me";
+pub(super) const LEASE_MS: i64 = 30_000;
 
-impl Simple for TestStore {
+impl<S: Store + ?Sized> Simple for S {
     async fn put(&self, request: NewRequest) -> StoreResult<Inserted> {
         self.insert(request, ME, LEASE_MS).await
     }
@@ -41,13 +40,17 @@ impl Simple for TestStore {
     async fn due_deliveries(&self, now: i64, limit: usize) -> StoreResult<Vec<Delivery>> {
         self.claim_deliveries(ME, now, limit, 0).await
     }
+}
+
+impl TestStore {
+    /// Records an attempt of a delivery as if this test's sender had claimed it.
     async fn delivery_result(&self, id: &str, update: &DeliveryUpdate) -> StoreResult<bool> {
         self.force_delivery_claim(id, ME).await;
         self.record_delivery(id, ME, update).await
     }
 }
 
-fn request(id: &str, created_at: i64) -> NewRequest {
+pub(super) fn request(id: &str, created_at: i64) -> NewRequest {
     NewRequest {
         id: id.into(),
         formation_id: "f1".into(),
@@ -66,7 +69,7 @@ fn request(id: &str, created_at: i64) -> NewRequest {
     }
 }
 
-fn created(inserted: Inserted) -> RequestRecord {
+pub(super) fn created(inserted: Inserted) -> RequestRecord {
     match inserted {
         Inserted::Created(record) => record,
         Inserted::Existing(record) | Inserted::KeyReused(record) => {
@@ -75,11 +78,11 @@ fn created(inserted: Inserted) -> RequestRecord {
     }
 }
 
-fn completed(text: &str) -> Outcome {
+pub(super) fn completed(text: &str) -> Outcome {
     Outcome::Completed(RequestResult { text: text.into(), artifacts: vec![] })
 }
 
-fn delivery(id: &str) -> Option<NewDelivery> {
+pub(super) fn delivery(id: &str) -> Option<NewDelivery> {
     Some(NewDelivery { id: id.into(), url: "https://example.com/hook".into() })
 }
 

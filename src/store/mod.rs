@@ -9,7 +9,7 @@ pub mod sqlite;
 #[cfg(test)]
 mod admin_tests;
 #[cfg(test)]
-mod contract_tests;
+pub(crate) mod contract_tests;
 #[cfg(test)]
 pub(crate) mod test_backends;
 

@@ -1255,80 +1255,13 @@ fn session_from_row(row: &Row) -> rusqlite::Result<SessionSummary> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::contract_tests::{completed, created, delivery, request, Simple};
     use std::sync::Arc;
-
-    /// The trait's calls as the tests below use them: one owner, no fences.
-    trait Simple {
-        async fn put(&self, request: NewRequest) -> StoreResult<Inserted>;
-        async fn start_attempt(&self, id: &str, now: i64) -> StoreResult<Option<u32>>;
-        async fn end(&self, id: &str, outcome: &Outcome, now: i64, delivery: Option<NewDelivery>) -> StoreResult<bool>;
-        async fn unfinished(&self) -> StoreResult<Vec<RequestRecord>>;
-        async fn due_deliveries(&self, now: i64, limit: usize) -> StoreResult<Vec<Delivery>>;
-    }
-
-    const ME: &str = "me";
-    const LEASE_MS: i64 = 30_000;
-
-    impl Simple for SqliteStore {
-        async fn put(&self, request: NewRequest) -> StoreResult<Inserted> {
-            self.insert(request, ME, LEASE_MS).await
-        }
-        async fn start_attempt(&self, id: &str, now: i64) -> StoreResult<Option<u32>> {
-            Ok(self.claim(id, ME, now, LEASE_MS).await?.map(|c| c.attempt))
-        }
-        async fn end(&self, id: &str, outcome: &Outcome, now: i64, delivery: Option<NewDelivery>) -> StoreResult<bool> {
-            self.finish(id, outcome, now, delivery, None).await
-        }
-        /// Everything unfinished, as another server would see it once every lease expired.
-        async fn unfinished(&self) -> StoreResult<Vec<RequestRecord>> {
-            self.claimable("another", i64::MAX, usize::MAX).await
-        }
-        /// A claim that expires at once: a read of what is due.
-        async fn due_deliveries(&self, now: i64, limit: usize) -> StoreResult<Vec<Delivery>> {
-            self.claim_deliveries(ME, now, limit, 0).await
-        }
-    }
 
     fn open() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(&dir.path().join("data")).expect("open store");
         (dir, store)
-    }
-
-    fn request(id: &str, created_at: i64) -> NewRequest {
-        NewRequest {
-            id: id.into(),
-            formation_id: "f1".into(),
-            formation_version: "1.0.0".into(),
-            user_id: "alice".into(),
-            session_id: None,
-            agent_id: "researcher".into(),
-            message: format!("message of {id}"),
-            mode: Mode::Async,
-            estimated_seconds: 42.5,
-            idempotency_key: None,
-            fingerprint: format!("fp of {id}"),
-            webhook_url: None,
-            workflow_timeout_ms: 60_000,
-            created_at,
-        }
-    }
-
-    fn created(inserted: Inserted) -> RequestRecord {
-        match inserted {
-            Inserted::Created(record) => record,
-            Inserted::Existing(record) | Inserted::KeyReused(record) => {
-                panic!("expected a new request, got existing {}", record.id)
-            }
-        }
-    }
-
-    fn completed(text: &str) -> Outcome {
-        Outcome::Completed(RequestResult { text: text.into(), artifacts: vec![] })
-    }
-
-    fn delivery(id: &str) -> Option<NewDelivery> {
-        Some(NewDelivery { id: id.into(), url: "https://example.com/hook".into() })
     }
 
     async fn get(store: &SqliteStore, id: &str) -> RequestRecord {
