@@ -66,7 +66,7 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
 fn quota(rate: &Rate) -> Quota {
     let rps = if rate.requests_per_second.is_finite() { rate.requests_per_second.clamp(1e-6, MAX_RATE) } else { 1.0 };
     let burst = rate.burst.unwrap_or_else(|| rps.ceil() as u32).clamp(1, MAX_BURST);
-    let period = Duration::from_secs_f64(1.0 / rps).max(Duration::from_nanos(1));
+    let period = crate::time::seconds_clamped(1.0 / rps, Duration::MAX).max(Duration::from_nanos(1));
     let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
     Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN)).allow_burst(burst)
 }

@@ -3,6 +3,19 @@
 //! default. The trait speaks only in the types below, never in SQL, so a
 //! PostgreSQL implementation can stand beside it.
 
+/// `SELECT <every record column> FROM requests r LEFT JOIN deliveries d <tail>`:
+/// the same query shape in both SQL stores (defined before them to be in scope).
+macro_rules! select_records {
+    ($tail:literal) => {
+        concat!(
+            "SELECT r.*, d.status AS webhook_status, d.attempts AS webhook_attempts, \
+             d.last_error AS webhook_last_error \
+             FROM requests r LEFT JOIN deliveries d ON d.request_id = r.id ",
+            $tail
+        )
+    };
+}
+
 pub mod postgres;
 pub mod sqlite;
 

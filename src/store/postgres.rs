@@ -43,18 +43,6 @@ const MAX_CONNECTIONS: u32 = 16;
 /// How long a caller waits for a connection before the store answers an error.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `SELECT <every record column> FROM requests r LEFT JOIN deliveries d <tail>`.
-macro_rules! select_records {
-    ($tail:literal) => {
-        concat!(
-            "SELECT r.*, d.status AS webhook_status, d.attempts AS webhook_attempts, \
-             d.last_error AS webhook_last_error \
-             FROM requests r LEFT JOIN deliveries d ON d.request_id = r.id ",
-            $tail
-        )
-    };
-}
-
 /// The PostgreSQL implementation of [`Store`].
 pub struct PgStore {
     pool: PgPool,

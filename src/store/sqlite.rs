@@ -151,18 +151,6 @@ CREATE TABLE formation_copies (
 "#,
 ];
 
-/// `SELECT <every record column> FROM requests r LEFT JOIN deliveries d <tail>`.
-macro_rules! select_records {
-    ($tail:literal) => {
-        concat!(
-            "SELECT r.*, d.status AS webhook_status, d.attempts AS webhook_attempts, \
-             d.last_error AS webhook_last_error \
-             FROM requests r LEFT JOIN deliveries d ON d.request_id = r.id ",
-            $tail
-        )
-    };
-}
-
 /// The SQLite implementation of [`Store`].
 pub struct SqliteStore {
     path: PathBuf,
