@@ -285,6 +285,28 @@ pub struct StoreHealth {
     pub failing_since: Option<i64>,
 }
 
+impl StoreHealth {
+    /// A store whose writes get through.
+    pub fn writable() -> StoreHealth {
+        StoreHealth { writable: true, error: None, failing_since: None }
+    }
+
+    /// A write got through: the store is writable again.
+    pub fn note_success(&mut self) {
+        if !self.writable {
+            tracing::info!("store writes succeed again");
+            *self = StoreHealth::writable();
+        }
+    }
+
+    /// A write failed for want of storage: keep the error and since when.
+    pub fn note_failure(&mut self, error: &str) {
+        self.writable = false;
+        self.error = Some(error.to_string());
+        self.failing_since.get_or_insert_with(crate::time::now_ms);
+    }
+}
+
 /// Filters for listing a user's requests.
 #[derive(Debug, Clone)]
 pub struct ListQuery {

@@ -82,11 +82,7 @@ impl PgStore {
             PgListener::connect_with(&pool).await.map_err(|e| StoreError(format!("cannot listen for cancels: {e}")))?;
         tokio::spawn(listen(listener, cancels.clone()));
         tracing::debug!("postgres store open");
-        Ok(PgStore {
-            pool,
-            health: Arc::new(Mutex::new(StoreHealth { writable: true, error: None, failing_since: None })),
-            cancels,
-        })
+        Ok(PgStore { pool, health: Arc::new(Mutex::new(StoreHealth::writable())), cancels })
     }
 
     /// The pool, for tests and tools.
@@ -99,18 +95,13 @@ impl PgStore {
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
         match result {
             Ok(value) => {
-                if !health.writable {
-                    tracing::info!("store writes succeed again");
-                    *health = StoreHealth { writable: true, error: None, failing_since: None };
-                }
+                health.note_success();
                 Ok(value)
             }
             Err(e) => {
                 let error = StoreError(format!("{name}: {e}"));
                 if is_storage_failure(&e) {
-                    health.writable = false;
-                    health.error = Some(error.0.clone());
-                    health.failing_since.get_or_insert_with(crate::time::now_ms);
+                    health.note_failure(&error.0);
                 }
                 Err(error)
             }

@@ -194,7 +194,7 @@ impl SqliteStore {
         readers.put(first);
 
         let commits = Arc::new(AtomicU64::new(0));
-        let health = Arc::new(Mutex::new(StoreHealth { writable: true, error: None, failing_since: None }));
+        let health = Arc::new(Mutex::new(StoreHealth::writable()));
         let (sender, receiver) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("muxi-store-writer".into())
@@ -382,16 +382,8 @@ fn probe_write(conn: &Connection) -> rusqlite::Result<()> {
 fn note_health(health: &Mutex<StoreHealth>, outcome: &StoreResult<()>) {
     let mut health = health.lock().unwrap_or_else(|e| e.into_inner());
     match outcome {
-        Ok(()) if !health.writable => {
-            tracing::info!("store writes succeed again");
-            *health = StoreHealth { writable: true, error: None, failing_since: None };
-        }
-        Ok(()) => {}
-        Err(e) => {
-            health.writable = false;
-            health.error = Some(e.0.clone());
-            health.failing_since.get_or_insert_with(crate::time::now_ms);
-        }
+        Ok(()) => health.note_success(),
+        Err(e) => health.note_failure(&e.0),
     }
 }
 
