@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::auth::{self, Role};
 use super::extract::{Path, Query};
+use super::params::{parse_limit, parse_status};
 use super::{envelope, views, AppState};
 use crate::error::{ApiError, ApiResult, Code};
 use crate::store::{AdminQuery, Delivery, Mode, NewRequest, RequestRecord, Status};
@@ -98,21 +99,8 @@ pub struct ListParams {
 /// Checks the list filters; the first bad one is answered `invalid_request`.
 pub fn admin_query(formation_id: &str, params: ListParams) -> ApiResult<AdminQuery> {
     let bad = |message: String| ApiError::new(Code::InvalidRequest, message);
-    let limit = match params.limit.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
-        None => DEFAULT_LIMIT,
-        Some(text) => text
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| bad(format!("`limit` must be a positive integer, got `{text}`")))?
-            .min(MAX_LIMIT),
-    };
-    let status = match params.status.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
-        None => None,
-        Some(text) => Some(Status::parse(text).ok_or_else(|| {
-            bad(format!("`status` must be one of pending, processing, completed, failed, cancelled; got `{text}`"))
-        })?),
-    };
+    let limit = parse_limit(params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
+    let status = parse_status(params.status.as_deref())?;
     let text_filter = |name: &str, value: Option<String>| -> ApiResult<Option<String>> {
         match value.map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) {
             Some(v) if v.chars().count() > MAX_FILTER_CHARS => {

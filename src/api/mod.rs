@@ -12,6 +12,7 @@ pub mod extract;
 pub mod feed;
 pub mod formations;
 pub mod limits;
+pub mod params;
 pub mod rate_limit;
 pub mod requests;
 pub mod root;

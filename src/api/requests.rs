@@ -2,6 +2,7 @@
 //! another user's request answers 404, as if it did not exist.
 
 use super::extract::{Path, Query};
+use super::params::{parse_limit, parse_status};
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -59,22 +60,8 @@ pub async fn list(
     Query(params): Query<ListParams>,
 ) -> ApiResult<Response> {
     auth::authorize(&state, &id, &headers, Role::Client)?;
-    let limit = match params.limit.as_deref() {
-        None => DEFAULT_LIMIT,
-        Some(text) => text.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
-            ApiError::new(Code::InvalidRequest, format!("`limit` must be a positive integer, got `{text}`"))
-        })?,
-    }
-    .min(MAX_LIMIT);
-    let status = match params.status.as_deref() {
-        None | Some("") => None,
-        Some(text) => Some(Status::parse(text).ok_or_else(|| {
-            ApiError::new(
-                Code::InvalidRequest,
-                format!("`status` must be one of pending, processing, completed, failed, cancelled; got `{text}`"),
-            )
-        })?),
-    };
+    let limit = parse_limit(params.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
+    let status = parse_status(params.status.as_deref())?;
     let query = ListQuery { formation_id: id, user_id: auth::user_id(&headers, None)?, status, limit };
     let records = state.engine.store().list(&query).await?;
     let requests: Vec<Value> = records.iter().map(views::request_status).collect();
@@ -111,7 +98,7 @@ pub(super) async fn cancel_and_answer(state: &AppState, record: &RequestRecord, 
     }
 }
 
-pub(super) fn finished_verb(status: Status) -> &'static str {
+fn finished_verb(status: Status) -> &'static str {
     match status {
         Status::Completed => "completed",
         Status::Failed => "failed",

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use super::auth::{self, Role};
 use super::body::JsonBody;
+use super::params::parse_limit;
 use super::{envelope, AppState};
 use crate::error::{ApiError, ApiResult, Code};
 use crate::store::{NewSessionMessage, SessionMessage, SessionSummary};
@@ -28,16 +29,6 @@ const MAX_RESTORE: usize = 1000;
 const MAX_AGENT_ID: usize = 200;
 /// The longest session id accepted.
 const MAX_SESSION_ID: usize = 200;
-
-/// A `limit` query parameter: a positive integer, capped at `max`.
-pub fn parse_limit(text: Option<&str>, default: usize, max: usize) -> ApiResult<usize> {
-    match text.map(str::trim) {
-        None | Some("") => Ok(default),
-        Some(text) => text.parse::<usize>().ok().filter(|n| *n > 0).map(|n| n.min(max)).ok_or_else(|| {
-            ApiError::new(Code::InvalidRequest, format!("`limit` must be a positive integer, got `{text}`"))
-        }),
-    }
-}
 
 fn check_session_id(session_id: &str) -> ApiResult<()> {
     if session_id.trim().is_empty() || session_id.len() > MAX_SESSION_ID || session_id.chars().any(char::is_control) {
@@ -291,17 +282,6 @@ fn message_view(m: &SessionMessage) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn limits_are_positive_and_capped() {
-        assert_eq!(parse_limit(None, 50, 500).unwrap(), 50);
-        assert_eq!(parse_limit(Some("7"), 50, 500).unwrap(), 7);
-        assert_eq!(parse_limit(Some("99999999999999999999999"), 50, 500).unwrap_err().code, Code::InvalidRequest);
-        assert_eq!(parse_limit(Some("100000"), 50, 500).unwrap(), 500);
-        for bad in ["0", "-1", "x", "1.5"] {
-            assert_eq!(parse_limit(Some(bad), 50, 500).unwrap_err().code, Code::InvalidRequest, "{bad}");
-        }
-    }
 
     #[test]
     fn timestamps_in_seconds_millis_or_rfc3339() {
