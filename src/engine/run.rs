@@ -268,7 +268,7 @@ impl ProgressWriter {
 
     fn add(&mut self, update: Progress) {
         match &mut self.pending {
-            Some(pending) => merge(pending, update),
+            Some(pending) => super::apply_fields(pending, update),
             None => self.pending = Some(update),
         }
     }
@@ -310,11 +310,6 @@ impl ProgressWriter {
             }
         }
     }
-}
-
-/// `update`'s fields replace those of `into`; absent ones stay.
-fn merge(into: &mut Progress, update: Progress) {
-    super::apply_fields(into, update);
 }
 
 /// The workflow deadline: `workflow` after the first start (as stored, so it
