@@ -64,16 +64,16 @@ mod tests {
             .restore_session("f", "u", "s", vec![seed("user", "before"), seed("assistant", "remembered")])
             .await
             .unwrap();
-        store.insert(request("r1", 10), "me", 30_000).await.unwrap();
+        store.insert(request("r1", 10), Some("me"), 30_000).await.unwrap();
         store
             .finish("r1", &Outcome::Completed(RequestResult { text: "a r1".into(), artifacts: vec![] }), 11, None, None)
             .await
             .unwrap();
-        store.insert(request("r2", 20), "me", 30_000).await.unwrap();
+        store.insert(request("r2", 20), Some("me"), 30_000).await.unwrap();
         let failed = ErrorInfo { kind: "x".into(), message: "no".into(), retryable: false };
         store.finish("r2", &Outcome::Failed(failed), 21, None, None).await.unwrap();
-        let Inserted::Created(current) = store.insert(request("r3", 30), "me", 30_000).await.unwrap() else { panic!() };
-        store.insert(request("r4", 40), "me", 30_000).await.unwrap(); // after it: not history
+        let Inserted::Created(current) = store.insert(request("r3", 30), Some("me"), 30_000).await.unwrap() else { panic!() };
+        store.insert(request("r4", 40), Some("me"), 30_000).await.unwrap(); // after it: not history
 
         let history = session_history(&store, &current, 40).await;
         let shown: Vec<(&str, &str)> = history.iter().map(|t| (t.role.as_str(), t.content.as_str())).collect();

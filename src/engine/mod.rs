@@ -202,7 +202,7 @@ impl Engine {
         }
         let engine = self.clone();
         let accepting = tokio::spawn(async move {
-            match engine.store.insert(request, &engine.owner, leases::lease_ms()).await? {
+            match engine.store.insert(request, Some(&engine.owner), leases::lease_ms()).await? {
                 Inserted::Created(record) => {
                     engine.feed.accepted(&record);
                     crate::observability::metrics::request_accepted(&formation, &record);
@@ -497,7 +497,7 @@ mod progress_tests {
     async fn progress_applied_in_memory_matches_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
-        let Inserted::Created(mut copy) = store.insert(request("r1"), "me", 30_000).await.unwrap() else { panic!() };
+        let Inserted::Created(mut copy) = store.insert(request("r1"), Some("me"), 30_000).await.unwrap() else { panic!() };
         let updates = [
             Progress {
                 progress: Some(20.0),

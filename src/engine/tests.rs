@@ -37,9 +37,9 @@ impl Faulty {
 
 #[async_trait]
 impl Store for Faulty {
-    async fn insert(&self, request: NewRequest, owner: &Owner, lease_ms: i64) -> StoreResult<Inserted> {
+    async fn insert(&self, request: NewRequest, holder: Option<&Owner>, lease_ms: i64) -> StoreResult<Inserted> {
         self.check("insert")?;
-        self.inner.insert(request, owner, lease_ms).await
+        self.inner.insert(request, holder, lease_ms).await
     }
     async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
         self.inner.get(id).await
@@ -212,7 +212,7 @@ async fn stored(h: &Harness, id: &str) -> RequestRecord {
 #[tokio::test]
 async fn a_panic_in_the_work_ends_the_request_once_and_wakes_its_waiters() {
     let h = harness("true");
-    let Inserted::Created(record) = h.store.insert(new_request("r1"), "test", 30_000).await.unwrap() else {
+    let Inserted::Created(record) = h.store.insert(new_request("r1"), Some("test"), 30_000).await.unwrap() else {
         panic!("created")
     };
     let live = Arc::new(LiveRequest::new(&record));

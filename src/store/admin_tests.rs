@@ -31,10 +31,10 @@ fn failed() -> Outcome {
 
 async fn admin_list_spans_users_and_filters(store: Arc<TestStore>) {
     for (id, user, agent, at) in [("a", "alice", "x", 10), ("b", "bob", "y", 20), ("c", "alice", "y", 30)] {
-        store.insert(request(id, user, agent, at), "me", 30_000).await.expect("insert");
+        store.insert(request(id, user, agent, at), Some("me"), 30_000).await.expect("insert");
     }
     store
-        .insert(NewRequest { formation_id: "f2".into(), ..request("other", "alice", "x", 40) }, "me", 30_000)
+        .insert(NewRequest { formation_id: "f2".into(), ..request("other", "alice", "x", 40) }, Some("me"), 30_000)
         .await
         .unwrap();
     store.finish("b", &failed(), 50, None, None).await.expect("finish");
@@ -55,9 +55,9 @@ async fn admin_list_spans_users_and_filters(store: Arc<TestStore>) {
 
 async fn backlog_counts_pending_and_processing_of_one_formation(store: Arc<TestStore>) {
     for (id, at) in [("a", 1), ("b", 2), ("c", 3), ("d", 4)] {
-        store.insert(request(id, "u", "x", at), "me", 30_000).await.expect("insert");
+        store.insert(request(id, "u", "x", at), Some("me"), 30_000).await.expect("insert");
     }
-    store.insert(NewRequest { formation_id: "f2".into(), ..request("e", "u", "x", 5) }, "me", 30_000).await.unwrap();
+    store.insert(NewRequest { formation_id: "f2".into(), ..request("e", "u", "x", 5) }, Some("me"), 30_000).await.unwrap();
     store.claim("b", "me", 5, 30_000).await.expect("start");
     store.finish("c", &failed(), 6, None, None).await.expect("finish");
     assert_eq!(store.backlog("f1").await.expect("backlog"), Backlog { pending: 2, processing: 1 });
@@ -65,9 +65,9 @@ async fn backlog_counts_pending_and_processing_of_one_formation(store: Arc<TestS
 }
 
 async fn a_failed_delivery_is_made_due_again_but_a_delivered_one_is_not(store: Arc<TestStore>) {
-    store.insert(request("a", "u", "x", 1), "me", 30_000).await.unwrap();
-    store.insert(request("b", "u", "x", 2), "me", 30_000).await.unwrap();
-    store.insert(request("c", "u", "x", 3), "me", 30_000).await.unwrap();
+    store.insert(request("a", "u", "x", 1), Some("me"), 30_000).await.unwrap();
+    store.insert(request("b", "u", "x", 2), Some("me"), 30_000).await.unwrap();
+    store.insert(request("c", "u", "x", 3), Some("me"), 30_000).await.unwrap();
     let delivery = |id: &str| Some(NewDelivery { id: id.into(), url: "https://example.com/hook".into() });
     store.finish("a", &failed(), 10, delivery("wh_a"), None).await.unwrap();
     store.finish("b", &failed(), 10, delivery("wh_b"), None).await.unwrap();
@@ -92,7 +92,7 @@ async fn a_failed_delivery_is_made_due_again_but_a_delivered_one_is_not(store: A
 
 async fn reruns_are_linked_both_ways_and_go_with_their_requests(store: Arc<TestStore>) {
     for (id, at) in [("orig", 1), ("r1", 2), ("r2", 3)] {
-        store.insert(request(id, "u", "x", at), "me", 30_000).await.unwrap();
+        store.insert(request(id, "u", "x", at), Some("me"), 30_000).await.unwrap();
     }
     store.link_rerun("r1", "orig").await.unwrap();
     store.link_rerun("r2", "orig").await.unwrap();

@@ -21,7 +21,7 @@ pub(super) const LEASE_MS: i64 = 30_000;
 
 impl<S: Store + ?Sized> Simple for S {
     async fn put(&self, request: NewRequest) -> StoreResult<Inserted> {
-        self.insert(request, ME, LEASE_MS).await
+        self.insert(request, Some(ME), LEASE_MS).await
     }
     async fn start_attempt(&self, id: &str, now: i64) -> StoreResult<Option<u32>> {
         Ok(self.claim(id, ME, now, LEASE_MS).await?.map(|c| c.attempt))
@@ -585,6 +585,6 @@ async fn postgres_replicas_starting_together_migrate_once() {
         .expect("count");
     assert_eq!(applied, 2);
     // And they share one store.
-    assert_eq!(created(stores[0].insert(request("req_1", 1), ME, LEASE_MS).await.expect("insert")).id, "req_1");
+    assert_eq!(created(stores[0].insert(request("req_1", 1), Some(ME), LEASE_MS).await.expect("insert")).id, "req_1");
     assert!(stores[3].get("req_1").await.expect("get").is_some());
 }

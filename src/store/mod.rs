@@ -452,11 +452,13 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// The durable request store. Every write is committed durably before it returns.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Persists a new request in `pending`, held by `owner` (the server that
-    /// accepted it runs it) until `now + lease_ms` unless renewed. When
-    /// `idempotency_key` is set and an earlier request of the same formation and
-    /// user has it, returns that one.
-    async fn insert(&self, request: NewRequest, owner: &Owner, lease_ms: i64) -> StoreResult<Inserted>;
+    /// Persists a new request in `pending`. With a `holder`, that server (the
+    /// one that accepted it and runs it at once) holds its lease until
+    /// `created_at + lease_ms` unless renewed; without, it is queued: unowned,
+    /// for whichever server has room to claim it. When `idempotency_key` is set
+    /// and an earlier request of the same formation and user has it, returns
+    /// that one.
+    async fn insert(&self, request: NewRequest, holder: Option<&Owner>, lease_ms: i64) -> StoreResult<Inserted>;
 
     /// One request by id.
     async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>>;

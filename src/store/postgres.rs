@@ -289,7 +289,7 @@ const SESSIONS_SQL: &str = "SELECT * FROM ( \
 
 #[async_trait]
 impl Store for PgStore {
-    async fn insert(&self, request: NewRequest, owner: &Owner, lease_ms: i64) -> StoreResult<Inserted> {
+    async fn insert(&self, request: NewRequest, holder: Option<&Owner>, lease_ms: i64) -> StoreResult<Inserted> {
         let inserted = sqlx::query(
             "INSERT INTO requests (id, formation_id, formation_version, user_id, session_id, \
              agent_id, message, mode, answered_async, estimated_seconds, idempotency_key, fingerprint, \
@@ -312,8 +312,8 @@ impl Store for PgStore {
         .bind(&request.webhook_url)
         .bind(request.workflow_timeout_ms)
         .bind(request.created_at)
-        .bind(owner)
-        .bind(request.created_at.saturating_add(lease_ms))
+        .bind(holder)
+        .bind(holder.map(|_| request.created_at.saturating_add(lease_ms)))
         .execute(&self.pool)
         .await;
         let inserted = self.note("insert", inserted)?;

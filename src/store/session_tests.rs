@@ -34,12 +34,12 @@ fn seed(role: &str, content: &str, timestamp: i64) -> NewSessionMessage {
 }
 
 async fn sessions_are_counted_and_ordered_by_latest_activity(store: Arc<TestStore>) {
-    store.insert(turn("r1", "alice", Some("s1"), 10), "me", 30_000).await.unwrap();
+    store.insert(turn("r1", "alice", Some("s1"), 10), Some("me"), 30_000).await.unwrap();
     store.finish("r1", &done("a1"), 50, None, None).await.unwrap();
-    store.insert(turn("r2", "alice", Some("s2"), 20), "me", 30_000).await.unwrap();
-    store.insert(turn("r3", "alice", Some("s1"), 30), "me", 30_000).await.unwrap(); // still running
-    store.insert(turn("r4", "bob", Some("s1"), 40), "me", 30_000).await.unwrap();
-    store.insert(turn("r5", "alice", None, 60), "me", 30_000).await.unwrap();
+    store.insert(turn("r2", "alice", Some("s2"), 20), Some("me"), 30_000).await.unwrap();
+    store.insert(turn("r3", "alice", Some("s1"), 30), Some("me"), 30_000).await.unwrap(); // still running
+    store.insert(turn("r4", "bob", Some("s1"), 40), Some("me"), 30_000).await.unwrap();
+    store.insert(turn("r5", "alice", None, 60), Some("me"), 30_000).await.unwrap();
     store
         .restore_session("f1", "alice", "s3", vec![seed("user", "old", 5), seed("assistant", "older", 6)])
         .await
@@ -72,9 +72,9 @@ async fn messages_come_in_order_with_seeds_and_a_restore_replaces_the_seed(store
         .restore_session("f1", "alice", "s1", vec![seed("system", "be brief", 1), seed("user", "hi", 1)])
         .await
         .unwrap();
-    store.insert(turn("r1", "alice", Some("s1"), 10), "me", 30_000).await.unwrap();
+    store.insert(turn("r1", "alice", Some("s1"), 10), Some("me"), 30_000).await.unwrap();
     store.finish("r1", &done("a1"), 20, None, None).await.unwrap();
-    store.insert(turn("r2", "alice", Some("s1"), 20), "me", 30_000).await.unwrap();
+    store.insert(turn("r2", "alice", Some("s1"), 20), Some("me"), 30_000).await.unwrap();
     store
         .finish(
             "r2",
@@ -113,11 +113,11 @@ async fn messages_come_in_order_with_seeds_and_a_restore_replaces_the_seed(store
 }
 
 async fn lifecycle_since_finds_requests_accepted_or_ended_since(store: Arc<TestStore>) {
-    store.insert(turn("old", "alice", None, 10), "me", 30_000).await.unwrap();
-    store.insert(turn("old_ended_late", "alice", None, 20), "me", 30_000).await.unwrap();
+    store.insert(turn("old", "alice", None, 10), Some("me"), 30_000).await.unwrap();
+    store.insert(turn("old_ended_late", "alice", None, 20), Some("me"), 30_000).await.unwrap();
     store.finish("old_ended_late", &done("x"), 200, None, None).await.unwrap();
-    store.insert(turn("new", "alice", None, 150), "me", 30_000).await.unwrap();
-    store.insert(turn("bobs", "bob", None, 160), "me", 30_000).await.unwrap();
+    store.insert(turn("new", "alice", None, 150), Some("me"), 30_000).await.unwrap();
+    store.insert(turn("bobs", "bob", None, 160), Some("me"), 30_000).await.unwrap();
     let ids: Vec<String> =
         store.lifecycle_since("f1", "alice", 100, 10).await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(ids, ["old_ended_late", "new"]);

@@ -577,8 +577,8 @@ fn to_json(name: &str, value: &impl serde::Serialize) -> StoreResult<String> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn insert(&self, request: NewRequest, owner: &Owner, lease_ms: i64) -> StoreResult<Inserted> {
-        let owner = owner.to_owned();
+    async fn insert(&self, request: NewRequest, holder: Option<&Owner>, lease_ms: i64) -> StoreResult<Inserted> {
+        let holder = holder.map(str::to_owned);
         self.write("insert", move |conn| {
             if let Some(key) = &request.idempotency_key {
                 let existing = conn
@@ -619,8 +619,8 @@ impl Store for SqliteStore {
                 request.webhook_url,
                 request.workflow_timeout_ms,
                 request.created_at,
-                owner,
-                request.created_at.saturating_add(lease_ms),
+                holder,
+                holder.as_ref().map(|_| request.created_at.saturating_add(lease_ms)),
             ])?;
             Ok(Inserted::Created(RequestRecord::accepted(request)))
         })

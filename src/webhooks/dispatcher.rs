@@ -385,7 +385,7 @@ mod tests {
                 workflow_timeout_ms: 60_000,
                 created_at: 1,
             };
-            self.store.insert(request, "test", 1).await.expect("insert");
+            self.store.insert(request, Some("test"), 1).await.expect("insert");
             let outcome = Outcome::Completed(RequestResult { text: format!("answer {request_id}"), artifacts: vec![] });
             let delivery = NewDelivery { id: format!("wh_{request_id}"), url: url.into() };
             assert!(self.store.finish(request_id, &outcome, 2, Some(delivery), None).await.expect("finish"));
