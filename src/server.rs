@@ -114,6 +114,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let app = if config.console { app.merge(crate::console::router()) } else { app };
     let metrics = crate::observability::endpoint::MetricsState {
         store: store.clone(),
+        registry: registry.clone(),
         token: config.metrics_token.as_deref().map(Arc::from),
     };
     let app = match (&config.metrics_listen, config.metrics) {

@@ -632,3 +632,47 @@ async fn finished_requests_are_purged_after_their_formations_retention() {
     let kept = server.caller("long", "u1").data(&ids[1]).await;
     assert_eq!(kept["status"], "completed", "the default retention (7 days) keeps it");
 }
+
+#[tokio::test]
+async fn a_long_queue_waits_in_the_store_and_runs_oldest_first() {
+    let fx = fixture("async:\n  mode: async\noverlord:\n  max_concurrent_requests: 2\n");
+    let server = fx.start();
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let (code, body, _) = chat(&server, "u1", json!({ "message": format!("echo:{i}") })).await;
+        assert_eq!(code, 202, "{body}");
+        ids.push(request_id(&body));
+    }
+    // While the queue drains, at most the pool's size of requests is held by
+    // a server (taken on); the rest wait in the store, unowned.
+    let db = rusqlite::Connection::open_with_flags(fx.data.join("muxi.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open the store read-only");
+    let (mut saw_queue, mut most_held) = (false, 0);
+    for _ in 0..200 {
+        let (held, queued): (i64, i64) = db
+            .query_row(
+                "SELECT COUNT(lease_owner), COUNT(*) - COUNT(lease_owner) FROM requests \
+                 WHERE status IN ('pending', 'processing')",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .expect("count");
+        most_held = most_held.max(held);
+        saw_queue |= queued > 0;
+        if held + queued == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(saw_queue, "requests beyond the pool wait unowned in the store");
+    assert!(most_held <= 2, "at most max_concurrent_requests taken on at once, saw {most_held}");
+    let mut starts = Vec::new();
+    for id in &ids {
+        let data = finished(&server, "u1", id).await;
+        assert_eq!(data["status"], "completed", "{data}");
+        starts.push(data["started_at"].as_str().unwrap().to_string());
+    }
+    for (i, later) in starts.iter().enumerate().skip(2) {
+        assert!(starts[i - 2] <= *later, "taken on oldest first: {starts:?}");
+    }
+}

@@ -275,7 +275,7 @@ pub async fn rerun(
         created_at: crate::time::now_ms(),
     };
     let new_id = request.id.clone();
-    let record = state.engine.submit(formation, request, false).await?.record;
+    let record = state.engine.submit(formation, request, crate::engine::Start::Queue).await?.record;
     // An idempotency key may replay an earlier re-run: that one is linked already.
     if record.id == new_id {
         state.engine.store().link_rerun(&record.id, &original.id).await?;

@@ -13,7 +13,7 @@ use super::auth::{self, Role};
 use super::body::JsonBody;
 use super::extract::Path;
 use super::{envelope, views, AppState};
-use crate::engine::Submitted;
+use crate::engine::{Start, Submitted};
 use crate::error::{ApiError, ApiResult, Code};
 use crate::formation::Formation;
 use crate::overlord::decide::{decide, Plan};
@@ -157,7 +157,13 @@ pub async fn run_and_answer(state: &AppState, accepted: Accepted) -> ApiResult<R
     let Accepted { formation, request, plan, estimate } = accepted;
     let request_id = request.id.clone();
     let idempotency_key = request.idempotency_key.clone();
-    let Submitted { record, live, .. } = state.engine.submit(formation.clone(), request, false).await?;
+    // A caller answered at once leaves its request queued; one that waits for
+    // the end has it taken on here now.
+    let start = match plan {
+        Plan::Async => Start::Queue,
+        Plan::Wait { .. } => Start::Now,
+    };
+    let Submitted { record, live, .. } = state.engine.submit(formation.clone(), request, start).await?;
     let key = idempotency_key.as_deref();
     if record.status.is_final() {
         return answer_final(&record, key);

@@ -36,7 +36,7 @@ const POLL: Duration = Duration::from_millis(500);
 pub async fn stream_chat(state: AppState, accepted: Accepted) -> ApiResult<Response> {
     let cancel_on_disconnect = !matches!(accepted.plan, Plan::Async);
     let Submitted { record, live, events, .. } =
-        state.engine.submit(accepted.formation, accepted.request, true).await?;
+        state.engine.submit(accepted.formation, accepted.request, crate::engine::Start::Follow).await?;
     Ok(sse(state, record, live, events, cancel_on_disconnect))
 }
 

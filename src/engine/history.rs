@@ -72,7 +72,9 @@ mod tests {
         store.insert(request("r2", 20), Some("me"), 30_000).await.unwrap();
         let failed = ErrorInfo { kind: "x".into(), message: "no".into(), retryable: false };
         store.finish("r2", &Outcome::Failed(failed), 21, None, None).await.unwrap();
-        let Inserted::Created(current) = store.insert(request("r3", 30), Some("me"), 30_000).await.unwrap() else { panic!() };
+        let Inserted::Created(current) = store.insert(request("r3", 30), Some("me"), 30_000).await.unwrap() else {
+            panic!()
+        };
         store.insert(request("r4", 40), Some("me"), 30_000).await.unwrap(); // after it: not history
 
         let history = session_history(&store, &current, 40).await;

@@ -64,6 +64,20 @@ pub struct Submitted {
     pub events: Option<tokio::sync::broadcast::Receiver<LiveEvent>>,
 }
 
+/// How a submitted request starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Queued in the store, unowned: the sweeper takes it on here (or another
+    /// server does) when a slot is free. Nothing of it is kept in memory
+    /// meanwhile, so a queue of any length costs only its rows.
+    Queue,
+    /// Taken on here at once, for a caller that waits for its end.
+    Now,
+    /// As `Now`, with a subscription to its events made before its work can
+    /// publish any (so a stream opened with the request misses nothing).
+    Follow,
+}
+
 /// Why `submit` stored nothing.
 #[derive(Debug)]
 pub enum SubmitError {
@@ -181,9 +195,7 @@ impl Engine {
         }
     }
 
-    /// Stores a new request durably, then starts it in the background. With
-    /// `follow`, the caller also gets a subscription to its events, made before
-    /// the work can publish any.
+    /// Stores a new request durably, then starts it as `start` says.
     ///
     /// The work is detached from the caller: once the insert is under way, the
     /// request is committed and started even if the caller goes away (an HTTP
@@ -193,7 +205,7 @@ impl Engine {
         self: &Arc<Self>,
         formation: Arc<Formation>,
         request: NewRequest,
-        follow: bool,
+        start: Start,
     ) -> Result<Submitted, SubmitError> {
         let (id, cap) = (request.id.clone(), formation.overlord.max_pending_per_user);
         if let Err(limit) = self.per_user.admit(&request.formation_id, &request.user_id, &id, cap) {
@@ -202,7 +214,15 @@ impl Engine {
         }
         let engine = self.clone();
         let accepting = tokio::spawn(async move {
-            match engine.store.insert(request, Some(&engine.owner), leases::lease_ms()).await? {
+            let holder = (start != Start::Queue).then_some(engine.owner.as_str());
+            let follow = start == Start::Follow;
+            match engine.store.insert(request, holder, leases::lease_ms()).await? {
+                Inserted::Created(record) if start == Start::Queue => {
+                    engine.feed.accepted(&record);
+                    crate::observability::metrics::request_accepted(&formation, &record);
+                    engine.wake_sweeper();
+                    Ok(Submitted { record, live: None, events: None })
+                }
                 Inserted::Created(record) => {
                     engine.feed.accepted(&record);
                     crate::observability::metrics::request_accepted(&formation, &record);
@@ -212,6 +232,15 @@ impl Engine {
                 Inserted::Existing(record) if record.status.is_final() => {
                     Ok(Submitted { record, live: None, events: None })
                 }
+                Inserted::Existing(record) if start == Start::Queue => match engine.live(&record.id) {
+                    Some(live) => Ok(Submitted { record: live.snapshot(), live: Some(live), events: None }),
+                    None => {
+                        // Queued, or held by a server that may have stopped: the
+                        // sweeper takes it on when it can.
+                        engine.wake_sweeper();
+                        Ok(Submitted { record, live: None, events: None })
+                    }
+                },
                 Inserted::Existing(record) => {
                     // Running here, or started here now (the claim decides if
                     // another server holds it).
@@ -224,8 +253,9 @@ impl Engine {
         let submitted = accepting
             .await
             .map_err(|e| SubmitError::Store(StoreError(format!("accepting the request failed: {e}"))))?;
-        if !self.is_running(&id) {
-            // Not started under this id (a replay, a refusal, or already over).
+        let queued = matches!(&submitted, Ok(s) if s.record.id == id && !s.record.status.is_final());
+        if !queued && !self.is_running(&id) {
+            // Not taken on under this id (a replay, a refusal, or already over).
             self.per_user.release(&id);
         }
         submitted
@@ -272,7 +302,8 @@ impl Engine {
             live
         };
         let events = follow.then(|| live.subscribe());
-        self.spawn_request(formation, record, live.clone());
+        let taken = self.pool(&formation).take_on();
+        self.spawn_request(formation, record, live.clone(), taken);
         (live, events)
     }
 
@@ -305,6 +336,10 @@ impl Engine {
         let has_delivery = delivery.is_some();
         if !self.store.finish(&record.id, outcome, now_ms(), delivery, fence).await? {
             return Ok(false);
+        }
+        // A queued request ended (cancelled) before anything here took it on.
+        if live.is_none() && !self.is_running(&record.id) {
+            self.per_user.release(&record.id);
         }
         if has_delivery {
             self.deliveries.notify();
@@ -497,7 +532,9 @@ mod progress_tests {
     async fn progress_applied_in_memory_matches_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path()).unwrap();
-        let Inserted::Created(mut copy) = store.insert(request("r1"), Some("me"), 30_000).await.unwrap() else { panic!() };
+        let Inserted::Created(mut copy) = store.insert(request("r1"), Some("me"), 30_000).await.unwrap() else {
+            panic!()
+        };
         let updates = [
             Progress {
                 progress: Some(20.0),

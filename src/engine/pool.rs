@@ -1,6 +1,12 @@
 //! A formation's worker pool: at most N requests run at once; the rest wait, in
 //! the order they came (tokio's semaphore is fair).
+//!
+//! The pool also counts the requests this process has taken on for the
+//! formation (running, or waiting here for a slot), so the sweeper takes
+//! queued requests out of the store only as slots can be had: a long queue
+//! stays in the store, not in memory.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -8,11 +14,34 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub struct Pool {
     slots: Arc<Semaphore>,
     size: Mutex<usize>,
+    /// Requests taken on here: see [`Pool::take_on`].
+    taken: Arc<AtomicUsize>,
+}
+
+/// One request taken on by a pool; counted until dropped.
+pub struct TakenOn(Arc<AtomicUsize>);
+
+impl Drop for TakenOn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pool {
     pub fn new(size: usize) -> Pool {
-        Pool { slots: Arc::new(Semaphore::new(size)), size: Mutex::new(size) }
+        Pool { slots: Arc::new(Semaphore::new(size)), size: Mutex::new(size), taken: Arc::default() }
+    }
+
+    /// Counts a request as taken on until the returned guard drops.
+    pub fn take_on(&self) -> TakenOn {
+        self.taken.fetch_add(1, Ordering::Relaxed);
+        TakenOn(self.taken.clone())
+    }
+
+    /// How many more requests it can take on before one would wait for a slot.
+    pub fn room(&self) -> usize {
+        let size = *self.size.lock().unwrap_or_else(|e| e.into_inner());
+        size.saturating_sub(self.taken.load(Ordering::Relaxed))
     }
 
     /// Waits for a free slot; the slot is freed when the permit drops.

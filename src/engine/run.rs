@@ -37,7 +37,15 @@ enum Ended {
 
 impl Engine {
     /// The whole life of one request in this process, up to its end.
-    pub(super) async fn run(&self, formation: &Formation, record: &RequestRecord, live: &LiveRequest) -> End {
+    /// `taken` is the request's place in the pool, given up while a retry
+    /// waits out its backoff (see [`super::pool::Pool::take_on`]).
+    pub(super) async fn run(
+        &self,
+        formation: &Formation,
+        record: &RequestRecord,
+        live: &LiveRequest,
+        taken: &mut Option<super::pool::TakenOn>,
+    ) -> End {
         let Some(spec) = formation.agent(Some(&record.agent_id)) else {
             return End::Finish(Outcome::Failed(ErrorInfo {
                 kind: "unknown_agent".into(),
@@ -63,7 +71,6 @@ impl Engine {
         let pool = self.pool(formation);
 
         loop {
-            let queued = crate::observability::metrics::queued(formation);
             let _slot = tokio::select! {
                 slot = pool.acquire() => (slot, crate::observability::metrics::running(formation)),
                 _ = live.cancel.cancelled() => return End::Gone,
@@ -73,7 +80,6 @@ impl Engine {
                     return End::Finish(Outcome::Failed(timeout_error("workflow_timeout", timeouts.workflow())));
                 }
             };
-            drop(queued);
             let now = now_ms();
             let claim = match self.store.claim(&record.id, &self.owner, now, leases::lease_ms()).await {
                 Ok(Some(claim)) => claim,
@@ -191,14 +197,17 @@ impl Engine {
                     if !progress.flush(self, &record.id).await {
                         return End::Gone;
                     }
-                    // The slot goes to the next request while this one waits.
+                    // The slot, and the place, go to the next request while this one waits.
                     drop(_slot);
+                    *taken = None;
+                    self.wake_sweeper();
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = live.cancel.cancelled() => return End::Gone,
                         _ = live.lost.cancelled() => return End::Gone,
                         _ = self.shutdown.cancelled() => return End::HandBack,
                     }
+                    *taken = Some(pool.take_on());
                 }
                 Ended::TimedOut => return End::Finish(Outcome::Failed(timeout_error(limit_name, limit_of))),
                 Ended::Cancelled | Ended::LeaseLost => return End::Gone,

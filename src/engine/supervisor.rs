@@ -43,13 +43,18 @@ impl Engine {
         formation: Arc<Formation>,
         record: RequestRecord,
         live: Arc<LiveRequest>,
+        taken: super::pool::TakenOn,
     ) {
         let engine = self.clone();
         let span = crate::observability::logs::request_span(&record.formation_id, &record.id, &record.agent_id);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let work = engine.run(&formation, &record, &live);
+                let mut taken = Some(taken);
+                let work = engine.run(&formation, &record, &live, &mut taken);
                 engine.supervise(&record, &live, work).await;
+                // Its place is free: take on the next queued request.
+                drop(taken);
+                engine.wake_sweeper();
             },
             span,
         ));

@@ -1,22 +1,26 @@
 //! The sweeper: the one path by which unfinished work nobody runs is started.
 //!
 //! It looks for requests that are unfinished and claimable by this process
-//! (no lease, an expired one, or its own while no task here runs them) at
-//! start-up and then every [`SWEEP_EVERY`]. Each is started, unless its
-//! formation is not loaded: it then waits, with a note in its status, until
-//! the formation comes back or its workflow timeout (counted from acceptance)
-//! passes, when it fails with `formation_unavailable`.
+//! (queued ones, with no lease, and those whose lease expired) at start-up,
+//! every [`SWEEP_EVERY`], and whenever it is woken: a request was queued, one
+//! taken on here ended, a formation was loaded. For each loaded formation it
+//! takes on the oldest, only as many as its pool has room for, so the queue
+//! stays in the store (oldest first, shared by every server on the store) and
+//! memory holds only what runs or is about to. A request whose formation is
+//! not loaded waits, with a note in its status, until the formation comes back
+//! or its workflow timeout (counted from acceptance) passes, when it fails with
+//! `formation_unavailable`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::Engine;
-use crate::store::{ErrorInfo, Outcome, Progress, RequestRecord};
+use crate::store::{Among, ErrorInfo, Outcome, Progress, RequestRecord};
 use crate::time::now_ms;
 
 /// How often unowned work is looked for.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
-/// The most requests one sweep starts.
+/// The most requests of formations not loaded one sweep looks at.
 const SWEEP_BATCH: usize = 1000;
 
 impl Engine {
@@ -31,7 +35,7 @@ impl Engine {
                 tracing::info!(count = cleared, "took over requests left by a stopped server");
             }
         }
-        let started = self.sweep().await?;
+        let started = self.sweep(true).await?;
         if started > 0 {
             tracing::info!(count = started, "recovered unfinished requests");
         }
@@ -49,36 +53,47 @@ impl Engine {
     fn spawn_sweeper(self: &Arc<Self>) {
         let engine = self.clone();
         tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(SWEEP_EVERY) => {}
-                    _ = engine.sweep.notified() => {}
+                let full = tokio::select! {
+                    _ = tick.tick() => true,
+                    _ = engine.sweep.notified() => false,
                     _ = engine.shutdown.cancelled() => return,
-                }
-                if let Err(e) = engine.sweep().await {
+                };
+                if let Err(e) = engine.sweep(full).await {
                     tracing::warn!(error = %e, "cannot look for unfinished requests");
                 }
             }
         });
     }
 
-    /// One pass; returns how many requests it started.
-    async fn sweep(self: &Arc<Self>) -> crate::store::StoreResult<usize> {
+    /// One pass: takes on what each loaded formation has room for; with
+    /// `full`, also looks at the requests of formations not loaded. Returns
+    /// how many requests it took on.
+    async fn sweep(self: &Arc<Self>, full: bool) -> crate::store::StoreResult<usize> {
         if self.shutdown.is_cancelled() {
             return Ok(0);
         }
         let now = now_ms();
+        let loaded = self.registry.snapshot();
         let mut started = 0;
-        for record in self.store.claimable(&self.owner, now, SWEEP_BATCH).await? {
-            if self.is_running(&record.id) {
+        for formation in loaded.formations.values() {
+            let room = self.pool(formation).room();
+            if room == 0 {
                 continue;
             }
-            match self.registry.get(&record.formation_id) {
-                Some(formation) => {
-                    self.start(formation, record, false);
+            for record in self.store.claimable(&self.owner, now, Among::Formation(&formation.id), room).await? {
+                if !self.is_running(&record.id) {
+                    self.start(formation.clone(), record, false);
                     started += 1;
                 }
-                None => self.wait_for_formation(record, now).await,
+            }
+        }
+        if full {
+            let ids: Vec<String> = loaded.formations.keys().cloned().collect();
+            for record in self.store.claimable(&self.owner, now, Among::AllBut(&ids), SWEEP_BATCH).await? {
+                self.wait_for_formation(record, now).await;
             }
         }
         Ok(started)

@@ -13,8 +13,8 @@ use super::*;
 use crate::formation::AgentKind;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{
-    AdminQuery, Backlog, Claim, Delivery, DeliveryUpdate, FormationCopy, ListQuery, Mode, NewSessionMessage, Owner,
-    Reruns, SessionMessage, SessionSummary, StoreHealth, StoreResult,
+    AdminQuery, Among, Backlog, Claim, Delivery, DeliveryUpdate, FormationCopy, ListQuery, Mode, NewSessionMessage,
+    Owner, Reruns, SessionMessage, SessionSummary, StoreHealth, StoreResult,
 };
 use crate::testing::{agent, formation_with_agents};
 use crate::webhooks::{Dispatcher, FormationLookup};
@@ -81,8 +81,14 @@ impl Store for Faulty {
         self.check("finish")?;
         self.inner.finish(id, outcome, now, delivery, fence).await
     }
-    async fn claimable(&self, owner: &Owner, now: i64, limit: usize) -> StoreResult<Vec<RequestRecord>> {
-        self.inner.claimable(owner, now, limit).await
+    async fn claimable(
+        &self,
+        owner: &Owner,
+        now: i64,
+        among: Among<'_>,
+        limit: usize,
+    ) -> StoreResult<Vec<RequestRecord>> {
+        self.inner.claimable(owner, now, among, limit).await
     }
     async fn purge_finished_before(&self, formation_id: Option<&str>, cutoff: i64) -> StoreResult<u64> {
         self.inner.purge_finished_before(formation_id, cutoff).await
@@ -242,7 +248,7 @@ async fn a_panic_in_the_work_ends_the_request_once_and_wakes_its_waiters() {
 #[tokio::test]
 async fn an_end_the_store_refuses_is_answered_from_memory_then_recorded() {
     let h = harness("sleep 0.5; echo '{\"result\": \"done\"}'");
-    let submitted = h.engine.submit(h.formation.clone(), new_request("r1"), false).await.unwrap();
+    let submitted = h.engine.submit(h.formation.clone(), new_request("r1"), Start::Now).await.unwrap();
     let live = submitted.live.expect("runs here");
     // Wait for the attempt to start, then let the disk fill up.
     for _ in 0..200 {
@@ -287,7 +293,7 @@ async fn a_flood_of_progress_costs_few_writes_and_ends_with_the_agent() {
                   echo '{\"progress\": 99, \"step\": \"last\"}'; echo '{\"result\": \"done\"}'";
     let h = harness(script);
     let commits_before = h.store.inner.commits();
-    let submitted = h.engine.submit(h.formation.clone(), new_request("r1"), false).await.unwrap();
+    let submitted = h.engine.submit(h.formation.clone(), new_request("r1"), Start::Now).await.unwrap();
     let ended = h.engine.wait(&submitted.live.unwrap(), None).await.expect("ends");
     assert_eq!(ended.status, Status::Completed);
     assert_eq!(ended.current_step.as_deref(), Some("last"), "the latest progress wins");

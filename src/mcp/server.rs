@@ -21,7 +21,7 @@ use super::{tools, views, Caller};
 use crate::api::auth;
 use crate::api::chat::{accept, ChatBody};
 use crate::api::AppState;
-use crate::engine::{CancelError, LiveEvent, LiveRequest, Submitted};
+use crate::engine::{CancelError, LiveEvent, LiveRequest, Start, Submitted};
 use crate::error::{ApiError, Code};
 use crate::formation::Formation;
 use crate::store::{ListQuery, RequestRecord};
@@ -90,10 +90,15 @@ impl FormationServer {
             Err(e) => return Ok(views::error(e.code.as_str(), &e.message).into()),
         };
         let progress = context.meta.get_progress_token().filter(|_| !args.wait.is_zero());
+        let start = match (args.wait.is_zero(), &progress) {
+            (true, _) => Start::Queue,
+            (false, None) => Start::Now,
+            (false, Some(_)) => Start::Follow,
+        };
         let Submitted { record, live, events } = self
             .state
             .engine
-            .submit(accepted.formation, accepted.request, progress.is_some())
+            .submit(accepted.formation, accepted.request, start)
             .await
             .map_err(|e| internal(ApiError::from(e)))?;
         let mut record = record;

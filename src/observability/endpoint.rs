@@ -1,7 +1,7 @@
 //! `GET /metrics`: the Prometheus text exposition, on the main listener behind
 //! an optional bearer token (`serve --metrics-token`), or on its own listener
-//! (`serve --metrics-listen`). Store-derived gauges (the webhook outbox) are
-//! read at scrape time.
+//! (`serve --metrics-listen`). Store-derived gauges (the webhook outbox, each
+//! formation's queue) are read at scrape time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +20,8 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct MetricsState {
     pub store: Arc<dyn Store>,
+    /// The formations whose queues are shown.
+    pub registry: Arc<crate::registry::Registry>,
     /// The bearer token scrapers must send (`None`: open).
     pub token: Option<Arc<str>>,
 }
@@ -50,6 +52,12 @@ async fn scrape(State(state): State<MetricsState>, headers: HeaderMap) -> Respon
         Ok(Some(stats)) => super::metrics::outbox(stats.pending, Duration::from_millis(stats.oldest_age_ms)),
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "cannot read the webhook outbox for /metrics"),
+    }
+    for formation in state.registry.snapshot().formations.values() {
+        match state.store.backlog(&formation.id).await {
+            Ok(backlog) => super::metrics::queue_depth(formation, backlog.pending),
+            Err(e) => tracing::warn!(error = %e, formation = %formation.id, "cannot read the queue for /metrics"),
+        }
     }
     let mut response = handle.render().into_response();
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));

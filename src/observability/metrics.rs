@@ -29,7 +29,7 @@ pub const REQUEST_DURATION: &str = "muxi_request_duration_seconds";
 pub const REQUEST_QUEUED: &str = "muxi_request_queued_seconds";
 pub const REQUEST_ATTEMPTS: &str = "muxi_request_attempts_total";
 pub const REQUEST_RETRIES: &str = "muxi_request_retries_total";
-/// Requests waiting for a worker slot, per formation.
+/// Requests accepted and not yet started (pending in the store), per formation.
 pub const QUEUE_DEPTH: &str = "muxi_queue_depth";
 /// Requests holding a worker slot, per formation.
 pub const RUNNING: &str = "muxi_requests_running";
@@ -88,7 +88,10 @@ fn describe() {
     describe_histogram!(REQUEST_QUEUED, Unit::Seconds, "Time requests waited from acceptance to their first start.");
     describe_counter!(REQUEST_ATTEMPTS, "Attempts started (a first run, a retry, a run again after a restart).");
     describe_counter!(REQUEST_RETRIES, "Retries scheduled after a retryable failure.");
-    describe_gauge!(QUEUE_DEPTH, "Requests waiting for a worker slot.");
+    describe_gauge!(
+        QUEUE_DEPTH,
+        "Requests accepted and not yet started (pending in the store; the same figure on every replica)."
+    );
     describe_gauge!(RUNNING, "Requests holding a worker slot.");
     describe_gauge!(POOL_LIMIT, "The worker pool's size (overlord.max_concurrent_requests).");
     describe_counter!(WEBHOOK_DELIVERIES, "Webhook attempts, by outcome (delivered, retry, failed).");
@@ -199,8 +202,11 @@ fn hold(formation: &Formation, name: &'static str) -> Held {
 }
 
 /// A request waits for a worker slot while the result is held.
-pub fn queued(formation: &Formation) -> Held {
-    hold(formation, QUEUE_DEPTH)
+/// Requests of `formation` waiting in the store, read at scrape time.
+pub fn queue_depth(formation: &Formation, pending: u64) {
+    if tracked(formation) {
+        gauge!(QUEUE_DEPTH, "formation" => formation.id.clone()).set(pending as f64);
+    }
 }
 
 /// A request holds a worker slot while the result is held.

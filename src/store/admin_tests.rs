@@ -57,7 +57,10 @@ async fn backlog_counts_pending_and_processing_of_one_formation(store: Arc<TestS
     for (id, at) in [("a", 1), ("b", 2), ("c", 3), ("d", 4)] {
         store.insert(request(id, "u", "x", at), Some("me"), 30_000).await.expect("insert");
     }
-    store.insert(NewRequest { formation_id: "f2".into(), ..request("e", "u", "x", 5) }, Some("me"), 30_000).await.unwrap();
+    store
+        .insert(NewRequest { formation_id: "f2".into(), ..request("e", "u", "x", 5) }, Some("me"), 30_000)
+        .await
+        .unwrap();
     store.claim("b", "me", 5, 30_000).await.expect("start");
     store.finish("c", &failed(), 6, None, None).await.expect("finish");
     assert_eq!(store.backlog("f1").await.expect("backlog"), Backlog { pending: 2, processing: 1 });

@@ -34,7 +34,7 @@ impl<S: Store + ?Sized> Simple for S {
     }
     /// Everything unfinished, as another server would see it once every lease expired.
     async fn unfinished(&self) -> StoreResult<Vec<RequestRecord>> {
-        self.claimable("another", i64::MAX, usize::MAX).await
+        self.claimable("another", i64::MAX, Among::ALL, usize::MAX).await
     }
     /// A claim that expires at once: a read of what is due.
     async fn due_deliveries(&self, now: i64, limit: usize) -> StoreResult<Vec<Delivery>> {
@@ -193,13 +193,13 @@ async fn leases_fence_the_writes_of_a_runner_taken_over(store: Arc<TestStore>) {
     store.put(request("req_1", 1_000)).await.expect("insert");
     // "me" accepted it and holds it: nobody else may claim it.
     assert_eq!(store.claim("req_1", "other", 2_000, LEASE_MS).await.expect("claim"), None);
-    assert!(store.claimable("other", 2_000, 10).await.expect("claimable").is_empty());
+    assert!(store.claimable("other", 2_000, Among::ALL, 10).await.expect("claimable").is_empty());
     let mine = store.claim("req_1", ME, 2_000, LEASE_MS).await.expect("claim").expect("mine");
     assert_eq!(mine.attempt, 1);
     // Renewal keeps it; time passes without renewal and it expires.
     assert_eq!(store.renew_leases(ME, 3_000, LEASE_MS).await.expect("renew"), vec!["req_1".to_string()]);
     let later = 3_000 + LEASE_MS;
-    assert_eq!(store.claimable("other", later, 10).await.expect("claimable").len(), 1);
+    assert_eq!(store.claimable("other", later, Among::ALL, 10).await.expect("claimable").len(), 1);
     let theirs = store.claim("req_1", "other", later, LEASE_MS).await.expect("claim").expect("taken over");
     assert_eq!(theirs.attempt, 2, "at-least-once: the takeover is another attempt");
     assert!(theirs.lease.epoch > mine.lease.epoch);
@@ -213,6 +213,31 @@ async fn leases_fence_the_writes_of_a_runner_taken_over(store: Arc<TestStore>) {
     assert!(store.finish("req_1", &completed("fresh"), later, None, Some(theirs.lease)).await.expect("finish"));
     let record = get(&store, "req_1").await;
     assert_eq!(record.result.map(|r| r.text).as_deref(), Some("fresh"));
+}
+
+async fn a_queued_request_is_anyones_to_claim_oldest_first_per_formation(store: Arc<TestStore>) {
+    let queue = |id: &str, formation: &str, at: i64| NewRequest { formation_id: formation.into(), ..request(id, at) };
+    for (id, formation, at) in [("req_3", "f1", 30), ("req_1", "f1", 10), ("req_2", "f2", 20), ("req_4", "f3", 40)] {
+        created(store.insert(queue(id, formation, at), None, LEASE_MS).await.expect("insert"));
+    }
+    let ids = |records: Vec<RequestRecord>| records.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    // Unowned from the start: any server may take them, oldest first.
+    assert_eq!(
+        ids(store.claimable("other", 50, Among::ALL, 10).await.expect("claimable")),
+        ["req_1", "req_2", "req_3", "req_4"]
+    );
+    assert_eq!(ids(store.claimable(ME, 50, Among::Formation("f1"), 1).await.expect("claimable")), ["req_1"]);
+    let loaded = ["f1".to_string(), "f2".to_string()];
+    assert_eq!(ids(store.claimable(ME, 50, Among::AllBut(&loaded), 10).await.expect("claimable")), ["req_4"]);
+    // Nobody renews a lease nobody holds.
+    assert!(store.renew_leases(ME, 60, LEASE_MS).await.expect("renew").is_empty());
+    assert_eq!(store.backlog("f1").await.expect("backlog").pending, 2);
+    // The first claim wins and holds it; the queue moves on.
+    let claim = store.claim("req_1", "other", 60, LEASE_MS).await.expect("claim").expect("claimed");
+    assert_eq!(claim.attempt, 1);
+    assert_eq!(store.claim("req_1", ME, 61, LEASE_MS).await.expect("claim"), None);
+    assert_eq!(ids(store.claimable(ME, 62, Among::Formation("f1"), 10).await.expect("claimable")), ["req_3"]);
+    assert_eq!(store.backlog("f1").await.expect("backlog"), Backlog { pending: 1, processing: 1 });
 }
 
 async fn a_delivery_is_claimed_by_one_sender_at_a_time(store: Arc<TestStore>) {
@@ -546,6 +571,7 @@ store_contract!(
     every_field_round_trips,
     idempotency_key_is_per_formation_and_user,
     leases_fence_the_writes_of_a_runner_taken_over,
+    a_queued_request_is_anyones_to_claim_oldest_first_per_formation,
     a_delivery_is_claimed_by_one_sender_at_a_time,
     concurrent_same_key_inserts_create_exactly_one,
     finish_happens_exactly_once,
@@ -583,7 +609,7 @@ async fn postgres_replicas_starting_together_migrate_once() {
         .fetch_one(&mut admin)
         .await
         .expect("count");
-    assert_eq!(applied, 2);
+    assert_eq!(applied, 3);
     // And they share one store.
     assert_eq!(created(stores[0].insert(request("req_1", 1), Some(ME), LEASE_MS).await.expect("insert")).id, "req_1");
     assert!(stores[3].get("req_1").await.expect("get").is_some());

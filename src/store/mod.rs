@@ -341,6 +341,28 @@ pub struct Delivery {
 /// Who holds claims and leases: one id per running server process.
 pub type Owner = str;
 
+/// Which formations' requests [`Store::claimable`] looks at.
+#[derive(Debug, Clone, Copy)]
+pub enum Among<'a> {
+    /// One formation's.
+    Formation(&'a str),
+    /// Every formation's but these.
+    AllBut(&'a [String]),
+}
+
+impl Among<'_> {
+    /// Every formation's.
+    pub const ALL: Among<'static> = Among::AllBut(&[]);
+
+    /// (the one formation, the formations left out) as the SQL stores bind them.
+    fn binds(self) -> (Option<String>, Vec<String>) {
+        match self {
+            Among::Formation(id) => (Some(id.to_string()), Vec::new()),
+            Among::AllBut(ids) => (None, ids.to_vec()),
+        }
+    }
+}
+
 /// The result of one delivery attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeliveryUpdate {
@@ -507,9 +529,16 @@ pub trait Store: Send + Sync + 'static {
         fence: Option<Lease>,
     ) -> StoreResult<bool>;
 
-    /// Requests left `pending` or `processing` that nobody holds: no lease, or
-    /// another owner's that expired before `now`. Oldest first, at most `limit`.
-    async fn claimable(&self, owner: &Owner, now: i64, limit: usize) -> StoreResult<Vec<RequestRecord>>;
+    /// Requests left `pending` or `processing` that nobody holds (queued ones,
+    /// with no lease, or another owner's that expired before `now`), `among`
+    /// some formations. Oldest first, at most `limit`.
+    async fn claimable(
+        &self,
+        owner: &Owner,
+        now: i64,
+        among: Among<'_>,
+        limit: usize,
+    ) -> StoreResult<Vec<RequestRecord>>;
 
     /// Deletes requests (and their deliveries) that ended before `cutoff`: of
     /// one formation, or of all with `None`.

@@ -29,8 +29,8 @@ use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::broadcast;
 
 use super::{
-    AdminQuery, Backlog, Claim, Delivery, DeliveryUpdate, ErrorInfo, FormationCopy, Inserted, Lease, ListQuery, Mode,
-    NewDelivery, NewRequest, NewSessionMessage, Outcome, Owner, Progress, RequestRecord, RequestResult, Reruns,
+    AdminQuery, Among, Backlog, Claim, Delivery, DeliveryUpdate, ErrorInfo, FormationCopy, Inserted, Lease, ListQuery,
+    Mode, NewDelivery, NewRequest, NewSessionMessage, Outcome, Owner, Progress, RequestRecord, RequestResult, Reruns,
     SessionMessage, SessionSummary, Status, Store, StoreError, StoreHealth, StoreResult, WebhookState,
 };
 
@@ -518,16 +518,26 @@ impl Store for PgStore {
         Ok(true)
     }
 
-    async fn claimable(&self, owner: &Owner, now: i64, limit: usize) -> StoreResult<Vec<RequestRecord>> {
+    async fn claimable(
+        &self,
+        owner: &Owner,
+        now: i64,
+        among: Among<'_>,
+        limit: usize,
+    ) -> StoreResult<Vec<RequestRecord>> {
+        let (formation, left_out) = among.binds();
         // Rows another replica is claiming right now are skipped, not waited for.
         let rows = sqlx::query(select_records!(
             "WHERE r.status IN ('pending', 'processing') \
              AND (r.lease_owner IS NULL OR (r.lease_owner != $1 AND r.lease_expires_at <= $2)) \
+             AND ($4::TEXT IS NULL OR r.formation_id = $4) AND NOT (r.formation_id = ANY($5)) \
              ORDER BY r.created_at, r.id LIMIT $3 FOR UPDATE OF r SKIP LOCKED"
         ))
         .bind(owner)
         .bind(now)
         .bind(sql_limit(limit))
+        .bind(formation)
+        .bind(left_out)
         .fetch_all(&self.pool)
         .await;
         records("claimable", rows)

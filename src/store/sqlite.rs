@@ -34,8 +34,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use super::{
-    AdminQuery, Backlog, Claim, Delivery, DeliveryUpdate, ErrorInfo, FormationCopy, Inserted, Lease, ListQuery, Mode,
-    NewDelivery, NewRequest, NewSessionMessage, Outcome, Owner, Progress, RequestRecord, RequestResult, Reruns,
+    AdminQuery, Among, Backlog, Claim, Delivery, DeliveryUpdate, ErrorInfo, FormationCopy, Inserted, Lease, ListQuery,
+    Mode, NewDelivery, NewRequest, NewSessionMessage, Outcome, Owner, Progress, RequestRecord, RequestResult, Reruns,
     SessionMessage, SessionSummary, Status, Store, StoreError, StoreHealth, StoreResult, WebhookState,
 };
 
@@ -148,6 +148,17 @@ CREATE TABLE formation_copies (
     seen_at      INTEGER NOT NULL,
     PRIMARY KEY (formation_id, owner)
 );
+"#,
+    r#"
+-- The queue is read per formation, oldest first (claims) and counted per
+-- status (backlog): one index serves both, and covers the count.
+DROP INDEX requests_by_status;
+CREATE INDEX requests_queue ON requests (formation_id, created_at, status)
+    WHERE status IN ('pending', 'processing');
+-- Leases held, per owner (renewal, takeover). A queued request holds none, so
+-- its insert does not touch this index.
+CREATE INDEX requests_held ON requests (lease_owner)
+    WHERE lease_owner IS NOT NULL AND status IN ('pending', 'processing');
 "#,
 ];
 
@@ -796,15 +807,25 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claimable(&self, owner: &Owner, now: i64, limit: usize) -> StoreResult<Vec<RequestRecord>> {
+    async fn claimable(
+        &self,
+        owner: &Owner,
+        now: i64,
+        among: Among<'_>,
+        limit: usize,
+    ) -> StoreResult<Vec<RequestRecord>> {
         let owner = owner.to_owned();
+        let (formation, left_out) = among.binds();
+        let left_out = serde_json::to_string(&left_out).map_err(|e| StoreError(format!("claimable: {e}")))?;
         self.read("claimable", move |conn| {
             conn.prepare_cached(select_records!(
                 "WHERE r.status IN ('pending', 'processing') \
                  AND (r.lease_owner IS NULL OR (r.lease_owner != ?1 AND r.lease_expires_at <= ?2)) \
+                 AND (?4 IS NULL OR r.formation_id = ?4) \
+                 AND r.formation_id NOT IN (SELECT value FROM json_each(?5)) \
                  ORDER BY r.created_at, r.id LIMIT ?3"
             ))?
-            .query_map(params![owner, now, sql_limit(limit)], record_from_row)?
+            .query_map(params![owner, now, sql_limit(limit), formation, left_out], record_from_row)?
             .collect()
         })
         .await

@@ -100,6 +100,13 @@ CREATE TABLE formation_copies (
     PRIMARY KEY (formation_id, owner)
 );
 "#,
+    r#"
+-- The queue is read per formation, oldest first (claims) and counted per
+-- status (backlog): one index serves both.
+DROP INDEX requests_by_status;
+CREATE INDEX requests_queue ON requests (formation_id, created_at, status)
+    WHERE status IN ('pending', 'processing');
+"#,
 ];
 
 /// Applies the migrations this database has not seen yet.
