@@ -288,6 +288,79 @@ async fn concurrent_same_key_inserts_create_exactly_one(store: Arc<TestStore>) {
     assert_eq!(ids.len(), 1, "every caller sees the same request");
 }
 
+/// Callers racing on one key with two fingerprints: one request is created;
+/// every other caller gets it, as `Existing` if it asked the same, else
+/// `KeyReused`. The store also holds one request for the key.
+async fn concurrent_same_key_inserts_tell_fingerprints_apart(store: Arc<TestStore>) {
+    let fingerprint = |i: usize| if i % 3 == 0 { "other" } else { "same" };
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let new = NewRequest {
+                    idempotency_key: Some("k".into()),
+                    fingerprint: fingerprint(i).into(),
+                    ..request(&format!("req_{i}"), 1_000)
+                };
+                store.put(new).await.expect("insert")
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("task"));
+    }
+    let winners: Vec<&RequestRecord> =
+        answers.iter().filter_map(|a| if let Inserted::Created(r) = a { Some(r) } else { None }).collect();
+    assert_eq!(winners.len(), 1, "exactly one is created");
+    let winner = winners[0].clone();
+    let winning = fingerprint(winner.id.trim_start_matches("req_").parse().expect("an id"));
+    for (i, answer) in answers.into_iter().enumerate() {
+        match answer {
+            Inserted::Created(r) => assert_eq!(r.id, winner.id),
+            Inserted::Existing(r) => assert_eq!((r.id.as_str(), fingerprint(i)), (winner.id.as_str(), winning)),
+            Inserted::KeyReused(r) => {
+                assert_eq!(r.id, winner.id);
+                assert_ne!(fingerprint(i), winning, "req_{i}: same fingerprint, yet KeyReused");
+            }
+        }
+    }
+    let all = store
+        .list(&ListQuery { formation_id: "f1".into(), user_id: "alice".into(), status: None, limit: 100 })
+        .await
+        .expect("list");
+    assert_eq!(all.len(), 1);
+}
+
+/// The same request (same id, key and fingerprint) sent many times at once,
+/// as a client retrying: it is created once, and every retry gets it back.
+async fn concurrent_retries_of_one_request_create_it_once(store: Arc<TestStore>) {
+    let new = NewRequest { idempotency_key: Some("k".into()), ..request("twin", 1_000) };
+    let answers = futures::future::join_all((0..20).map(|_| store.put(new.clone()))).await;
+    let mut created_count = 0;
+    for answer in answers {
+        match answer.expect("insert") {
+            Inserted::Created(r) => {
+                created_count += 1;
+                assert_eq!(r.id, "twin");
+            }
+            Inserted::Existing(r) => assert_eq!(r.id, "twin"),
+            Inserted::KeyReused(r) => panic!("same request, yet KeyReused: {}", r.id),
+        }
+    }
+    assert_eq!(created_count, 1);
+}
+
+/// An insert without a holder queues the request unowned: any server may claim
+/// it at once.
+async fn an_unowned_insert_is_claimable_at_once(store: Arc<TestStore>) {
+    created(store.insert(request("free", 1_000), None, LEASE_MS).await.expect("insert"));
+    created(store.put(request("held", 1_000)).await.expect("insert"));
+    let claimable: Vec<String> =
+        store.claimable("another", 1_001, 10).await.expect("claimable").into_iter().map(|r| r.id).collect();
+    assert_eq!(claimable, vec!["free".to_string()]);
+}
+
 async fn finish_happens_exactly_once(store: Arc<TestStore>) {
     store.put(request("req_1", 1)).await.expect("insert");
     store.start_attempt("req_1", 2).await.expect("start");
@@ -574,6 +647,9 @@ store_contract!(
     a_queued_request_is_anyones_to_claim_oldest_first_per_formation,
     a_delivery_is_claimed_by_one_sender_at_a_time,
     concurrent_same_key_inserts_create_exactly_one,
+    concurrent_same_key_inserts_tell_fingerprints_apart,
+    an_unowned_insert_is_claimable_at_once,
+    concurrent_retries_of_one_request_create_it_once,
     finish_happens_exactly_once,
     cancel_before_start,
     a_cancel_ends_the_runners_lease,

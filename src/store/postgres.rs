@@ -2,7 +2,8 @@
 //!
 //! Same contract as the SQLite store ([`super::sqlite`]), over a `sqlx` pool.
 //! Every write is one autocommit statement or one short transaction, committed
-//! (with the server's `synchronous_commit`) before it returns. Concurrency
+//! (with the server's `synchronous_commit`) before it returns; new requests
+//! are group-committed, many to one statement (see [`batch`]). Concurrency
 //! between replicas rests on the database: the idempotency key is a unique
 //! index (`INSERT ... ON CONFLICT DO NOTHING`, then the winner is read), work
 //! and deliveries are selected with `FOR UPDATE SKIP LOCKED`, each claim raises
@@ -16,6 +17,7 @@
 //! The connection string is never logged (it may hold a password). A search
 //! path can be given in it: `?options=-c%20search_path%3Dmyschema`.
 
+mod batch;
 mod schema;
 
 use std::sync::{Arc, Mutex};
@@ -48,6 +50,8 @@ pub struct PgStore {
     pool: PgPool,
     health: Arc<Mutex<StoreHealth>>,
     cancels: broadcast::Sender<String>,
+    /// The group-commit writer of new requests (see [`batch`]).
+    inserts: batch::Inserter,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -81,8 +85,10 @@ impl PgStore {
         let listener =
             PgListener::connect_with(&pool).await.map_err(|e| StoreError(format!("cannot listen for cancels: {e}")))?;
         tokio::spawn(listen(listener, cancels.clone()));
+        let health = Arc::new(Mutex::new(StoreHealth::writable()));
+        let inserts = batch::Inserter::start(pool.clone(), health.clone());
         tracing::debug!("postgres store open");
-        Ok(PgStore { pool, health: Arc::new(Mutex::new(StoreHealth::writable())), cancels })
+        Ok(PgStore { pool, health, cancels, inserts })
     }
 
     /// The pool, for tests and tools.
@@ -90,27 +96,97 @@ impl PgStore {
         &self.pool
     }
 
+    /// Batch statements of new requests committed so far (see [`batch`]);
+    /// under load far fewer than the requests inserted.
+    pub fn insert_batches(&self) -> u64 {
+        self.inserts.batches()
+    }
+
     /// Notes the outcome of a write for [`Store::health`].
     fn note<T>(&self, name: &str, result: Result<T, sqlx::Error>) -> StoreResult<T> {
-        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-        match result {
-            Ok(value) => {
-                health.note_success();
-                Ok(value)
-            }
-            Err(e) => {
-                let error = StoreError(format!("{name}: {e}"));
-                if is_storage_failure(&e) {
-                    health.note_failure(&error.0);
-                }
-                Err(error)
-            }
-        }
+        note_on(&self.health, name, result)
     }
 
     async fn begin(&self, name: &str) -> StoreResult<Transaction<'static, Postgres>> {
         let begun = self.pool.begin().await;
         self.note(name, begun)
+    }
+
+    /// Inserts one request with its own statement: the path of a request whose
+    /// batch failed (so a bad request fails alone) or that must run alone.
+    async fn insert_alone(&self, request: NewRequest, holder: Option<&Owner>, lease_ms: i64) -> StoreResult<Inserted> {
+        let inserted = sqlx::query(
+            "INSERT INTO requests (id, formation_id, formation_version, user_id, session_id, \
+             agent_id, message, mode, answered_async, estimated_seconds, idempotency_key, fingerprint, \
+             webhook_url, workflow_timeout_ms, status, created_at, lease_owner, lease_expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 'pending', $15, $16, $17) \
+             ON CONFLICT (formation_id, user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+        )
+        .bind(&request.id)
+        .bind(&request.formation_id)
+        .bind(&request.formation_version)
+        .bind(&request.user_id)
+        .bind(&request.session_id)
+        .bind(&request.agent_id)
+        .bind(&request.message)
+        .bind(request.mode.as_str())
+        .bind(request.mode == Mode::Async)
+        .bind(request.estimated_seconds)
+        .bind(&request.idempotency_key)
+        .bind(&request.fingerprint)
+        .bind(&request.webhook_url)
+        .bind(request.workflow_timeout_ms)
+        .bind(request.created_at)
+        .bind(holder)
+        .bind(holder.map(|_| request.created_at.saturating_add(lease_ms)))
+        .execute(&self.pool)
+        .await;
+        let inserted = self.note("insert", inserted)?;
+        if inserted.rows_affected() > 0 {
+            return Ok(Inserted::Created(RequestRecord::accepted(request)));
+        }
+        self.existing(request).await
+    }
+
+    /// The answer to `request` whose idempotency key is taken: the request
+    /// that holds it, [`Inserted::KeyReused`] if that one asked something else.
+    async fn existing(&self, request: NewRequest) -> StoreResult<Inserted> {
+        // The key is taken: the conflicting row is committed (ON CONFLICT waited
+        // for it), so this statement's fresh snapshot sees it.
+        let row =
+            sqlx::query(select_records!("WHERE r.formation_id = $1 AND r.user_id = $2 AND r.idempotency_key = $3"))
+                .bind(&request.formation_id)
+                .bind(&request.user_id)
+                .bind(&request.idempotency_key)
+                .fetch_optional(&self.pool)
+                .await;
+        let row = decode("insert", row)?
+            .ok_or_else(|| StoreError("insert: the idempotency key is taken but its request is gone".into()))?;
+        let existing = decode("insert", record_from_row(&row))?;
+        let fingerprint: Option<String> = decode("insert", row.try_get("fingerprint"))?;
+        Ok(match fingerprint {
+            Some(f) if f != request.fingerprint => Inserted::KeyReused(existing),
+            _ => Inserted::Existing(existing),
+        })
+    }
+}
+
+/// Notes the outcome of a write in `health`: a success, or a failure for want
+/// of storage (an error of the request itself says nothing of the store).
+fn note_on<T>(health: &Mutex<StoreHealth>, name: &str, result: Result<T, sqlx::Error>) -> StoreResult<T> {
+    let mut health = health.lock().unwrap_or_else(|e| e.into_inner());
+    match result {
+        Ok(value) => {
+            health.note_success();
+            Ok(value)
+        }
+        Err(e) => {
+            let error = StoreError(format!("{name}: {e}"));
+            if is_storage_failure(&e) {
+                health.note_failure(&error.0);
+            }
+            Err(error)
+        }
     }
 }
 
@@ -290,53 +366,13 @@ const SESSIONS_SQL: &str = "SELECT * FROM ( \
 #[async_trait]
 impl Store for PgStore {
     async fn insert(&self, request: NewRequest, holder: Option<&Owner>, lease_ms: i64) -> StoreResult<Inserted> {
-        let inserted = sqlx::query(
-            "INSERT INTO requests (id, formation_id, formation_version, user_id, session_id, \
-             agent_id, message, mode, answered_async, estimated_seconds, idempotency_key, fingerprint, \
-             webhook_url, workflow_timeout_ms, status, created_at, lease_owner, lease_expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 'pending', $15, $16, $17) \
-             ON CONFLICT (formation_id, user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
-        )
-        .bind(&request.id)
-        .bind(&request.formation_id)
-        .bind(&request.formation_version)
-        .bind(&request.user_id)
-        .bind(&request.session_id)
-        .bind(&request.agent_id)
-        .bind(&request.message)
-        .bind(request.mode.as_str())
-        .bind(request.mode == Mode::Async)
-        .bind(request.estimated_seconds)
-        .bind(&request.idempotency_key)
-        .bind(&request.fingerprint)
-        .bind(&request.webhook_url)
-        .bind(request.workflow_timeout_ms)
-        .bind(request.created_at)
-        .bind(holder)
-        .bind(holder.map(|_| request.created_at.saturating_add(lease_ms)))
-        .execute(&self.pool)
-        .await;
-        let inserted = self.note("insert", inserted)?;
-        if inserted.rows_affected() > 0 {
-            return Ok(Inserted::Created(RequestRecord::accepted(request)));
+        // Group commit: the batch's statement is committed when this answers.
+        let (request, written) = self.inserts.write(request, holder, lease_ms).await?;
+        match written {
+            batch::Written::Created => Ok(Inserted::Created(RequestRecord::accepted(request))),
+            batch::Written::Skipped => self.existing(request).await,
+            batch::Written::Alone => self.insert_alone(request, holder, lease_ms).await,
         }
-        // The key is taken: the conflicting row is committed (ON CONFLICT waited
-        // for it), so this statement's fresh snapshot sees it.
-        let row =
-            sqlx::query(select_records!("WHERE r.formation_id = $1 AND r.user_id = $2 AND r.idempotency_key = $3"))
-                .bind(&request.formation_id)
-                .bind(&request.user_id)
-                .bind(&request.idempotency_key)
-                .fetch_optional(&self.pool)
-                .await;
-        let row = decode("insert", row)?
-            .ok_or_else(|| StoreError("insert: the idempotency key is taken but its request is gone".into()))?;
-        let existing = decode("insert", record_from_row(&row))?;
-        let fingerprint: Option<String> = decode("insert", row.try_get("fingerprint"))?;
-        Ok(match fingerprint {
-            Some(f) if f != request.fingerprint => Inserted::KeyReused(existing),
-            _ => Inserted::Existing(existing),
-        })
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
