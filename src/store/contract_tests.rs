@@ -357,7 +357,7 @@ async fn an_unowned_insert_is_claimable_at_once(store: Arc<TestStore>) {
     created(store.insert(request("free", 1_000), None, LEASE_MS).await.expect("insert"));
     created(store.put(request("held", 1_000)).await.expect("insert"));
     let claimable: Vec<String> =
-        store.claimable("another", 1_001, 10).await.expect("claimable").into_iter().map(|r| r.id).collect();
+        store.claimable("another", 1_001, Among::ALL, 10).await.expect("claimable").into_iter().map(|r| r.id).collect();
     assert_eq!(claimable, vec!["free".to_string()]);
 }
 
