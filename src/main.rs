@@ -10,6 +10,12 @@ use muxi_rt::cli;
 use muxi_rt::formation::{self, Diagnostic};
 use muxi_rt::server::{serve, ServeConfig};
 
+/// mimalloc: per-thread heaps instead of glibc malloc's shared arenas and
+/// locks, which the accept path's small allocations were paying for (see
+/// docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "muxi-rt", version, about = "Runs MUXI agent formations, with durable async execution")]
 struct Cli {

@@ -41,8 +41,9 @@ use super::{
 
 /// The most commands one transaction carries.
 const MAX_BATCH: usize = 512;
-/// Idle read-only connections kept for reuse.
-const MAX_IDLE_READERS: usize = 4;
+/// Read-only connections: at most this many reads run at once; the rest wait
+/// for one to be free rather than opening (and warming) a connection each.
+const READERS: usize = 8;
 /// How long a connection waits on a lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The database file inside the data folder.
@@ -199,7 +200,11 @@ impl SqliteStore {
         // A data folder we cannot write to is found now, not at the first request.
         probe_write(&conn).map_err(|e| StoreError(format!("{} is not writable: {e}", path.display())))?;
 
-        let readers = Arc::new(ReadPool { path: path.clone(), idle: Mutex::new(Vec::new()) });
+        let readers = Arc::new(ReadPool {
+            path: path.clone(),
+            idle: Mutex::new(Vec::new()),
+            free: Arc::new(tokio::sync::Semaphore::new(READERS)),
+        });
         // Open one reader now so a database readers cannot open fails here, not later.
         let first = readers.connect().map_err(opening)?;
         readers.put(first);
@@ -272,15 +277,34 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let readers = self.readers.clone();
+        let turn = readers.free.clone().acquire_owned().await.map_err(|_| StoreError(format!("{name}: closed")))?;
         tokio::task::spawn_blocking(move || {
             let conn = readers.get()?;
             let out = op(&conn);
             readers.put(conn);
+            drop(turn);
             out
         })
         .await
         .map_err(|e| StoreError(format!("{name}: read task failed: {e}")))?
         .map_err(|e| StoreError(format!("{name}: {e}")))
+    }
+}
+
+impl SqliteStore {
+    /// Runs a point read (one row by key, a few pages of the memory map) on
+    /// this thread: cheaper than a hand-off to the blocking pool, and short
+    /// enough not to hold up the tasks behind it.
+    async fn read_at_once<T, F>(&self, name: &'static str, op: F) -> StoreResult<T>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<T>,
+    {
+        let turn = self.readers.free.acquire().await.map_err(|_| StoreError(format!("{name}: closed")))?;
+        let conn = self.readers.get().map_err(|e| StoreError(format!("{name}: {e}")))?;
+        let out = op(&conn);
+        self.readers.put(conn);
+        drop(turn);
+        out.map_err(|e| StoreError(format!("{name}: {e}")))
     }
 }
 
@@ -462,6 +486,8 @@ fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn Job>]) -> StoreResult<(
 struct ReadPool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// One permit per connection that may be in use ([`READERS`]).
+    free: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReadPool {
@@ -485,7 +511,7 @@ impl ReadPool {
 
     fn put(&self, conn: Connection) {
         let mut idle = self.idle.lock().expect("store reader pool poisoned");
-        if idle.len() < MAX_IDLE_READERS {
+        if idle.len() < READERS {
             idle.push(conn);
         }
     }
@@ -639,8 +665,7 @@ impl Store for SqliteStore {
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
-        let id = id.to_owned();
-        self.read("get", move |conn| {
+        self.read_at_once("get", |conn| {
             conn.prepare_cached(select_records!("WHERE r.id = ?1"))?.query_row([id], record_from_row).optional()
         })
         .await
