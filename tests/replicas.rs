@@ -106,7 +106,6 @@ fn signal(server: &Server, signal: i32) {
 async fn a_killed_replicas_requests_complete_on_another_once_each() {
     let r = Replicas::new().await;
     let a = r.start("a");
-    let b = r.start("b");
     let ids: Vec<String> = {
         let mut ids = Vec::new();
         for i in 0..6 {
@@ -114,8 +113,10 @@ async fn a_killed_replicas_requests_complete_on_another_once_each() {
         }
         ids
     };
-    // A runs them (it accepted them and holds their leases).
+    // A runs them (it accepted them and holds their leases); B starts after,
+    // since queued requests go to whichever replica has room first.
     eventually(Duration::from_secs(30), "A's agents to run", || async { (r.pids().len() >= 6).then_some(()) }).await;
+    let b = r.start("b");
     for id in &ids {
         assert_eq!(b.caller("f", "u1").data(id).await["status"], "processing", "B sees A's work running");
     }
@@ -142,10 +143,10 @@ async fn a_killed_replicas_requests_complete_on_another_once_each() {
 async fn a_paused_replica_past_its_lease_changes_nothing_when_it_wakes() {
     let r = Replicas::new().await;
     let a = r.start("a");
-    let b = r.start("b");
     // A's agent answers after 1 s, B's (the takeover) after 6 s.
     let id = submit(&a, json!({ "message": "1/6 fenced" })).await;
     let first = eventually(Duration::from_secs(30), "A's agent to run", || async { r.pids().first().copied() }).await;
+    let b = r.start("b");
     signal(&a, libc::SIGSTOP);
     // A's agent ends while A sleeps (its answer waits in the pipe); A's lease
     // expires and B takes the request over.
@@ -177,10 +178,11 @@ async fn a_paused_replica_past_its_lease_changes_nothing_when_it_wakes() {
 async fn a_cancel_on_one_replica_kills_the_agent_running_on_another() {
     let r = Replicas::new().await;
     let a = r.start("a");
-    let b = r.start("b");
     let id = submit(&a, json!({ "message": "120 long" })).await;
     let pid = eventually(Duration::from_secs(30), "A's agent to run", || async { r.pids().first().copied() }).await;
     assert!(alive(pid));
+    // B starts once A runs it (a queued request goes to whichever replica has room first).
+    let b = r.start("b");
     let cancelled_at = Instant::now();
     let (code, body) = b.caller("f", "u1").cancel(&id).await;
     assert_eq!(code, 200, "{body}");
@@ -243,8 +245,9 @@ async fn webhooks_are_delivered_once_each_across_replicas() {
 async fn a_follower_on_another_replica_sees_progress_and_the_end() {
     let r = Replicas::new().await;
     let a = r.start("a");
+    let id = submit(&a, json!({ "message": "4 followed" })).await;
+    eventually(Duration::from_secs(30), "A's agent to run", || async { r.pids().first().copied() }).await;
     let b = r.start("b");
-    let id = submit(&a, json!({ "message": "2 followed" })).await;
     let response = b
         .caller("f", "u1")
         .request(reqwest::Method::GET, &format!("/requests/{id}/events"))

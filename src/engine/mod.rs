@@ -207,10 +207,12 @@ impl Engine {
         request: NewRequest,
         start: Start,
     ) -> Result<Submitted, SubmitError> {
-        let (id, cap) = (request.id.clone(), formation.overlord.max_pending_per_user);
-        if let Err(limit) = self.per_user.admit(&request.formation_id, &request.user_id, &id, cap) {
-            crate::observability::metrics::rate_limited(&formation.id, "pending");
-            return Err(SubmitError::TooManyPending { limit });
+        let id = request.id.clone();
+        if let Some(cap) = formation.overlord.max_pending_per_user {
+            if let Err(limit) = self.per_user.admit(&request.formation_id, &request.user_id, &id, Some(cap)) {
+                crate::observability::metrics::rate_limited(&formation.id, "pending");
+                return Err(SubmitError::TooManyPending { limit });
+            }
         }
         let engine = self.clone();
         let accepting = tokio::spawn(async move {
@@ -298,7 +300,9 @@ impl Engine {
             let live = Arc::new(LiveRequest::new(&record));
             running.insert(record.id.clone(), live.clone());
             // Counted against its user's cap (never refused: it is accepted already).
-            let _ = self.per_user.admit(&record.formation_id, &record.user_id, &record.id, None);
+            if formation.overlord.max_pending_per_user.is_some() {
+                let _ = self.per_user.admit(&record.formation_id, &record.user_id, &record.id, None);
+            }
             live
         };
         let events = follow.then(|| live.subscribe());

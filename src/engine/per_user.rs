@@ -1,7 +1,9 @@
 //! `overlord.max_pending_per_user`: how many unfinished requests one user may
-//! hold in one formation. The requests this process runs (or is about to) are
+//! hold in one formation. The requests this process accepted or runs are
 //! tracked per (formation, user); a new one is admitted under the same lock
-//! that counts them, so concurrent submits cannot overshoot the cap.
+//! that counts them, so concurrent submits cannot overshoot the cap. Only
+//! formations with a cap are tracked, so what is held is bounded by the caps
+//! (a cap set by a reload counts the requests accepted from then on).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;

@@ -260,8 +260,26 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
+        self.send(name, false, op).await
+    }
+
+    /// [`Self::write`] for an `op` that changes the database by one statement
+    /// at most (any number of reads before it): it runs without a savepoint.
+    async fn write_one<T, F>(&self, name: &'static str, op: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.send(name, true, op).await
+    }
+
+    async fn send<T, F>(&self, name: &'static str, one_statement: bool, op: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
-        let job = Box::new(Write { name, op: Some(op), out: None, reply });
+        let job = Box::new(Write { name, one_statement, op: Some(op), out: None, reply });
         {
             let writer = self.writer.lock().expect("store writer mutex poisoned");
             let sender = writer.as_ref().ok_or_else(|| StoreError(format!("{name}: the store is closed")))?;
@@ -350,10 +368,15 @@ trait Job: Send {
     fn answer(self: Box<Self>, batch: Result<(), &StoreError>);
     /// The job's error when it says the storage itself failed (disk full, I/O, read-only).
     fn storage_failure(&self) -> Option<String>;
+    /// Whether the job changes the database by one statement at most: SQLite
+    /// undoes a failed statement by itself, so such a job needs no savepoint.
+    fn is_one_statement(&self) -> bool;
 }
 
 struct Write<T, F> {
     name: &'static str,
+    /// See [`Job::is_one_statement`].
+    one_statement: bool,
     op: Option<F>,
     out: Option<rusqlite::Result<T>>,
     reply: oneshot::Sender<StoreResult<T>>,
@@ -391,6 +414,10 @@ where
             Some(Err(e)) if is_storage_failure(e) => Some(format!("{}: {e}", self.name)),
             _ => None,
         }
+    }
+
+    fn is_one_statement(&self) -> bool {
+        self.one_statement
     }
 }
 
@@ -467,6 +494,13 @@ fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn Job>]) -> StoreResult<(
     let failed = |e: rusqlite::Error| StoreError(e.to_string());
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(failed)?;
     for job in batch.iter_mut() {
+        if job.is_one_statement() {
+            if !job.run(&tx) && tx.is_autocommit() {
+                // An I/O error or a full disk rolled the whole transaction back.
+                return Err(StoreError("the transaction was rolled back by a failed write".into()));
+            }
+            continue;
+        }
         let mut savepoint = tx.savepoint().map_err(failed)?;
         if job.run(&savepoint) {
             savepoint.commit().map_err(failed)?;
@@ -616,7 +650,7 @@ fn to_json(name: &str, value: &impl serde::Serialize) -> StoreResult<String> {
 impl Store for SqliteStore {
     async fn insert(&self, request: NewRequest, holder: Option<&Owner>, lease_ms: i64) -> StoreResult<Inserted> {
         let holder = holder.map(str::to_owned);
-        self.write("insert", move |conn| {
+        self.write_one("insert", move |conn| {
             if let Some(key) = &request.idempotency_key {
                 let existing = conn
                     .prepare_cached(select_records!(
@@ -689,7 +723,7 @@ impl Store for SqliteStore {
 
     async fn claim(&self, id: &str, owner: &Owner, now: i64, lease_ms: i64) -> StoreResult<Option<Claim>> {
         let (id, owner) = (id.to_owned(), owner.to_owned());
-        self.write("claim", move |conn| {
+        self.write_one("claim", move |conn| {
             conn.prepare_cached(
                 "UPDATE requests SET status = 'processing', attempts = attempts + 1, \
                  started_at = COALESCE(started_at, ?2), lease_owner = ?3, lease_epoch = lease_epoch + 1, \
