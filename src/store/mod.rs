@@ -7,8 +7,13 @@
 /// the same query shape in both SQL stores (defined before them to be in scope).
 macro_rules! select_records {
     ($tail:literal) => {
+        // The order is fixed: the SQLite store reads these by position (`sqlite::col`).
         concat!(
-            "SELECT r.*, d.status AS webhook_status, d.attempts AS webhook_attempts, \
+            "SELECT r.id, r.formation_id, r.formation_version, r.user_id, r.session_id, r.agent_id, \
+             r.message, r.mode, r.answered_async, r.estimated_seconds, r.idempotency_key, r.webhook_url, \
+             r.workflow_timeout_ms, r.status, r.progress, r.current_step, r.total_steps, r.completed_steps, \
+             r.status_message, r.result_text, r.artifacts, r.error, r.attempts, r.created_at, r.started_at, \
+             r.completed_at, r.fingerprint, d.status AS webhook_status, d.attempts AS webhook_attempts, \
              d.last_error AS webhook_last_error \
              FROM requests r LEFT JOIN deliveries d ON d.request_id = r.id ",
             $tail

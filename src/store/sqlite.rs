@@ -554,12 +554,32 @@ impl ReadPool {
 // ---------------------------------------------------------------------------
 // Rows
 
-fn conversion_error(row: &Row, column: &str, err: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
-    let index = row.as_ref().column_index(column).unwrap_or(0);
-    rusqlite::Error::FromSqlConversionFailure(index, Type::Text, Box::new(err))
+/// A column of a row: by name, or by position (`col`).
+trait Column: rusqlite::RowIndex + Copy {
+    fn position(self, row: &Row) -> usize;
 }
 
-fn json_column<T: DeserializeOwned>(row: &Row, column: &str) -> rusqlite::Result<Option<T>> {
+impl Column for &str {
+    fn position(self, row: &Row) -> usize {
+        row.as_ref().column_index(self).unwrap_or(0)
+    }
+}
+
+impl Column for usize {
+    fn position(self, _: &Row) -> usize {
+        self
+    }
+}
+
+fn conversion_error(
+    row: &Row,
+    column: impl Column,
+    err: impl std::error::Error + Send + Sync + 'static,
+) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(column.position(row), Type::Text, Box::new(err))
+}
+
+fn json_column<T: DeserializeOwned>(row: &Row, column: impl Column) -> rusqlite::Result<Option<T>> {
     let text: Option<String> = row.get(column)?;
     text.map(|text| serde_json::from_str(&text).map_err(|e| conversion_error(row, column, e))).transpose()
 }
@@ -568,56 +588,91 @@ fn json_column<T: DeserializeOwned>(row: &Row, column: &str) -> rusqlite::Result
 #[error("unknown status {0:?}")]
 struct UnknownStatus(String);
 
-fn status_column(row: &Row, column: &str) -> rusqlite::Result<Status> {
+fn status_column(row: &Row, column: impl Column) -> rusqlite::Result<Status> {
     let text: String = row.get(column)?;
     Status::parse(&text).ok_or_else(|| conversion_error(row, column, UnknownStatus(text)))
 }
 
-fn mode_column(row: &Row, column: &str) -> rusqlite::Result<Mode> {
+fn mode_column(row: &Row, column: impl Column) -> rusqlite::Result<Mode> {
     let text: String = row.get(column)?;
     Mode::parse(&text).ok_or_else(|| conversion_error(row, column, UnknownStatus(text)))
 }
 
+/// The positions of [`select_records!`]'s columns: read by position, a row
+/// costs no name lookups (each is a scan of the column names).
+mod col {
+    pub const ID: usize = 0;
+    pub const FORMATION_ID: usize = 1;
+    pub const FORMATION_VERSION: usize = 2;
+    pub const USER_ID: usize = 3;
+    pub const SESSION_ID: usize = 4;
+    pub const AGENT_ID: usize = 5;
+    pub const MESSAGE: usize = 6;
+    pub const MODE: usize = 7;
+    pub const ANSWERED_ASYNC: usize = 8;
+    pub const ESTIMATED_SECONDS: usize = 9;
+    pub const IDEMPOTENCY_KEY: usize = 10;
+    pub const WEBHOOK_URL: usize = 11;
+    pub const WORKFLOW_TIMEOUT_MS: usize = 12;
+    pub const STATUS: usize = 13;
+    pub const PROGRESS: usize = 14;
+    pub const CURRENT_STEP: usize = 15;
+    pub const TOTAL_STEPS: usize = 16;
+    pub const COMPLETED_STEPS: usize = 17;
+    pub const STATUS_MESSAGE: usize = 18;
+    pub const RESULT_TEXT: usize = 19;
+    pub const ARTIFACTS: usize = 20;
+    pub const ERROR: usize = 21;
+    pub const ATTEMPTS: usize = 22;
+    pub const CREATED_AT: usize = 23;
+    pub const STARTED_AT: usize = 24;
+    pub const COMPLETED_AT: usize = 25;
+    pub const FINGERPRINT: usize = 26;
+    pub const WEBHOOK_STATUS: usize = 27;
+    pub const WEBHOOK_ATTEMPTS: usize = 28;
+    pub const WEBHOOK_LAST_ERROR: usize = 29;
+}
+
 /// A row of [`select_records!`].
 fn record_from_row(row: &Row) -> rusqlite::Result<RequestRecord> {
-    let result = match row.get::<_, Option<String>>("result_text")? {
-        Some(text) => Some(RequestResult { text, artifacts: json_column(row, "artifacts")?.unwrap_or_default() }),
+    let result = match row.get::<_, Option<String>>(col::RESULT_TEXT)? {
+        Some(text) => Some(RequestResult { text, artifacts: json_column(row, col::ARTIFACTS)?.unwrap_or_default() }),
         None => None,
     };
-    let webhook = match row.get::<_, Option<String>>("webhook_status")? {
+    let webhook = match row.get::<_, Option<String>>(col::WEBHOOK_STATUS)? {
         Some(status) => Some(WebhookState {
             status,
-            attempts: row.get("webhook_attempts")?,
-            last_error: row.get("webhook_last_error")?,
+            attempts: row.get(col::WEBHOOK_ATTEMPTS)?,
+            last_error: row.get(col::WEBHOOK_LAST_ERROR)?,
         }),
         None => None,
     };
     Ok(RequestRecord {
-        id: row.get("id")?,
-        formation_id: row.get("formation_id")?,
-        formation_version: row.get("formation_version")?,
-        user_id: row.get("user_id")?,
-        session_id: row.get("session_id")?,
-        agent_id: row.get("agent_id")?,
-        message: row.get("message")?,
-        mode: mode_column(row, "mode")?,
-        answered_async: row.get("answered_async")?,
-        estimated_seconds: row.get("estimated_seconds")?,
-        idempotency_key: row.get("idempotency_key")?,
-        webhook_url: row.get("webhook_url")?,
-        workflow_timeout_ms: row.get("workflow_timeout_ms")?,
-        status: status_column(row, "status")?,
-        progress: row.get("progress")?,
-        current_step: row.get("current_step")?,
-        total_steps: row.get("total_steps")?,
-        completed_steps: row.get("completed_steps")?,
-        status_message: row.get("status_message")?,
+        id: row.get(col::ID)?,
+        formation_id: row.get(col::FORMATION_ID)?,
+        formation_version: row.get(col::FORMATION_VERSION)?,
+        user_id: row.get(col::USER_ID)?,
+        session_id: row.get(col::SESSION_ID)?,
+        agent_id: row.get(col::AGENT_ID)?,
+        message: row.get(col::MESSAGE)?,
+        mode: mode_column(row, col::MODE)?,
+        answered_async: row.get(col::ANSWERED_ASYNC)?,
+        estimated_seconds: row.get(col::ESTIMATED_SECONDS)?,
+        idempotency_key: row.get(col::IDEMPOTENCY_KEY)?,
+        webhook_url: row.get(col::WEBHOOK_URL)?,
+        workflow_timeout_ms: row.get(col::WORKFLOW_TIMEOUT_MS)?,
+        status: status_column(row, col::STATUS)?,
+        progress: row.get(col::PROGRESS)?,
+        current_step: row.get(col::CURRENT_STEP)?,
+        total_steps: row.get(col::TOTAL_STEPS)?,
+        completed_steps: row.get(col::COMPLETED_STEPS)?,
+        status_message: row.get(col::STATUS_MESSAGE)?,
         result,
-        error: json_column::<ErrorInfo>(row, "error")?,
-        attempts: row.get("attempts")?,
-        created_at: row.get("created_at")?,
-        started_at: row.get("started_at")?,
-        completed_at: row.get("completed_at")?,
+        error: json_column::<ErrorInfo>(row, col::ERROR)?,
+        attempts: row.get(col::ATTEMPTS)?,
+        created_at: row.get(col::CREATED_AT)?,
+        started_at: row.get(col::STARTED_AT)?,
+        completed_at: row.get(col::COMPLETED_AT)?,
         webhook,
     })
 }
@@ -657,7 +712,7 @@ impl Store for SqliteStore {
                         "WHERE r.formation_id = ?1 AND r.user_id = ?2 AND r.idempotency_key = ?3"
                     ))?
                     .query_row(params![request.formation_id, request.user_id, key], |row| {
-                        Ok((record_from_row(row)?, row.get::<_, Option<String>>("fingerprint")?))
+                        Ok((record_from_row(row)?, row.get::<_, Option<String>>(col::FINGERPRINT)?))
                     })
                     .optional()?;
                 if let Some((existing, fingerprint)) = existing {
@@ -1437,5 +1492,54 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         drop(SqliteStore::open(dir.path()).expect("open"));
         SqliteStore::open(dir.path()).expect("reopen");
+    }
+}
+
+#[cfg(test)]
+mod column_positions {
+    use super::col;
+
+    #[test]
+    fn select_records_columns_are_where_record_from_row_reads_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::SqliteStore::open(dir.path()).unwrap();
+        let conn = rusqlite::Connection::open(store.path()).unwrap();
+        let statement = conn.prepare(select_records!("")).unwrap();
+        let expected = [
+            (col::ID, "id"),
+            (col::FORMATION_ID, "formation_id"),
+            (col::FORMATION_VERSION, "formation_version"),
+            (col::USER_ID, "user_id"),
+            (col::SESSION_ID, "session_id"),
+            (col::AGENT_ID, "agent_id"),
+            (col::MESSAGE, "message"),
+            (col::MODE, "mode"),
+            (col::ANSWERED_ASYNC, "answered_async"),
+            (col::ESTIMATED_SECONDS, "estimated_seconds"),
+            (col::IDEMPOTENCY_KEY, "idempotency_key"),
+            (col::WEBHOOK_URL, "webhook_url"),
+            (col::WORKFLOW_TIMEOUT_MS, "workflow_timeout_ms"),
+            (col::STATUS, "status"),
+            (col::PROGRESS, "progress"),
+            (col::CURRENT_STEP, "current_step"),
+            (col::TOTAL_STEPS, "total_steps"),
+            (col::COMPLETED_STEPS, "completed_steps"),
+            (col::STATUS_MESSAGE, "status_message"),
+            (col::RESULT_TEXT, "result_text"),
+            (col::ARTIFACTS, "artifacts"),
+            (col::ERROR, "error"),
+            (col::ATTEMPTS, "attempts"),
+            (col::CREATED_AT, "created_at"),
+            (col::STARTED_AT, "started_at"),
+            (col::COMPLETED_AT, "completed_at"),
+            (col::FINGERPRINT, "fingerprint"),
+            (col::WEBHOOK_STATUS, "webhook_status"),
+            (col::WEBHOOK_ATTEMPTS, "webhook_attempts"),
+            (col::WEBHOOK_LAST_ERROR, "webhook_last_error"),
+        ];
+        assert_eq!(statement.column_count(), expected.len());
+        for (position, name) in expected {
+            assert_eq!(statement.column_name(position).unwrap(), name, "column {position}");
+        }
     }
 }
