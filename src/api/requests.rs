@@ -44,7 +44,7 @@ pub async fn get(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let record = find(&state, &id, &headers, &request_id).await?;
-    Ok(envelope::ok("request.status", Some(&record.id), None, views::request_status(&record)))
+    Ok(envelope::ok("request.status", Some(&record.id), None, views::RequestStatus::of(&record)))
 }
 
 #[derive(Debug, Deserialize)]
