@@ -146,8 +146,9 @@ async fn a_paused_replica_past_its_lease_changes_nothing_when_it_wakes() {
     // A's agent answers after 1 s, B's (the takeover) after 6 s.
     let id = submit(&a, json!({ "message": "1/6 fenced" })).await;
     let first = eventually(Duration::from_secs(30), "A's agent to run", || async { r.pids().first().copied() }).await;
-    let b = r.start("b");
     signal(&a, libc::SIGSTOP);
+    // B starts once A sleeps (a queued request goes to whichever replica has room first).
+    let b = r.start("b");
     // A's agent ends while A sleeps (its answer waits in the pipe); A's lease
     // expires and B takes the request over.
     eventually(Duration::from_secs(30), "B to take the request over", || async {

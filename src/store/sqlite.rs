@@ -200,16 +200,18 @@ impl SqliteStore {
         // A data folder we cannot write to is found now, not at the first request.
         probe_write(&conn).map_err(|e| StoreError(format!("{} is not writable: {e}", path.display())))?;
 
+        let commits = Arc::new(AtomicU64::new(0));
         let readers = Arc::new(ReadPool {
             path: path.clone(),
             idle: Mutex::new(Vec::new()),
             free: Arc::new(tokio::sync::Semaphore::new(READERS)),
+            commits: commits.clone(),
         });
         // Open one reader now so a database readers cannot open fails here, not later.
         let first = readers.connect().map_err(opening)?;
         readers.put(first);
+        ReadPool::spawn_janitor(&readers);
 
-        let commits = Arc::new(AtomicU64::new(0));
         let health = Arc::new(Mutex::new(StoreHealth::writable()));
         let (sender, receiver) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -297,9 +299,9 @@ impl SqliteStore {
         let readers = self.readers.clone();
         let turn = readers.free.clone().acquire_owned().await.map_err(|_| StoreError(format!("{name}: closed")))?;
         tokio::task::spawn_blocking(move || {
-            let conn = readers.get()?;
-            let out = op(&conn);
-            readers.put(conn);
+            let reader = readers.get()?;
+            let out = op(&reader.conn);
+            readers.put(reader);
             drop(turn);
             out
         })
@@ -318,9 +320,9 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> rusqlite::Result<T>,
     {
         let turn = self.readers.free.acquire().await.map_err(|_| StoreError(format!("{name}: closed")))?;
-        let conn = self.readers.get().map_err(|e| StoreError(format!("{name}: {e}")))?;
-        let out = op(&conn);
-        self.readers.put(conn);
+        let reader = self.readers.get().map_err(|e| StoreError(format!("{name}: {e}")))?;
+        let out = op(&reader.conn);
+        self.readers.put(reader);
         drop(turn);
         out.map_err(|e| StoreError(format!("{name}: {e}")))
     }
@@ -517,36 +519,85 @@ fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn Job>]) -> StoreResult<(
 // ---------------------------------------------------------------------------
 // The readers
 
+/// The read-only connections. Each keeps its read transaction (its snapshot)
+/// open between reads until the writer commits again: a read then costs no
+/// `BEGIN`, no WAL read lock (two `fcntl` calls) and no `COMMIT`. A reader
+/// whose snapshot is older than the last commit starts a new one before it
+/// reads, so a read never misses a write whose caller has been answered (the
+/// writer counts a commit before it answers). A janitor ends stale snapshots of
+/// idle readers, so they do not hold the WAL back from its checkpoints.
 struct ReadPool {
     path: PathBuf,
-    idle: Mutex<Vec<Connection>>,
+    idle: Mutex<Vec<Reader>>,
     /// One permit per connection that may be in use ([`READERS`]).
     free: Arc<tokio::sync::Semaphore>,
+    /// Commits made by the writer so far.
+    commits: Arc<AtomicU64>,
 }
 
+struct Reader {
+    conn: Connection,
+    /// The commit count when its open read transaction began.
+    seen: u64,
+}
+
+/// How often the janitor ends stale snapshots of idle readers.
+const JANITOR_EVERY: Duration = Duration::from_millis(250);
+
 impl ReadPool {
-    fn connect(&self) -> rusqlite::Result<Connection> {
+    fn connect(&self) -> rusqlite::Result<Reader> {
         let conn = Connection::open_with_flags(
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
-        Ok(conn)
+        Ok(Reader { conn, seen: 0 })
     }
 
-    fn get(&self) -> rusqlite::Result<Connection> {
+    /// A reader whose snapshot holds every commit made so far.
+    fn get(&self) -> rusqlite::Result<Reader> {
         let idle = self.idle.lock().expect("store reader pool poisoned").pop();
-        match idle {
-            Some(conn) => Ok(conn),
-            None => self.connect(),
+        let mut reader = match idle {
+            Some(reader) => reader,
+            None => self.connect()?,
+        };
+        let now = self.commits.load(Ordering::Acquire);
+        if !reader.conn.is_autocommit() && reader.seen != now {
+            reader.conn.execute_batch("COMMIT")?;
+        }
+        if reader.conn.is_autocommit() {
+            // The snapshot is taken at the first read, after `now` was counted.
+            reader.conn.execute_batch("BEGIN")?;
+            reader.seen = now;
+        }
+        Ok(reader)
+    }
+
+    fn put(&self, reader: Reader) {
+        let mut idle = self.idle.lock().expect("store reader pool poisoned");
+        if idle.len() < READERS {
+            idle.push(reader);
         }
     }
 
-    fn put(&self, conn: Connection) {
-        let mut idle = self.idle.lock().expect("store reader pool poisoned");
-        if idle.len() < READERS {
-            idle.push(conn);
+    /// Ends the stale snapshots of idle readers every [`JANITOR_EVERY`], until
+    /// the pool is dropped.
+    fn spawn_janitor(pool: &Arc<ReadPool>) {
+        let pool = Arc::downgrade(pool);
+        let started = std::thread::Builder::new().name("muxi-store-readers".into()).spawn(move || loop {
+            std::thread::sleep(JANITOR_EVERY);
+            let Some(pool) = pool.upgrade() else { return };
+            let now = pool.commits.load(Ordering::Acquire);
+            let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+            for reader in idle.iter_mut().filter(|r| !r.conn.is_autocommit() && r.seen != now) {
+                if let Err(e) = reader.conn.execute_batch("COMMIT") {
+                    tracing::debug!(error = %e, "cannot end a reader's snapshot");
+                }
+            }
+        });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "cannot start the readers' janitor; snapshots end at the next read");
         }
     }
 }
