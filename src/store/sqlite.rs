@@ -1594,3 +1594,30 @@ mod column_positions {
         }
     }
 }
+
+#[cfg(test)]
+mod reader_snapshots {
+    use super::*;
+    use crate::store::contract_tests::{created, request};
+
+    #[tokio::test]
+    async fn a_read_sees_every_write_answered_before_it_and_idle_snapshots_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        for i in 0..20 {
+            let id = format!("req_{i}");
+            // The reader's snapshot from the last round is now stale: the insert is seen.
+            created(store.insert(request(&id, i), None, 1_000).await.unwrap());
+            assert_eq!(store.get(&id).await.unwrap().map(|r| r.id), Some(id.clone()), "round {i}");
+        }
+        // An idle reader holds a snapshot; once the writer commits again, the
+        // janitor ends it, so it does not hold the WAL back.
+        store.get("req_0").await.unwrap();
+        let holding =
+            |store: &SqliteStore| store.readers.idle.lock().unwrap().iter().filter(|r| !r.conn.is_autocommit()).count();
+        assert!(holding(&store) > 0, "a reader keeps its snapshot between reads");
+        created(store.insert(request("req_last", 99), None, 1_000).await.unwrap());
+        tokio::time::sleep(JANITOR_EVERY * 3).await;
+        assert_eq!(holding(&store), 0, "stale snapshots of idle readers end");
+    }
+}
