@@ -219,15 +219,13 @@ impl Engine {
             let holder = (start != Start::Queue).then_some(engine.owner.as_str());
             let follow = start == Start::Follow;
             match engine.store.insert(request, holder, leases::lease_ms()).await? {
-                Inserted::Created(record) if start == Start::Queue => {
-                    engine.feed.accepted(&record);
-                    crate::observability::metrics::request_accepted(&formation, &record);
-                    engine.wake_sweeper();
-                    Ok(Submitted { record, live: None, events: None })
-                }
                 Inserted::Created(record) => {
                     engine.feed.accepted(&record);
                     crate::observability::metrics::request_accepted(&formation, &record);
+                    if start == Start::Queue {
+                        engine.wake_sweeper();
+                        return Ok(Submitted { record, live: None, events: None });
+                    }
                     let (live, events) = engine.start(formation, record.clone(), follow);
                     Ok(Submitted { record, live: Some(live), events })
                 }
@@ -314,10 +312,19 @@ impl Engine {
     fn pool(&self, formation: &Formation) -> Arc<Pool> {
         let size = formation.overlord.max_concurrent_requests.max(1);
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        let pool = pools.entry(formation.id.clone()).or_insert_with(|| Arc::new(Pool::new(size)));
-        pool.resize(size);
-        crate::observability::metrics::pool_limit(formation, size);
-        pool.clone()
+        // Called on every sweep (each accept wakes it): a lookup, no allocation,
+        // and the gauge set only when the pool is made or resized.
+        let changed = match pools.get(&formation.id) {
+            Some(pool) => pool.resize(size),
+            None => {
+                pools.insert(formation.id.clone(), Arc::new(Pool::new(size)));
+                true
+            }
+        };
+        if changed {
+            crate::observability::metrics::pool_limit(formation, size);
+        }
+        pools[&formation.id].clone()
     }
 
     async fn session_history(&self, record: &RequestRecord) -> Vec<Turn> {

@@ -51,8 +51,12 @@ impl Pool {
 
     /// Follows a changed `max_concurrent_requests` after a reload. Shrinking
     /// takes slots away as running requests give them back.
-    pub fn resize(&self, new_size: usize) {
+    /// Returns whether the size changed.
+    pub fn resize(&self, new_size: usize) -> bool {
         let mut size = self.size.lock().unwrap_or_else(|e| e.into_inner());
+        if new_size == *size {
+            return false;
+        }
         if new_size > *size {
             self.slots.add_permits(new_size - *size);
         } else if new_size < *size {
@@ -65,6 +69,7 @@ impl Pool {
             });
         }
         *size = new_size;
+        true
     }
 }
 

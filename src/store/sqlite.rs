@@ -299,9 +299,7 @@ impl SqliteStore {
         let readers = self.readers.clone();
         let turn = readers.free.clone().acquire_owned().await.map_err(|_| StoreError(format!("{name}: closed")))?;
         tokio::task::spawn_blocking(move || {
-            let reader = readers.get()?;
-            let out = op(&reader.conn);
-            readers.put(reader);
+            let out = readers.with(op);
             drop(turn);
             out
         })
@@ -309,9 +307,7 @@ impl SqliteStore {
         .map_err(|e| StoreError(format!("{name}: read task failed: {e}")))?
         .map_err(|e| StoreError(format!("{name}: {e}")))
     }
-}
 
-impl SqliteStore {
     /// Runs a point read (one row by key, a few pages of the memory map) on
     /// this thread: cheaper than a hand-off to the blocking pool, and short
     /// enough not to hold up the tasks behind it.
@@ -319,12 +315,8 @@ impl SqliteStore {
     where
         F: FnOnce(&Connection) -> rusqlite::Result<T>,
     {
-        let turn = self.readers.free.acquire().await.map_err(|_| StoreError(format!("{name}: closed")))?;
-        let reader = self.readers.get().map_err(|e| StoreError(format!("{name}: {e}")))?;
-        let out = op(&reader.conn);
-        self.readers.put(reader);
-        drop(turn);
-        out.map_err(|e| StoreError(format!("{name}: {e}")))
+        let _turn = self.readers.free.acquire().await.map_err(|_| StoreError(format!("{name}: closed")))?;
+        self.readers.with(op).map_err(|e| StoreError(format!("{name}: {e}")))
     }
 }
 
@@ -579,6 +571,15 @@ impl ReadPool {
         if idle.len() < READERS {
             idle.push(reader);
         }
+    }
+
+    /// Runs `op` on a reader (see [`ReadPool::get`]), then keeps the reader.
+    /// The caller holds a `free` permit.
+    fn with<T>(&self, op: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+        let reader = self.get()?;
+        let out = op(&reader.conn);
+        self.put(reader);
+        out
     }
 
     /// Ends the stale snapshots of idle readers every [`JANITOR_EVERY`], until
