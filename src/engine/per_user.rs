@@ -4,9 +4,14 @@
 //! that counts them, so concurrent submits cannot overshoot the cap. Only
 //! formations with a cap are tracked, so what is held is bounded by the caps
 //! (a cap set by a reload counts the requests accepted from then on).
+//!
+//! A request accepted here may be taken on and ended by another replica, where
+//! this process does not see its end: the sweeper asks the store about the
+//! [`PerUser::settled`] ones now and then, and releases those that ended.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 #[derive(Default)]
 pub struct PerUser {
@@ -17,8 +22,8 @@ pub struct PerUser {
 struct Inner {
     /// (formation, user) -> ids of their unfinished requests here.
     held: HashMap<(String, String), HashSet<String>>,
-    /// id -> its (formation, user).
-    owner: HashMap<String, (String, String)>,
+    /// id -> its (formation, user), and when it was first counted.
+    owner: HashMap<String, ((String, String), Instant)>,
 }
 
 impl PerUser {
@@ -36,14 +41,28 @@ impl PerUser {
             }
             held.insert(id.to_string());
         }
-        inner.owner.insert(id.to_string(), key);
+        inner.owner.entry(id.to_string()).or_insert((key, Instant::now()));
         Ok(())
+    }
+
+    /// Up to `limit` of the ids counted for longer than `for_at_least`, oldest
+    /// first (ids are time-ordered). A younger one may not be in the store yet.
+    pub fn settled(&self, for_at_least: Duration, limit: usize) -> Vec<String> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ids: Vec<&String> =
+            inner.owner.iter().filter(|(_, (_, since))| since.elapsed() >= for_at_least).map(|(id, _)| id).collect();
+        if ids.len() > limit {
+            ids.select_nth_unstable(limit);
+            ids.truncate(limit);
+        }
+        ids.sort_unstable();
+        ids.into_iter().cloned().collect()
     }
 
     /// Stops counting request `id` (it ended here, or never started).
     pub fn release(&self, id: &str) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(key) = inner.owner.remove(id) else { return };
+        let Some((key, _)) = inner.owner.remove(id) else { return };
         if let Some(held) = inner.held.get_mut(&key) {
             held.remove(id);
             if held.is_empty() {
@@ -78,5 +97,18 @@ mod tests {
         assert_eq!(users.count("f", "u"), 1);
         assert_eq!(users.admit("f", "u", "r3", Some(2)), Ok(()));
         assert_eq!(users.admit("f", "u", "r6", None), Ok(()), "no cap: always");
+    }
+
+    #[test]
+    fn settled_ids_are_the_oldest_counted_long_enough() {
+        let users = PerUser::default();
+        for id in ["r3", "r1", "r2"] {
+            users.admit("f", "u", id, None).unwrap();
+        }
+        assert!(users.settled(Duration::from_secs(60), 10).is_empty(), "none counted that long");
+        assert_eq!(users.settled(Duration::ZERO, 10), ["r1", "r2", "r3"]);
+        assert_eq!(users.settled(Duration::ZERO, 2), ["r1", "r2"]);
+        users.release("r1");
+        assert_eq!(users.settled(Duration::ZERO, 2), ["r2", "r3"]);
     }
 }

@@ -311,7 +311,11 @@ impl ProgressWriter {
         let Some(progress) = self.pending.take() else { return true };
         self.last_write = Some(Instant::now());
         match engine.store.record_progress(id, Some(self.lease), &progress).await {
-            Ok(written) => written,
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::info!(request = %id, "progress refused: the request ended or moved elsewhere; stopping the work here");
+                false
+            }
             Err(e) => {
                 tracing::warn!(request = %id, error = %e, "could not record progress");
                 self.add(progress);

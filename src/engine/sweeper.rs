@@ -22,6 +22,10 @@ use crate::time::now_ms;
 pub const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// The most requests of formations not loaded one sweep looks at.
 const SWEEP_BATCH: usize = 1000;
+/// Requests counted against a user's cap for this long are in the store.
+const SETTLED: Duration = Duration::from_secs(10);
+/// At most this many of them are checked per full sweep.
+const SETTLED_BATCH: usize = 500;
 
 impl Engine {
     /// At start-up: takes over the work of servers that died, then starts the
@@ -91,12 +95,34 @@ impl Engine {
             }
         }
         if full {
+            self.release_ended_elsewhere().await;
             let ids: Vec<String> = loaded.formations.keys().cloned().collect();
             for record in self.store.claimable(&self.owner, now, Among::AllBut(&ids), SWEEP_BATCH).await? {
                 self.wait_for_formation(record, now).await;
             }
         }
         Ok(started)
+    }
+
+    /// Stops counting, against their users' caps, requests accepted here that
+    /// another replica took on and ended (nothing here saw their end). Those
+    /// counted for a moment only are left alone: their insert may not be in
+    /// the store yet.
+    async fn release_ended_elsewhere(&self) {
+        for id in self.per_user.settled(SETTLED, SETTLED_BATCH) {
+            if self.is_running(&id) {
+                continue;
+            }
+            match self.store.get(&id).await {
+                Ok(Some(record)) if !record.status.is_final() => {}
+                // Ended, or gone (removed by retention).
+                Ok(_) => self.per_user.release(&id),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check requests counted against their users' caps");
+                    return;
+                }
+            }
+        }
     }
 
     async fn wait_for_formation(&self, record: RequestRecord, now: i64) {
