@@ -357,6 +357,7 @@ pub enum Among<'a> {
 
 impl Among<'_> {
     /// Every formation's.
+    #[cfg(test)]
     pub const ALL: Among<'static> = Among::AllBut(&[]);
 
     /// (the one formation, the formations left out) as the SQL stores bind them.

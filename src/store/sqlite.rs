@@ -21,6 +21,8 @@
 //! The schema is versioned with `PRAGMA user_version`: [`MIGRATIONS`] are applied
 //! in order, in one transaction, when the store opens.
 
+mod readers;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -29,9 +31,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::types::Type;
-use rusqlite::{params, Connection, DropBehavior, OpenFlags, OptionalExtension, Row, TransactionBehavior};
+use rusqlite::{params, Connection, DropBehavior, OptionalExtension, Row, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
+
+use readers::ReadPool;
 
 use super::{
     AdminQuery, Among, Backlog, Claim, Delivery, DeliveryUpdate, ErrorInfo, FormationCopy, Inserted, Lease, ListQuery,
@@ -41,9 +45,6 @@ use super::{
 
 /// The most commands one transaction carries.
 const MAX_BATCH: usize = 512;
-/// Read-only connections: at most this many reads run at once; the rest wait
-/// for one to be free rather than opening (and warming) a connection each.
-const READERS: usize = 8;
 /// How long a connection waits on a lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The database file inside the data folder.
@@ -201,16 +202,7 @@ impl SqliteStore {
         probe_write(&conn).map_err(|e| StoreError(format!("{} is not writable: {e}", path.display())))?;
 
         let commits = Arc::new(AtomicU64::new(0));
-        let readers = Arc::new(ReadPool {
-            path: path.clone(),
-            idle: Mutex::new(Vec::new()),
-            free: Arc::new(tokio::sync::Semaphore::new(READERS)),
-            commits: commits.clone(),
-        });
-        // Open one reader now so a database readers cannot open fails here, not later.
-        let first = readers.connect().map_err(opening)?;
-        readers.put(first);
-        ReadPool::spawn_janitor(&readers);
+        let readers = ReadPool::open(&path, commits.clone()).map_err(opening)?;
 
         let health = Arc::new(Mutex::new(StoreHealth::writable()));
         let (sender, receiver) = mpsc::channel();
@@ -509,145 +501,29 @@ fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn Job>]) -> StoreResult<(
 }
 
 // ---------------------------------------------------------------------------
-// The readers
-
-/// The read-only connections. Each keeps its read transaction (its snapshot)
-/// open between reads until the writer commits again: a read then costs no
-/// `BEGIN`, no WAL read lock (two `fcntl` calls) and no `COMMIT`. A reader
-/// whose snapshot is older than the last commit starts a new one before it
-/// reads, so a read never misses a write whose caller has been answered (the
-/// writer counts a commit before it answers). A janitor ends stale snapshots of
-/// idle readers, so they do not hold the WAL back from its checkpoints.
-struct ReadPool {
-    path: PathBuf,
-    idle: Mutex<Vec<Reader>>,
-    /// One permit per connection that may be in use ([`READERS`]).
-    free: Arc<tokio::sync::Semaphore>,
-    /// Commits made by the writer so far.
-    commits: Arc<AtomicU64>,
-}
-
-struct Reader {
-    conn: Connection,
-    /// The commit count when its open read transaction began.
-    seen: u64,
-}
-
-/// How often the janitor ends stale snapshots of idle readers.
-const JANITOR_EVERY: Duration = Duration::from_millis(250);
-
-impl ReadPool {
-    fn connect(&self) -> rusqlite::Result<Reader> {
-        let conn = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
-        Ok(Reader { conn, seen: 0 })
-    }
-
-    /// A reader whose snapshot holds every commit made so far.
-    fn get(&self) -> rusqlite::Result<Reader> {
-        let idle = self.idle.lock().expect("store reader pool poisoned").pop();
-        let mut reader = match idle {
-            Some(reader) => reader,
-            None => self.connect()?,
-        };
-        let now = self.commits.load(Ordering::Acquire);
-        if !reader.conn.is_autocommit() && reader.seen != now {
-            reader.conn.execute_batch("COMMIT")?;
-        }
-        if reader.conn.is_autocommit() {
-            // The snapshot is taken at the first read, after `now` was counted.
-            reader.conn.execute_batch("BEGIN")?;
-            reader.seen = now;
-        }
-        Ok(reader)
-    }
-
-    fn put(&self, reader: Reader) {
-        let mut idle = self.idle.lock().expect("store reader pool poisoned");
-        if idle.len() < READERS {
-            idle.push(reader);
-        }
-    }
-
-    /// Runs `op` on a reader (see [`ReadPool::get`]), then keeps the reader.
-    /// The caller holds a `free` permit.
-    fn with<T>(&self, op: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
-        let reader = self.get()?;
-        let out = op(&reader.conn);
-        self.put(reader);
-        out
-    }
-
-    /// Ends the stale snapshots of idle readers every [`JANITOR_EVERY`], until
-    /// the pool is dropped.
-    fn spawn_janitor(pool: &Arc<ReadPool>) {
-        let pool = Arc::downgrade(pool);
-        let started = std::thread::Builder::new().name("muxi-store-readers".into()).spawn(move || loop {
-            std::thread::sleep(JANITOR_EVERY);
-            let Some(pool) = pool.upgrade() else { return };
-            let now = pool.commits.load(Ordering::Acquire);
-            let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-            for reader in idle.iter_mut().filter(|r| !r.conn.is_autocommit() && r.seen != now) {
-                if let Err(e) = reader.conn.execute_batch("COMMIT") {
-                    tracing::debug!(error = %e, "cannot end a reader's snapshot");
-                }
-            }
-        });
-        if let Err(e) = started {
-            tracing::warn!(error = %e, "cannot start the readers' janitor; snapshots end at the next read");
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
 // Rows
 
-/// A column of a row: by name, or by position (`col`).
-trait Column: rusqlite::RowIndex + Copy {
-    fn position(self, row: &Row) -> usize;
+fn conversion_error(column: usize, err: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(err))
 }
 
-impl Column for &str {
-    fn position(self, row: &Row) -> usize {
-        row.as_ref().column_index(self).unwrap_or(0)
-    }
-}
-
-impl Column for usize {
-    fn position(self, _: &Row) -> usize {
-        self
-    }
-}
-
-fn conversion_error(
-    row: &Row,
-    column: impl Column,
-    err: impl std::error::Error + Send + Sync + 'static,
-) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(column.position(row), Type::Text, Box::new(err))
-}
-
-fn json_column<T: DeserializeOwned>(row: &Row, column: impl Column) -> rusqlite::Result<Option<T>> {
+fn json_column<T: DeserializeOwned>(row: &Row, column: usize) -> rusqlite::Result<Option<T>> {
     let text: Option<String> = row.get(column)?;
-    text.map(|text| serde_json::from_str(&text).map_err(|e| conversion_error(row, column, e))).transpose()
+    text.map(|text| serde_json::from_str(&text).map_err(|e| conversion_error(column, e))).transpose()
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("unknown status {0:?}")]
 struct UnknownStatus(String);
 
-fn status_column(row: &Row, column: impl Column) -> rusqlite::Result<Status> {
+fn status_column(row: &Row, column: usize) -> rusqlite::Result<Status> {
     let text: String = row.get(column)?;
-    Status::parse(&text).ok_or_else(|| conversion_error(row, column, UnknownStatus(text)))
+    Status::parse(&text).ok_or_else(|| conversion_error(column, UnknownStatus(text)))
 }
 
-fn mode_column(row: &Row, column: impl Column) -> rusqlite::Result<Mode> {
+fn mode_column(row: &Row, column: usize) -> rusqlite::Result<Mode> {
     let text: String = row.get(column)?;
-    Mode::parse(&text).ok_or_else(|| conversion_error(row, column, UnknownStatus(text)))
+    Mode::parse(&text).ok_or_else(|| conversion_error(column, UnknownStatus(text)))
 }
 
 /// The positions of [`select_records!`]'s columns: read by position, a row
@@ -1154,7 +1030,7 @@ impl Store for SqliteStore {
             let mut rows = statement.query([formation_id])?;
             while let Some(row) = rows.next()? {
                 let count: i64 = row.get(1)?;
-                match status_column(row, "status")? {
+                match status_column(row, 0)? {
                     Status::Pending => backlog.pending = count as u64,
                     _ => backlog.processing = count as u64,
                 }
@@ -1618,7 +1494,7 @@ mod reader_snapshots {
             |store: &SqliteStore| store.readers.idle.lock().unwrap().iter().filter(|r| !r.conn.is_autocommit()).count();
         assert!(holding(&store) > 0, "a reader keeps its snapshot between reads");
         created(store.insert(request("req_last", 99), None, 1_000).await.unwrap());
-        tokio::time::sleep(JANITOR_EVERY * 3).await;
+        tokio::time::sleep(readers::JANITOR_EVERY * 3).await;
         assert_eq!(holding(&store), 0, "stale snapshots of idle readers end");
     }
 }
