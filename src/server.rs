@@ -88,7 +88,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     engine.recover(config.database_url.is_none()).await.context("cannot recover unfinished requests")?;
     engine.spawn_retention();
 
-    let state = AppState {
+    let state = AppState::new(api::Shared {
         registry: registry.clone(),
         engine,
         allow_webhook_hosts: Arc::new(config.allow_webhook_hosts.clone()),
@@ -97,7 +97,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         shutdown: shutdown.clone(),
         default_formation: config.default_formation.clone(),
         rate_limits: Arc::new(api::rate_limit::RateLimits::new(config.rate_limit)),
-    };
+    });
     // Signal handlers are in place before anyone learns the address.
     let signals = Signals::install()?;
     let live = registry.snapshot();

@@ -1,39 +1,71 @@
-//! Limits on what a client sends, answered in the JSON error envelope, in one
+//! Limits on what a client sends, and the shape of every error answer, in one
 //! middleware ([`guard`]): request headers over
 //! [`MAX_HEADER_BYTES`](crate::http_server::MAX_HEADER_BYTES) are a 431
-//! `headers_too_large`, and any error answer that is not JSON yet (a rejection
-//! from axum or tower) is put into the envelope with a stable code. The body
-//! read timeout (408 `body_read_timeout`) is applied where bodies are read, in
-//! [`super::body`].
+//! `headers_too_large`; any error answer that is not JSON yet (a rejection
+//! from axum or tower) is put into the envelope with a stable code; and a
+//! caller that asked for Server-Sent Events gets its error as an SSE `event:
+//! error` frame. The body read timeout (408 `body_read_timeout`) is applied
+//! where bodies are read, in [`super::body`].
 
+use axum::body::Body;
 use axum::extract::Request;
-use axum::http::header::CONTENT_TYPE;
-use axum::http::StatusCode;
+use axum::http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::error::{ApiError, Code};
 use crate::http_server::MAX_HEADER_BYTES;
 
-/// Refuses oversized headers; puts a non-JSON error answer into the envelope.
+/// Refuses oversized headers; puts a non-JSON error answer into the envelope,
+/// and an error for an SSE caller into an SSE frame.
 pub async fn guard(request: Request, next: Next) -> Response {
     let size = header_bytes(&request);
-    if size > MAX_HEADER_BYTES {
-        return ApiError::new(
+    let wants_sse =
+        request.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
+    let response = if size > MAX_HEADER_BYTES {
+        ApiError::new(
             Code::HeadersTooLarge,
             format!("the request headers take {size} bytes; at most {MAX_HEADER_BYTES} are accepted"),
         )
-        .into_response();
-    }
-    let response = next.run(request).await;
+        .into_response()
+    } else {
+        next.run(request).await
+    };
     if response.status().as_u16() < 400 {
         return response;
     }
     let content_type = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if content_type.starts_with("application/json") || content_type == "text/event-stream" {
+    if content_type == "text/event-stream" {
         return response;
     }
-    enveloped(response).await
+    let response = if content_type.starts_with("application/json") { response } else { enveloped(response).await };
+    if wants_sse {
+        as_sse_error(response).await
+    } else {
+        response
+    }
+}
+
+/// A JSON error answer as an SSE `event: error` frame (same status), which is
+/// where SSE clients such as the MUXI SDK look for it; a JSON body would read
+/// as an empty stream.
+async fn as_sse_error(response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1024 * 1024).await.unwrap_or_default();
+    let error: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let code = error["code"].as_str().unwrap_or("internal_error");
+    let message = error["message"].as_str().unwrap_or("request failed");
+    let frame = serde_json::json!({
+        "type": code,
+        "code": code,
+        "error": message,
+        "message": message,
+        "status": parts.status.as_u16(),
+    });
+    parts.headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    parts.headers.remove(CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(format!("event: error\ndata: {frame}\n\n")))
 }
 
 /// About the size of the request head: target, names, values, separators.

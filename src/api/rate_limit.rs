@@ -85,12 +85,17 @@ impl RateLimits {
     /// Takes one token from every bucket the call falls in; the first empty
     /// one refuses it with the wait.
     pub fn check(&self, formation: &Formation, headers: &HeaderMap) -> Result<(), ApiError> {
-        let key = auth::header(headers, auth::CLIENT_KEY).or_else(|| auth::header(headers, auth::ADMIN_KEY));
-        let key = key.map(|k| digest(&format!("{}\n{k}", formation.id)));
+        let (per_key, per_user) = self.of(formation);
+        // The key's digest only when a limit per key needs it.
+        let key = if self.server.is_some() || per_key.is_some() {
+            let key = auth::header(headers, auth::CLIENT_KEY).or_else(|| auth::header(headers, auth::ADMIN_KEY));
+            key.map(|k| digest(&format!("{}\n{k}", formation.id)))
+        } else {
+            None
+        };
         if let (Some(limiter), Some(key)) = (&self.server, &key) {
             take(limiter, key, formation, "server")?;
         }
-        let (per_key, per_user) = self.of(formation);
         if let (Some(limiter), Some(key)) = (per_key, &key) {
             take(&limiter, key, formation, "key")?;
         }

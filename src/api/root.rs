@@ -36,7 +36,9 @@ pub fn mount(app: Router, state: AppState) -> Router {
             }
         }
     });
-    Router::new().route_service("/v1", service.clone()).route_service("/v1/{*rest}", service).fallback_service(app)
+    // Into `app` itself: a router in front of it would cost every other
+    // request one more route lookup and service clone.
+    app.route_service("/v1", service.clone()).route_service("/v1/{*rest}", service)
 }
 
 /// The formation served at the root, if any.

@@ -223,7 +223,11 @@ impl Engine {
                     engine.feed.accepted(&record);
                     crate::observability::metrics::request_accepted(&formation, &record);
                     if start == Start::Queue {
-                        engine.wake_sweeper();
+                        // With no room the sweeper is woken when some is made
+                        // (an end, a retry's backoff, a reload).
+                        if engine.pool(&formation).room() > 0 {
+                            engine.wake_sweeper();
+                        }
                         return Ok(Submitted { record, live: None, events: None });
                     }
                     let (live, events) = engine.start(formation, record.clone(), follow);
@@ -312,19 +316,15 @@ impl Engine {
     fn pool(&self, formation: &Formation) -> Arc<Pool> {
         let size = formation.overlord.max_concurrent_requests.max(1);
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        // Called on every sweep (each accept wakes it): a lookup, no allocation,
+        // Called on every accept and sweep: a lookup, no allocation,
         // and the gauge set only when the pool is made or resized.
-        let changed = match pools.get(&formation.id) {
-            Some(pool) => pool.resize(size),
-            None => {
-                pools.insert(formation.id.clone(), Arc::new(Pool::new(size)));
-                true
-            }
+        let pool = match pools.get(&formation.id) {
+            Some(pool) if !pool.resize(size) => return pool.clone(),
+            Some(pool) => pool.clone(),
+            None => pools.entry(formation.id.clone()).or_insert_with(|| Arc::new(Pool::new(size))).clone(),
         };
-        if changed {
-            crate::observability::metrics::pool_limit(formation, size);
-        }
-        pools[&formation.id].clone()
+        crate::observability::metrics::pool_limit(formation, size);
+        pool
     }
 
     async fn session_history(&self, record: &RequestRecord) -> Vec<Turn> {

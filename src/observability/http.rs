@@ -1,22 +1,35 @@
-//! The HTTP metrics middleware: counts every answer by method, route template
-//! (axum's `MatchedPath`, never the raw path) and status class, and times it.
+//! HTTP metrics: every answer counted by method, route template (axum's
+//! `MatchedPath`, never the raw path) and status class, and timed. Recorded by
+//! the API's one middleware (`api::edge`) around each route.
 
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::http::Method;
 
-/// Records one request in `muxi_http_requests_total` and its latency.
-pub async fn track(request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
-    let method = request.method().clone();
-    let response = next.run(request).await;
-    super::metrics::http_request(method.as_str(), route, response.status().as_u16(), started.elapsed());
-    response
+/// One request being answered, from the moment its route was matched.
+pub struct Timing {
+    started: Instant,
+    method: Method,
+    route: Option<MatchedPath>,
+}
+
+impl Timing {
+    pub fn start(request: &Request) -> Timing {
+        Timing {
+            started: Instant::now(),
+            method: request.method().clone(),
+            route: request.extensions().get::<MatchedPath>().cloned(),
+        }
+    }
+
+    /// The route template; `unmatched` for an answer of the fallback.
+    pub fn route(&self) -> &str {
+        self.route.as_ref().map_or("unmatched", MatchedPath::as_str)
+    }
+
+    /// Records the answer in `muxi_http_requests_total` and its latency.
+    pub fn finish(self, status: u16) {
+        super::metrics::http_request(self.method.as_str(), self.route(), status, self.started.elapsed());
+    }
 }

@@ -10,10 +10,12 @@
 //! mode (`sync`, `async`, `promoted`), outcome, route templates and status
 //! classes. Request, user and session ids are never labels.
 
-use std::sync::OnceLock;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
-use metrics::{counter, gauge, histogram, Gauge};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::formation::Formation;
@@ -124,17 +126,63 @@ pub fn mode_label(mode: Mode, answered_async: bool) -> &'static str {
     }
 }
 
+/// Metric handles by their label values, for the series touched on every
+/// request: a lookup by the values costs no allocation, where `counter!` with
+/// owned labels builds a key of fresh strings and looks it up in the registry
+/// on each call. Handles are cached only once the recorder is installed (before
+/// that, every call is a no-op). Label values are bounded (see the module doc),
+/// and so is this map.
+struct Handles<H> {
+    by_labels: LazyLock<Mutex<HashMap<Box<str>, H>>>,
+}
+
+thread_local! {
+    /// The lookup key being built: label values joined by U+001F.
+    static LOOKUP: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+impl<H> Handles<H> {
+    const fn new() -> Self {
+        Handles { by_labels: LazyLock::new(Default::default) }
+    }
+
+    /// Runs `record` on the handle for `values`, made by `make` the first time.
+    fn with(&self, values: &[&str], make: impl FnOnce() -> H, record: impl FnOnce(&H)) {
+        if handle().is_none() {
+            return;
+        }
+        LOOKUP.with_borrow_mut(|key| {
+            key.clear();
+            for value in values {
+                key.push_str(value);
+                key.push('\u{1f}');
+            }
+            let mut by_labels = self.by_labels.lock().unwrap_or_else(|e| e.into_inner());
+            match by_labels.get(key.as_str()) {
+                Some(handles) => record(handles),
+                None => record(by_labels.entry(key.as_str().into()).or_insert_with(make)),
+            }
+        });
+    }
+}
+
+static ACCEPTED: Handles<Counter> = Handles::new();
+static HTTP: Handles<(Counter, Histogram)> = Handles::new();
+
 /// A request was stored.
 pub fn request_accepted(formation: &Formation, record: &RequestRecord) {
     if !tracked(formation) {
         return;
     }
-    let labels = [
-        ("formation", record.formation_id.clone()),
-        ("agent", record.agent_id.clone()),
-        ("mode", record.mode.as_str().to_string()),
-    ];
-    counter!(REQUESTS_ACCEPTED, &labels).increment(1);
+    let (formation, agent, mode) = (&record.formation_id, &record.agent_id, record.mode.as_str());
+    ACCEPTED.with(
+        &[formation, agent, mode],
+        || {
+            let labels = [("formation", formation.clone()), ("agent", agent.clone()), ("mode", mode.to_string())];
+            counter!(REQUESTS_ACCEPTED, &labels)
+        },
+        |accepted| accepted.increment(1),
+    );
 }
 
 /// A request ended (recorded by this process).
@@ -201,7 +249,6 @@ fn hold(formation: &Formation, name: &'static str) -> Held {
     Held(Some(gauge))
 }
 
-/// A request waits for a worker slot while the result is held.
 /// Requests of `formation` waiting in the store, read at scrape time.
 pub fn queue_depth(formation: &Formation, pending: u64) {
     if tracked(formation) {
@@ -236,8 +283,8 @@ pub fn store_batch(writes: usize, took: Duration, ok: bool) {
     }
 }
 
-/// One HTTP request answered.
-pub fn http_request(method: &str, route: String, status: u16, took: Duration) {
+/// One HTTP request answered; `route` is its template.
+pub fn http_request(method: &str, route: &str, status: u16, took: Duration) {
     let class = match status {
         100..=199 => "1xx",
         200..=299 => "2xx",
@@ -249,9 +296,17 @@ pub fn http_request(method: &str, route: String, status: u16, took: Duration) {
         "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS" => method,
         _ => "other",
     };
-    let labels = [("method", method.to_string()), ("route", route), ("status", class.to_string())];
-    counter!(HTTP_REQUESTS, &labels).increment(1);
-    histogram!(HTTP_REQUEST_DURATION, &labels).record(took.as_secs_f64());
+    HTTP.with(
+        &[method, route, class],
+        || {
+            let labels = [("method", method.to_string()), ("route", route.to_string()), ("status", class.to_string())];
+            (counter!(HTTP_REQUESTS, &labels), histogram!(HTTP_REQUEST_DURATION, &labels))
+        },
+        |(requests, duration)| {
+            requests.increment(1);
+            duration.record(took.as_secs_f64());
+        },
+    );
 }
 
 /// The formations folder was (re)loaded.
