@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -26,11 +25,22 @@ pub struct Phase {
     pub latencies: Vec<Duration>,
     /// `data.request_id` of each 202 answer (accept phases only).
     pub ids: Vec<String>,
+    /// CPU time (user + system) the server process spent during the phase,
+    /// where measured ([`compare`]).
+    pub server_cpu: Option<Duration>,
 }
 
 impl Phase {
     pub fn empty() -> Phase {
-        Phase { n: 0, errors: 0, first_error: None, wall: Duration::ZERO, latencies: Vec::new(), ids: Vec::new() }
+        Phase {
+            n: 0,
+            errors: 0,
+            first_error: None,
+            wall: Duration::ZERO,
+            latencies: Vec::new(),
+            ids: Vec::new(),
+            server_cpu: None,
+        }
     }
 
     /// Adds another round of the same phase.
@@ -42,6 +52,16 @@ impl Phase {
         self.latencies.extend(other.latencies);
         self.latencies.sort_unstable();
         self.ids.extend(other.ids);
+        self.server_cpu = match (self.server_cpu, other.server_cpu) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// The server's CPU time per request, microseconds: a steadier figure than
+    /// throughput on a machine whose speed drifts between rounds.
+    pub fn cpu_us_per_request(&self) -> Option<f64> {
+        self.server_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / self.n.max(1) as f64)
     }
 
     pub fn throughput(&self) -> f64 {
@@ -78,17 +98,21 @@ pub fn request(method: &str, host: SocketAddr, path: &str, headers: &[(&str, &st
 /// each, rotating which one goes first (A B C, B C A, ...), so that a burst of
 /// load from elsewhere on a shared machine hits all of them alike. Each side's
 /// figures are over all its rounds: throughput = its `n` requests / the sum of
-/// its rounds' wall times. `sides` are (expected status, requests).
-pub async fn compare(n: usize, rounds: usize, sides: &[(u16, Make)]) -> Vec<Phase> {
+/// its rounds' wall times. `sides` are (expected status, requests, the pid of
+/// the server process, whose CPU time is measured around each round).
+pub async fn compare(n: usize, rounds: usize, sides: &[(u16, Make, u32)]) -> Vec<Phase> {
     let mut totals: Vec<Phase> = sides.iter().map(|_| Phase::empty()).collect();
     for round in 0..rounds {
         let offset = round * (n / rounds);
         let count = if round + 1 == rounds { n - offset } else { n / rounds };
         for turn in 0..sides.len() {
             let side = (round + turn) % sides.len();
-            let (expect, make) = (sides[side].0, sides[side].1.clone());
+            let (expect, make, pid) = (sides[side].0, sides[side].1.clone(), sides[side].2);
             let shifted: Make = Arc::new(move |i| make(offset + i));
-            totals[side].absorb(load(count, expect, shifted).await);
+            let before = super::servers::cpu_time(pid);
+            let mut round = load(count, expect, shifted).await;
+            round.server_cpu = before.zip(super::servers::cpu_time(pid)).map(|(a, b)| b.saturating_sub(a));
+            totals[side].absorb(round);
         }
     }
     totals
@@ -264,7 +288,11 @@ fn invalid(what: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad answer: {what}"))
 }
 
+/// `data.request_id` of a 202, found as wrk would: a search of the bytes, not a
+/// JSON tree (which cost the one load thread more than a request's round trip).
 fn request_id(body: &[u8]) -> Option<String> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    value["data"]["request_id"].as_str().map(str::to_string)
+    const KEY: &[u8] = b"\"request_id\":\"";
+    let start = find(body, KEY)? + KEY.len();
+    let len = body[start..].iter().position(|&b| b == b'"')?;
+    String::from_utf8(body[start..start + len].to_vec()).ok()
 }

@@ -143,8 +143,12 @@ async fn run(n: usize, rounds: usize, in_flight: usize) {
     load(warmup, 200, post(bare.addr)).await;
     load(warmup, 200, post(floor.addr)).await;
     let warm_ids = load(warmup, 202, post(muxi.addr)).await.ids;
-    let mut sides =
-        compare(n, rounds, &[(200, post(bare.addr)), (200, post(floor.addr)), (202, post(muxi.addr))]).await;
+    let mut sides = compare(
+        n,
+        rounds,
+        &[(200, post(bare.addr), bare.pid()), (200, post(floor.addr), floor.pid()), (202, post(muxi.addr), muxi.pid())],
+    )
+    .await;
     let (accept, base_floor, base_post) = (sides.pop().unwrap(), sides.pop().unwrap(), sides.pop().unwrap());
     let accepted_a = warm_ids.len() + accept.ids.len();
     drop(floor);
@@ -153,8 +157,12 @@ async fn run(n: usize, rounds: usize, in_flight: usize) {
     assert!(!accept.ids.is_empty(), "no request was accepted; cannot poll");
     load(warmup, 200, polls(bare.addr, &accept.ids)).await;
     load(warmup, 200, polls(muxi.addr, &accept.ids)).await;
-    let mut sides =
-        compare(n, rounds, &[(200, polls(bare.addr, &accept.ids)), (200, polls(muxi.addr, &accept.ids))]).await;
+    let mut sides = compare(
+        n,
+        rounds,
+        &[(200, polls(bare.addr, &accept.ids), bare.pid()), (200, polls(muxi.addr, &accept.ids), muxi.pid())],
+    )
+    .await;
     let (polled, base_get) = (sides.pop().unwrap(), sides.pop().unwrap());
     let rss_a = rss(muxi.pid());
     drop(muxi); // SIGKILL, then its agents
@@ -189,7 +197,12 @@ async fn run(n: usize, rounds: usize, in_flight: usize) {
     let metrics_on = ServerProcess::start_muxi(&fixture_on);
     load(warmup, 202, post(metrics_off.addr)).await;
     load(warmup, 202, post(metrics_on.addr)).await;
-    let mut sides = compare(n, rounds, &[(202, post(metrics_off.addr)), (202, post(metrics_on.addr))]).await;
+    let mut sides = compare(
+        n,
+        rounds,
+        &[(202, post(metrics_off.addr), metrics_off.pid()), (202, post(metrics_on.addr), metrics_on.pid())],
+    )
+    .await;
     let (accept_on, accept_off) = (sides.pop().unwrap(), sides.pop().unwrap());
     drop(metrics_on);
     drop(metrics_off);
@@ -363,7 +376,7 @@ async fn postgres_phase(n: usize, rounds: usize, warmup: usize) -> Option<Postgr
     let one = ServerProcess::start_muxi_on(&fixture, &fixture.data.join("r1"), Some(&muxi_url), &[]);
     load(warmup, 200, post(floor.addr)).await;
     load(warmup, 202, post(one.addr)).await;
-    let mut sides = compare(n, rounds, &[(200, post(floor.addr)), (202, post(one.addr))]).await;
+    let mut sides = compare(n, rounds, &[(200, post(floor.addr), floor.pid()), (202, post(one.addr), one.pid())]).await;
     let (single, floor_phase) = (sides.pop().unwrap(), sides.pop().unwrap());
     drop(floor);
     eprintln!("phase 6: accept on PostgreSQL, two replicas");
@@ -421,15 +434,17 @@ fn report(r: Report) {
     println!("  after {} warm-up; {cpus} CPUs; load average {} -> {}", r.warmup, r.load_before, r.load_after);
     println!("  data folder on {}; SQLite WAL, synchronous=FULL, group commit (muxi-rt and the floor)", r.data_fs);
     println!();
-    println!("  {:<52} {:>10} {:>9} {:>9} {:>7}", "phase", "req/s", "p50 ms", "p99 ms", "errors");
+    println!("  {:<52} {:>10} {:>9} {:>9} {:>7} {:>11}", "phase", "req/s", "p50 ms", "p99 ms", "errors", "CPU us/req");
     let row = |name: &str, p: &Phase| {
+        let cpu = p.cpu_us_per_request().map_or_else(|| "-".to_string(), |us| format!("{us:.1}"));
         println!(
-            "  {:<52} {:>10.0} {:>9.2} {:>9.2} {:>7}",
+            "  {:<52} {:>10.0} {:>9.2} {:>9.2} {:>7} {:>11}",
             name,
             p.throughput(),
             p.percentile_ms(0.50),
             p.percentile_ms(0.99),
-            p.errors
+            p.errors,
+            cpu
         );
     };
     row("POST bare (axum, small JSON)", &r.base_post);
@@ -463,6 +478,13 @@ fn report(r: Report) {
     percent("accept / floor", accept_floor, FLOOR_TARGET);
     println!("  {:<52} {:>11.1}%", "accept / bare", ratio(&r.accept, &r.base_post) * 100.0);
     println!("  {:<52} {:>11.1}%", "floor / bare", ratio(&r.base_floor, &r.base_post) * 100.0);
+    if let (Some(floor), Some(accept)) = (r.base_floor.cpu_us_per_request(), r.accept.cpu_us_per_request()) {
+        println!(
+            "  {:<52} {:>11.1}%",
+            "floor CPU / accept CPU, per request (server processes)",
+            floor / accept * 100.0
+        );
+    }
     percent("status polls / bare", poll_ratio, POLL_TARGET);
     let memory = |count: usize, bytes: u64, target: u64, wanted: usize| {
         println!(
