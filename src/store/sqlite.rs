@@ -18,10 +18,10 @@
 //! Dropping the store (or [`SqliteStore::close`]) closes the channel; the writer
 //! finishes everything already queued, then stops.
 //!
-//! The schema is versioned with `PRAGMA user_version`: [`MIGRATIONS`] are applied
-//! in order, in one transaction, when the store opens.
+//! The schema and its migrations are in [`schema`].
 
 mod readers;
+mod schema;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,117 +52,6 @@ const DB_FILE: &str = "muxi.db";
 
 /// How much of the database file is read through a memory map.
 const MMAP_BYTES: i64 = 256 * 1024 * 1024;
-
-/// Schema migrations; `PRAGMA user_version` is the number applied so far.
-/// Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE requests (
-    id                TEXT PRIMARY KEY,
-    formation_id      TEXT NOT NULL,
-    formation_version TEXT NOT NULL,
-    user_id           TEXT NOT NULL,
-    session_id        TEXT,
-    agent_id          TEXT NOT NULL,
-    message           TEXT NOT NULL,
-    mode              TEXT NOT NULL,
-    estimated_seconds REAL NOT NULL,
-    idempotency_key   TEXT,
-    webhook_url       TEXT,
-    status            TEXT NOT NULL
-        CHECK (status IN ('pending', 'processing', 'completed', 'failed', 'cancelled')),
-    progress          REAL NOT NULL DEFAULT 0,
-    current_step      TEXT,
-    total_steps       INTEGER,
-    completed_steps   INTEGER,
-    status_message    TEXT,
-    result_text       TEXT,            -- set iff the request completed
-    artifacts         TEXT,            -- JSON array, set with result_text
-    error             TEXT,            -- JSON ErrorInfo
-    attempts          INTEGER NOT NULL DEFAULT 0,
-    created_at        INTEGER NOT NULL,
-    started_at        INTEGER,
-    completed_at      INTEGER
-);
-CREATE INDEX requests_by_user ON requests (formation_id, user_id, created_at);
--- Partial indexes stay small and hot: an insert touches only what it must.
-CREATE INDEX requests_by_status ON requests (status, created_at)
-    WHERE status IN ('pending', 'processing');
-CREATE INDEX requests_by_agent ON requests (formation_id, agent_id, completed_at)
-    WHERE status = 'completed';
-CREATE INDEX requests_by_session ON requests (formation_id, user_id, session_id, created_at)
-    WHERE status = 'completed';
-CREATE UNIQUE INDEX requests_idempotency ON requests (formation_id, user_id, idempotency_key)
-    WHERE idempotency_key IS NOT NULL;
-
-CREATE TABLE deliveries (
-    id              TEXT PRIMARY KEY,
-    request_id      TEXT NOT NULL UNIQUE REFERENCES requests (id) ON DELETE CASCADE,
-    formation_id    TEXT NOT NULL,
-    url             TEXT NOT NULL,
-    status          TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at INTEGER NOT NULL,
-    last_error      TEXT,
-    created_at      INTEGER NOT NULL
-);
-CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
-"#,
-    r#"
--- Leases: the runner of an attempt holds (owner, epoch, expiry); its writes are
--- fenced by the epoch. Whether the caller got a 202 is kept with the request.
-ALTER TABLE requests ADD COLUMN answered_async INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE requests ADD COLUMN fingerprint TEXT;
-ALTER TABLE requests ADD COLUMN workflow_timeout_ms INTEGER NOT NULL DEFAULT 3600000;
-ALTER TABLE requests ADD COLUMN lease_owner TEXT;
-ALTER TABLE requests ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE requests ADD COLUMN lease_expires_at INTEGER;
-UPDATE requests SET answered_async = 1 WHERE mode = 'async';
--- Deliveries are claimed by one sender at a time.
-ALTER TABLE deliveries ADD COLUMN claimed_by TEXT;
-ALTER TABLE deliveries ADD COLUMN claim_expires_at INTEGER;
--- A re-run (admin console) is a new request with the same input, linked here.
-CREATE TABLE reruns (
-    request_id  TEXT PRIMARY KEY REFERENCES requests (id) ON DELETE CASCADE,
-    original_id TEXT NOT NULL REFERENCES requests (id) ON DELETE CASCADE
-);
-CREATE INDEX reruns_by_original ON reruns (original_id);
--- Messages a session was seeded with (POST /sessions/{id}/restore).
-CREATE TABLE session_messages (
-    formation_id TEXT NOT NULL,
-    user_id      TEXT NOT NULL,
-    session_id   TEXT NOT NULL,
-    seq          INTEGER NOT NULL,
-    role         TEXT NOT NULL,
-    content      TEXT NOT NULL,
-    agent_id     TEXT,
-    created_at   INTEGER NOT NULL,
-    PRIMARY KEY (formation_id, user_id, session_id, seq)
-);
-CREATE INDEX session_messages_by_user ON session_messages (formation_id, user_id, created_at);
-"#,
-    r#"
--- The formation revision each server process has loaded (see `Store::publish_copies`).
-CREATE TABLE formation_copies (
-    formation_id TEXT NOT NULL,
-    owner        TEXT NOT NULL,
-    revision     TEXT NOT NULL,
-    seen_at      INTEGER NOT NULL,
-    PRIMARY KEY (formation_id, owner)
-);
-"#,
-    r#"
--- The queue is read per formation, oldest first (claims) and counted per
--- status (backlog): one index serves both, and covers the count.
-DROP INDEX requests_by_status;
-CREATE INDEX requests_queue ON requests (formation_id, created_at, status)
-    WHERE status IN ('pending', 'processing');
--- Leases held, per owner (renewal, takeover). A queued request holds none, so
--- its insert does not touch this index.
-CREATE INDEX requests_held ON requests (lease_owner)
-    WHERE lease_owner IS NOT NULL AND status IN ('pending', 'processing');
-"#,
-];
 
 /// The SQLite implementation of [`Store`].
 pub struct SqliteStore {
@@ -197,7 +86,7 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", true).map_err(opening)?;
         // Pages are read through a memory map rather than copied by read(2).
         conn.pragma_update(None, "mmap_size", MMAP_BYTES).map_err(opening)?;
-        migrate(&mut conn).map_err(|e| StoreError(format!("migrate {}: {}", path.display(), e.0)))?;
+        schema::migrate(&mut conn).map_err(|e| StoreError(format!("migrate {}: {}", path.display(), e.0)))?;
         // A data folder we cannot write to is found now, not at the first request.
         probe_write(&conn).map_err(|e| StoreError(format!("{} is not writable: {e}", path.display())))?;
 
@@ -322,25 +211,6 @@ impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
     }
-}
-
-/// Applies the migrations the database has not seen yet, in one transaction.
-fn migrate(conn: &mut Connection) -> StoreResult<()> {
-    let sql = |e: rusqlite::Error| StoreError(e.to_string());
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
-    let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(sql)?;
-    let known = MIGRATIONS.len() as i64;
-    if !(0..=known).contains(&version) {
-        return Err(StoreError(format!("schema version {version} is not one this build knows (0..={known})")));
-    }
-    for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        tx.execute_batch(migration).map_err(sql)?;
-        tracing::info!(version = i + 1, "applied store migration");
-    }
-    if version < known {
-        tx.pragma_update(None, "user_version", known).map_err(sql)?;
-    }
-    tx.commit().map_err(sql)
 }
 
 // ---------------------------------------------------------------------------
