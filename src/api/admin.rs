@@ -253,6 +253,7 @@ pub async fn rerun(
         crate::webhooks::target::check_target(url, &state.allow_webhook_hosts).await?;
     }
     let estimate = state.engine.estimate(&formation, &original.agent_id, &original.message).await;
+    let idempotency_key = auth::idempotency_key(&headers)?;
     let request = NewRequest {
         id: format!("req_{}", uuid::Uuid::now_v7().simple()),
         formation_id: formation.id.clone(),
@@ -263,13 +264,15 @@ pub async fn rerun(
         message: original.message.clone(),
         mode: Mode::Async,
         estimated_seconds: estimate.seconds,
-        idempotency_key: auth::idempotency_key(&headers)?,
-        fingerprint: super::chat::fingerprint(&[
-            &original.agent_id,
-            &original.message,
-            original.session_id.as_deref().unwrap_or(""),
-            original.webhook_url.as_deref().unwrap_or(""),
-        ]),
+        fingerprint: idempotency_key.as_ref().map(|_| {
+            super::chat::fingerprint(&[
+                &original.agent_id,
+                &original.message,
+                original.session_id.as_deref().unwrap_or(""),
+                original.webhook_url.as_deref().unwrap_or(""),
+            ])
+        }),
+        idempotency_key,
         webhook_url: original.webhook_url.clone(),
         workflow_timeout_ms: i64::try_from(formation.overlord.timeouts.workflow().as_millis()).unwrap_or(i64::MAX),
         created_at: crate::time::now_ms(),

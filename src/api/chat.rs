@@ -91,12 +91,14 @@ pub async fn accept(
     if let Some(url) = &body.webhook_url {
         crate::webhooks::target::check_target(url, &state.allow_webhook_hosts).await?;
     }
-    let fingerprint = fingerprint(&[
-        &agent_id,
-        &message,
-        body.session_id.as_deref().unwrap_or(""),
-        body.webhook_url.as_deref().unwrap_or(""),
-    ]);
+    let fingerprint = idempotency_key.as_ref().map(|_| {
+        fingerprint(&[
+            &agent_id,
+            &message,
+            body.session_id.as_deref().unwrap_or(""),
+            body.webhook_url.as_deref().unwrap_or(""),
+        ])
+    });
     let estimate = state.engine.estimate(&formation, &agent_id, &message).await;
     let plan = decide(&formation.overlord.async_, body.async_, body.threshold_seconds, &estimate);
     let request = NewRequest {

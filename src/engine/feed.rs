@@ -221,7 +221,7 @@ mod tests {
             mode: crate::store::Mode::Async,
             estimated_seconds: 1.0,
             idempotency_key: None,
-            fingerprint: String::new(),
+            fingerprint: None,
             workflow_timeout_ms: 60_000,
             webhook_url: None,
             created_at,

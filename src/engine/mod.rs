@@ -530,7 +530,7 @@ mod progress_tests {
             mode: crate::store::Mode::Async,
             estimated_seconds: 1.0,
             idempotency_key: None,
-            fingerprint: String::new(),
+            fingerprint: None,
             webhook_url: None,
             workflow_timeout_ms: 60_000,
             created_at: 1,

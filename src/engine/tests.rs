@@ -204,7 +204,7 @@ fn new_request(id: &str) -> NewRequest {
         mode: Mode::Sync,
         estimated_seconds: 1.0,
         idempotency_key: None,
-        fingerprint: String::new(),
+        fingerprint: None,
         webhook_url: None,
         workflow_timeout_ms: 60_000,
         created_at: now_ms(),

@@ -18,7 +18,7 @@ fn request(id: &str, user: &str, agent: &str, created_at: i64) -> NewRequest {
         mode: Mode::Async,
         estimated_seconds: 1.0,
         idempotency_key: None,
-        fingerprint: String::new(),
+        fingerprint: None,
         webhook_url: None,
         workflow_timeout_ms: 60_000,
         created_at,

@@ -62,7 +62,7 @@ pub(super) fn request(id: &str, created_at: i64) -> NewRequest {
         mode: Mode::Async,
         estimated_seconds: 42.5,
         idempotency_key: None,
-        fingerprint: format!("fp of {id}"),
+        fingerprint: Some(format!("fp of {id}")),
         webhook_url: None,
         workflow_timeout_ms: 60_000,
         created_at,
@@ -165,7 +165,7 @@ async fn idempotency_key_is_per_formation_and_user(store: Arc<TestStore>) {
     let keyed = |id: &str, user: &str| NewRequest {
         user_id: user.into(),
         idempotency_key: Some("same-key".into()),
-        fingerprint: "same".into(),
+        fingerprint: Some("same".into()),
         ..request(id, 1_000)
     };
     let first = created(store.put(keyed("req_a", "alice")).await.expect("insert"));
@@ -181,7 +181,7 @@ async fn idempotency_key_is_per_formation_and_user(store: Arc<TestStore>) {
     created(store.put(request("req_e", 1_000)).await.expect("insert"));
     created(store.put(request("req_f", 1_000)).await.expect("insert"));
     // The same key for something else: told apart, nothing stored.
-    let other = NewRequest { fingerprint: "another question".into(), ..keyed("req_g", "alice") };
+    let other = NewRequest { fingerprint: Some("another question".into()), ..keyed("req_g", "alice") };
     match store.put(other).await.expect("insert") {
         Inserted::KeyReused(existing) => assert_eq!(existing.id, first.id),
         other => panic!("expected the key to be refused, got {other:?}"),
@@ -263,7 +263,7 @@ async fn concurrent_same_key_inserts_create_exactly_one(store: Arc<TestStore>) {
             tokio::spawn(async move {
                 let new = NewRequest {
                     idempotency_key: Some("k".into()),
-                    fingerprint: "same".into(),
+                    fingerprint: Some("same".into()),
                     ..request(&format!("req_{i}"), 1_000)
                 };
                 store.put(new).await.expect("insert")
@@ -299,7 +299,7 @@ async fn concurrent_same_key_inserts_tell_fingerprints_apart(store: Arc<TestStor
             tokio::spawn(async move {
                 let new = NewRequest {
                     idempotency_key: Some("k".into()),
-                    fingerprint: fingerprint(i).into(),
+                    fingerprint: Some(fingerprint(i).into()),
                     ..request(&format!("req_{i}"), 1_000)
                 };
                 store.put(new).await.expect("insert")

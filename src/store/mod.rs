@@ -113,9 +113,10 @@ pub struct NewRequest {
     pub mode: Mode,
     pub estimated_seconds: f64,
     pub idempotency_key: Option<String>,
-    /// A digest of what was asked (agent, message, session, webhook), so an
-    /// idempotency key reused for a different request is told apart.
-    pub fingerprint: String,
+    /// With an idempotency key, a digest of what was asked (agent, message,
+    /// session, webhook), so the key reused for a different request is told
+    /// apart. Without one there is nothing to compare, and none is kept.
+    pub fingerprint: Option<String>,
     pub webhook_url: Option<String>,
     /// The formation's `workflow_timeout` when the request was accepted: how
     /// long it may wait for its formation if that is not loaded.

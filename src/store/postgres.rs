@@ -165,7 +165,7 @@ impl PgStore {
         let existing = decode("insert", record_from_row(&row))?;
         let fingerprint: Option<String> = decode("insert", row.try_get("fingerprint"))?;
         Ok(match fingerprint {
-            Some(f) if f != request.fingerprint => Inserted::KeyReused(existing),
+            Some(f) if request.fingerprint.as_ref() != Some(&f) => Inserted::KeyReused(existing),
             _ => Inserted::Existing(existing),
         })
     }

@@ -18,7 +18,7 @@ fn turn(id: &str, user: &str, session: Option<&str>, created_at: i64) -> NewRequ
         mode: crate::store::Mode::Sync,
         estimated_seconds: 1.0,
         idempotency_key: None,
-        fingerprint: String::new(),
+        fingerprint: None,
         workflow_timeout_ms: 60_000,
         webhook_url: None,
         created_at,

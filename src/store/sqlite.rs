@@ -516,7 +516,7 @@ impl Store for SqliteStore {
                 if let Some((existing, fingerprint)) = existing {
                     // Rows from before fingerprints were kept match any request.
                     return Ok(match fingerprint {
-                        Some(f) if f != request.fingerprint => Inserted::KeyReused(existing),
+                        Some(f) if request.fingerprint.as_ref() != Some(&f) => Inserted::KeyReused(existing),
                         _ => Inserted::Existing(existing),
                     });
                 }

@@ -380,7 +380,7 @@ mod tests {
                 mode: Mode::Async,
                 estimated_seconds: 1.0,
                 idempotency_key: None,
-                fingerprint: String::new(),
+                fingerprint: None,
                 webhook_url: Some(url.into()),
                 workflow_timeout_ms: 60_000,
                 created_at: 1,

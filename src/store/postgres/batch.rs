@@ -161,7 +161,7 @@ async fn write_batch(pool: &PgPool, batch: &[Queued]) -> Result<Vec<Written>, sq
         .bind(rows().map(|q| q.request.mode == Mode::Async).collect::<Vec<bool>>())
         .bind(rows().map(|q| q.request.estimated_seconds).collect::<Vec<f64>>())
         .bind(optional(|q| q.request.idempotency_key.as_deref()))
-        .bind(text(|q| &q.request.fingerprint))
+        .bind(optional(|q| q.request.fingerprint.as_deref()))
         .bind(optional(|q| q.request.webhook_url.as_deref()))
         .bind(rows().map(|q| q.request.workflow_timeout_ms).collect::<Vec<i64>>())
         .bind(rows().map(|q| q.request.created_at).collect::<Vec<i64>>())
@@ -236,7 +236,7 @@ mod tests {
                 let fingerprint = if i / KEYS == PER_KEY - 1 { "fp-b" } else { "fp-a" };
                 let keyed = NewRequest {
                     idempotency_key: Some(format!("k{}", i % KEYS)),
-                    fingerprint: fingerprint.into(),
+                    fingerprint: Some(fingerprint.into()),
                     ..plain
                 };
                 (keyed, true)
@@ -251,7 +251,7 @@ mod tests {
         assert!(store.health().writable);
 
         // Each key: one winner; the others see it, told apart by fingerprint.
-        let mut winners: HashMap<String, (String, String)> = HashMap::new();
+        let mut winners: HashMap<String, (String, Option<String>)> = HashMap::new();
         for (i, answer) in answers.iter().enumerate() {
             let (asked, _) = new(i);
             if let (Some(key), Ok(Inserted::Created(record))) = (&asked.idempotency_key, answer) {
@@ -324,7 +324,7 @@ mod tests {
                 (NewRequest { message: "a NUL \0 byte".into(), ..plain }, true)
             } else {
                 let keyed =
-                    NewRequest { idempotency_key: Some(format!("k{}", i % 50)), fingerprint: "same".into(), ..plain };
+                    NewRequest { idempotency_key: Some(format!("k{}", i % 50)), fingerprint: Some("same".into()), ..plain };
                 (keyed, true)
             }
         };
