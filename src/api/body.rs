@@ -5,7 +5,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, Code};
@@ -21,6 +21,20 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let RawBody(bytes) = RawBody::from_request(req, state).await?;
         parse(&bytes).map(JsonBody)
+    }
+}
+
+/// The request's headers and its JSON body. The headers are moved out of the
+/// request, where axum's `HeaderMap` extractor copies them.
+pub struct HeadersAndJson<T>(pub HeaderMap, pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for HeadersAndJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(mut req: Request, state: &S) -> Result<Self, ApiError> {
+        let headers = std::mem::take(req.headers_mut());
+        let JsonBody(body) = JsonBody::from_request(req, state).await?;
+        Ok(HeadersAndJson(headers, body))
     }
 }
 

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::auth::{self, Role};
-use super::body::JsonBody;
+use super::body::HeadersAndJson;
 use super::extract::Path;
 use super::{envelope, views, AppState};
 use crate::engine::{Start, Submitted};
@@ -142,8 +142,7 @@ pub(crate) fn fingerprint(parts: &[&str]) -> String {
 pub async fn chat(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody<ChatBody>,
+    HeadersAndJson(headers, body): HeadersAndJson<ChatBody>,
 ) -> ApiResult<Response> {
     let formation = auth::authorize(&state, &id, &headers, Role::Client)?;
     let stream = body.stream;
