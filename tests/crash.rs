@@ -87,7 +87,7 @@ async fn one_trial(trial: usize) -> usize {
         .collect();
     // Odd trials kill while requests are still being accepted; even ones once
     // agents run (some of them hanging), at a random moment after that.
-    if trial % 2 == 0 {
+    if trial.is_multiple_of(2) {
         eventually(Duration::from_secs(60), "agents to start", || async {
             (agent_pids(&fx.formations).len() >= 3).then_some(())
         })

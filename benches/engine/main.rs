@@ -383,7 +383,7 @@ async fn postgres_phase(n: usize, rounds: usize, warmup: usize) -> Option<Postgr
     let two = ServerProcess::start_muxi_on(&fixture, &fixture.data.join("r2"), Some(&muxi_url), &[]);
     load(warmup, 202, post(two.addr)).await;
     let (to_one, to_two) = (post(one.addr), post(two.addr));
-    let both = load(n, 202, Arc::new(move |i: usize| if i % 2 == 0 { to_one(i) } else { to_two(i) })).await;
+    let both = load(n, 202, Arc::new(move |i: usize| if i.is_multiple_of(2) { to_one(i) } else { to_two(i) })).await;
     drop(two);
     drop(one);
     for schema in schemas {

@@ -292,7 +292,7 @@ async fn concurrent_same_key_inserts_create_exactly_one(store: Arc<TestStore>) {
 /// every other caller gets it, as `Existing` if it asked the same, else
 /// `KeyReused`. The store also holds one request for the key.
 async fn concurrent_same_key_inserts_tell_fingerprints_apart(store: Arc<TestStore>) {
-    let fingerprint = |i: usize| if i % 3 == 0 { "other" } else { "same" };
+    let fingerprint = |i: usize| if i.is_multiple_of(3) { "other" } else { "same" };
     let tasks: Vec<_> = (0..30)
         .map(|i| {
             let store = store.clone();

@@ -323,8 +323,11 @@ mod tests {
             } else if i == nul {
                 (NewRequest { message: "a NUL \0 byte".into(), ..plain }, true)
             } else {
-                let keyed =
-                    NewRequest { idempotency_key: Some(format!("k{}", i % 50)), fingerprint: Some("same".into()), ..plain };
+                let keyed = NewRequest {
+                    idempotency_key: Some(format!("k{}", i % 50)),
+                    fingerprint: Some("same".into()),
+                    ..plain
+                };
                 (keyed, true)
             }
         };

@@ -253,7 +253,8 @@ mod tests {
             assert!(!opcodes(&conn, sql).iter().any(|op| op == "OpenEphemeral"), "after: {sql}");
         }
         // The rows are as they were, and the constraints still hold.
-        let status: String = conn.query_row("SELECT status FROM requests WHERE id = 'req_old'", [], |r| r.get(0)).unwrap();
+        let status: String =
+            conn.query_row("SELECT status FROM requests WHERE id = 'req_old'", [], |r| r.get(0)).unwrap();
         assert_eq!(status, "pending");
         insert(&conn, "req_new", "completed").unwrap();
         let refused = insert(&conn, "req_bad", "paused").unwrap_err();
