@@ -104,6 +104,16 @@ async fn a_replay_with_the_same_key_and_another_body_is_refused() {
     assert_eq!(other["code"], "idempotency_key_reused");
     assert_eq!(other["error"]["details"]["request_id"], request_id(&first).as_str());
     assert_eq!(caller.list("").await.len(), 1, "nothing new stored");
+    // What was asked is kept (as a digest) only where a key may be reused.
+    let (code, body, _) = caller.chat(json!({ "message": "no key" })).await;
+    assert_eq!(code, 202, "{body}");
+    let db = rusqlite::Connection::open_with_flags(fx.data.join("muxi.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open the store read-only");
+    let fingerprint = |id: String| -> Option<String> {
+        db.query_row("SELECT fingerprint FROM requests WHERE id = ?1", [id], |row| row.get(0)).expect("the row")
+    };
+    assert!(fingerprint(request_id(&first)).is_some_and(|f| f.len() == 32), "the keyed request's digest");
+    assert_eq!(fingerprint(request_id(&body)), None, "no digest without a key");
 }
 
 #[tokio::test]
