@@ -264,14 +264,13 @@ pub async fn rerun(
         message: original.message.clone(),
         mode: Mode::Async,
         estimated_seconds: estimate.seconds,
-        fingerprint: idempotency_key.as_ref().map(|_| {
-            super::chat::fingerprint(&[
-                &original.agent_id,
-                &original.message,
-                original.session_id.as_deref().unwrap_or(""),
-                original.webhook_url.as_deref().unwrap_or(""),
-            ])
-        }),
+        fingerprint: super::chat::fingerprint(
+            idempotency_key.as_deref(),
+            &original.agent_id,
+            &original.message,
+            original.session_id.as_deref(),
+            original.webhook_url.as_deref(),
+        ),
         idempotency_key,
         webhook_url: original.webhook_url.clone(),
         workflow_timeout_ms: i64::try_from(formation.overlord.timeouts.workflow().as_millis()).unwrap_or(i64::MAX),

@@ -91,14 +91,13 @@ pub async fn accept(
     if let Some(url) = &body.webhook_url {
         crate::webhooks::target::check_target(url, &state.allow_webhook_hosts).await?;
     }
-    let fingerprint = idempotency_key.as_ref().map(|_| {
-        fingerprint(&[
-            &agent_id,
-            &message,
-            body.session_id.as_deref().unwrap_or(""),
-            body.webhook_url.as_deref().unwrap_or(""),
-        ])
-    });
+    let fingerprint = fingerprint(
+        idempotency_key.as_deref(),
+        &agent_id,
+        &message,
+        body.session_id.as_deref(),
+        body.webhook_url.as_deref(),
+    );
     let estimate = state.engine.estimate(&formation, &agent_id, &message).await;
     let plan = decide(&formation.overlord.async_, body.async_, body.threshold_seconds, &estimate);
     let request = NewRequest {
@@ -128,15 +127,23 @@ pub async fn accept(
 }
 
 /// A digest of what a request asks, to tell an idempotency key reused for a
-/// different request from a retry of the same one.
-pub(crate) fn fingerprint(parts: &[&str]) -> String {
+/// different request from a retry of the same one; `None` without a key, when
+/// there is nothing to compare.
+pub(crate) fn fingerprint(
+    idempotency_key: Option<&str>,
+    agent_id: &str,
+    message: &str,
+    session_id: Option<&str>,
+    webhook_url: Option<&str>,
+) -> Option<String> {
     use sha2::{Digest, Sha256};
+    idempotency_key?;
     let mut hash = Sha256::new();
-    for part in parts {
+    for part in [agent_id, message, session_id.unwrap_or(""), webhook_url.unwrap_or("")] {
         hash.update((part.len() as u64).to_le_bytes());
         hash.update(part.as_bytes());
     }
-    hex::encode(&hash.finalize()[..16])
+    Some(hex::encode(&hash.finalize()[..16]))
 }
 
 pub async fn chat(
