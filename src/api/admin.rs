@@ -255,7 +255,7 @@ pub async fn rerun(
     let estimate = state.engine.estimate(&formation, &original.agent_id, &original.message).await;
     let idempotency_key = auth::idempotency_key(&headers)?;
     let request = NewRequest {
-        id: format!("req_{}", uuid::Uuid::now_v7().simple()),
+        id: crate::store::time_ordered_id("req_"),
         formation_id: formation.id.clone(),
         formation_version: formation.version_label(),
         user_id: original.user_id.clone(),

@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use axum::http::HeaderMap;
+use axum::http::header::AsHeaderName;
+use axum::http::{HeaderMap, HeaderName};
 
 use crate::error::{ApiError, ApiResult, Code};
 use crate::formation::Formation;
@@ -11,10 +12,11 @@ use crate::keys;
 
 use super::AppState;
 
-pub const CLIENT_KEY: &str = "x-muxi-client-key";
-pub const ADMIN_KEY: &str = "x-muxi-admin-key";
-pub const USER_ID: &str = "x-muxi-user-id";
-pub const IDEMPOTENCY_KEY: &str = "x-muxi-idempotency-key";
+// Header names as `HeaderName`s: a lookup by `&str` parses the name every time.
+pub const CLIENT_KEY: HeaderName = HeaderName::from_static("x-muxi-client-key");
+pub const ADMIN_KEY: HeaderName = HeaderName::from_static("x-muxi-admin-key");
+pub const USER_ID: HeaderName = HeaderName::from_static("x-muxi-user-id");
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("x-muxi-idempotency-key");
 
 /// The user requests are scoped to when a caller names none.
 pub const DEFAULT_USER: &str = "default";
@@ -26,7 +28,7 @@ pub enum Role {
 }
 
 /// A header's value as text, if present and printable.
-pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub fn header(headers: &HeaderMap, name: impl AsHeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
 }
 

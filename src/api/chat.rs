@@ -18,7 +18,7 @@ use crate::error::{ApiError, ApiResult, Code};
 use crate::formation::Formation;
 use crate::overlord::decide::{decide, Plan};
 use crate::overlord::estimate::{Basis, Estimate};
-use crate::store::{NewRequest, RequestRecord, Status};
+use crate::store::{time_ordered_id, NewRequest, RequestRecord, Status};
 
 /// The chat body. Unknown fields (the SDK sends `files`, `request_id`) are ignored.
 #[derive(Debug, Deserialize)]
@@ -101,18 +101,12 @@ pub async fn accept(
     let estimate = state.engine.estimate(&formation, &agent_id, &message).await;
     let plan = decide(&formation.overlord.async_, body.async_, body.threshold_seconds, &estimate);
     let request = NewRequest {
-        // Time-ordered ids (UUIDv7): new rows append to the store's indexes
-        // instead of dirtying a random page each.
-        id: format!("req_{}", uuid::Uuid::now_v7().simple()),
+        id: time_ordered_id("req_"),
         formation_id: formation.id.clone(),
         formation_version: formation.version_label(),
         user_id,
         // Every request belongs to a session; one is opened when none is named.
-        session_id: Some(
-            body.session_id
-                .filter(|s| !s.trim().is_empty())
-                .unwrap_or_else(|| format!("sess_{}", uuid::Uuid::now_v7().simple())),
-        ),
+        session_id: Some(body.session_id.filter(|s| !s.trim().is_empty()).unwrap_or_else(|| time_ordered_id("sess_"))),
         agent_id,
         message,
         mode: plan.mode(),
@@ -203,7 +197,7 @@ pub fn accepted_response(
     idempotency_key: Option<&str>,
     estimate: Option<&Estimate>,
 ) -> Response {
-    let status_url = format!("/api/{formation_id}/v1/requests/{}", record.id);
+    let status_url = ["/api/", formation_id, "/v1/requests/", &record.id].concat();
     let poll_after = (record.estimated_seconds / 10.0).clamp(1.0, 30.0).round() as u64;
     let data = AcceptedData {
         request_id: &record.id,
@@ -216,7 +210,7 @@ pub fn accepted_response(
             ),
         },
         estimated_seconds: record.estimated_seconds,
-        events_url: format!("{status_url}/events"),
+        events_url: [&status_url, "/events"].concat(),
         status_url: &status_url,
         user_id: &record.user_id,
         session_id: record.session_id.as_deref(),

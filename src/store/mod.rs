@@ -34,6 +34,17 @@ pub(crate) mod test_backends;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+/// A new id: `prefix`, then a UUIDv7 in hex. Time-ordered, so new rows append
+/// to the store's indexes instead of dirtying a random page each.
+pub fn time_ordered_id(prefix: &str) -> String {
+    let mut hex = [0u8; uuid::fmt::Simple::LENGTH];
+    let hex = uuid::Uuid::now_v7().simple().encode_lower(&mut hex);
+    let mut id = String::with_capacity(prefix.len() + hex.len());
+    id.push_str(prefix);
+    id.push_str(hex);
+    id
+}
+
 /// The life of a request: `pending` -> `processing` -> `completed` | `failed` | `cancelled`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -673,3 +684,16 @@ pub trait Store: Send + Sync + 'static {
 
 #[cfg(test)]
 mod session_tests;
+
+#[cfg(test)]
+mod id_tests {
+    #[test]
+    fn ids_are_the_prefix_and_32_hex_digits_in_creation_order() {
+        let ids: Vec<String> = (0..1_000).map(|_| super::time_ordered_id("req_")).collect();
+        for id in &ids {
+            let hex = id.strip_prefix("req_").expect("prefix");
+            assert!(hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{id}");
+        }
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "not strictly increasing");
+    }
+}
