@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Counts the CPU instructions one async accept costs a server, with valgrind's
+# callgrind: the same count for the same build, where CPU time on a shared
+# machine moves by 20% from one round to the next. For telling changes of 1-3%
+# apart; the bench (`cargo bench --bench engine`) stays the judge of speed.
+#
+#   scripts/instructions-per-request.sh [SERVER] [N]
+#
+# SERVER is a muxi-rt binary (default target/release/muxi-rt) or `floor`, the
+# bench's durable floor (axum + one SQLite append, built by `cargo bench --bench
+# engine --no-run`). N accepts (default 2000) are counted after 400 uncounted,
+# from 8 keep-alive connections. Prints instructions per request, in all and per
+# thread (the busiest first). Kernel work is not counted. Needs valgrind and python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SERVER="${1:-target/release/muxi-rt}"
+N="${2:-2000}"
+KEY="client-count-0123456789"
+WORK="$(mktemp -d -t muxi-count-XXXXXX)"
+trap 'kill "$PID" 2>/dev/null || true; pkill -f "$WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+mkdir -p "$WORK/formations/count" "$WORK/data"
+cat > "$WORK/formations/count/formation.afs" <<EOF
+schema: "1.0.0"
+id: count
+description: instruction count of an async accept
+version: "1.0.0"
+server:
+  api_keys: {admin_key: admin-count-0123456789, client_key: $KEY}
+async: {mode: async}
+agents:
+  - id: sleeper
+    estimated_seconds: 600
+    command: ["sh", "-c", "sleep 600", "$WORK"]
+EOF
+
+if [ "$SERVER" = floor ]; then
+  BENCH="$(ls -t target/release/deps/engine-* | grep -v '\.d$' | head -1)"
+  export MUXI_BENCH_BASELINE=floor MUXI_BENCH_FLOOR_DATA="$WORK/data"
+  set -- "$BENCH"
+else
+  set -- "$SERVER" serve "$WORK/formations" --listen 127.0.0.1:0 --data-dir "$WORK/data"
+fi
+MUXI_LOG=warn valgrind --tool=callgrind --instr-atstart=no --separate-threads=yes \
+  --callgrind-out-file="$WORK/callgrind.%p" "$@" > "$WORK/server.log" 2>&1 &
+PID=$!
+for _ in $(seq 1 120); do
+  ADDR="$(grep -o 'http://127.0.0.1:[0-9]*' "$WORK/server.log" | head -1 || true)"
+  [ -n "$ADDR" ] && break
+  sleep 0.5
+done
+[ -n "$ADDR" ] || { cat "$WORK/server.log"; echo "the server did not start" >&2; exit 1; }
+
+load() {
+  python3 - "$ADDR" "$1" "$KEY" <<'PY'
+import http.client, sys, threading, urllib.parse
+addr, n, key = urllib.parse.urlsplit(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+body = '{"message": "summarise the benchmark please", "async": true}'
+headers = {"content-type": "application/json", "x-muxi-client-key": key, "x-muxi-user-id": "count-user"}
+def client():
+    conn = http.client.HTTPConnection(addr.hostname, addr.port)
+    for _ in range(n // 8):
+        conn.request("POST", "/api/count/v1/chat", body, headers)
+        answer = conn.getresponse()
+        answer.read()
+        assert answer.status < 300, answer.status
+threads = [threading.Thread(target=client) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+PY
+}
+
+load 400
+callgrind_control -i on "$PID" > /dev/null 2>&1
+load "$N"
+callgrind_control -d "$PID" > /dev/null 2>&1
+python3 - "$WORK" "$N" <<'PY'
+import glob, re, sys
+work, n = sys.argv[1], int(sys.argv[2])
+threads = []
+for path in glob.glob(f"{work}/callgrind.*.1-*"):  # part 1: the dump above
+    totals = re.search(r"^totals: (\d+)", open(path).read(), re.M)
+    if totals and int(totals.group(1)) > 0:
+        threads.append((int(totals.group(1)), path.rsplit("-", 1)[1]))
+threads.sort(reverse=True)
+print(f"instructions per request: {sum(t for t, _ in threads) / n:,.0f} ({n} requests)")
+for total, thread in threads[:4]:
+    print(f"  thread {thread}: {total / n:,.0f}")
+PY
