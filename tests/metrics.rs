@@ -214,12 +214,13 @@ async fn the_token_guards_metrics_and_a_separate_listener_serves_them() {
     assert!(response.text().await.unwrap().contains("muxi_formations_loaded 3"));
     drop(server);
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let at = format!("127.0.0.1:{port}");
-    let server = Server::start(&fx, &["--metrics-listen", &at], &[]);
+    // Port 0: the system picks a free port and the server prints it.
+    let server = Server::start(&fx, &["--metrics-listen", "127.0.0.1:0"], &[]);
+    let metrics = server.printed("muxi-rt metrics on ");
+    assert!(metrics.starts_with("http://127.0.0.1:") && metrics.ends_with("/metrics"), "{metrics}");
     let response = server.get("/metrics").send().await.unwrap();
     assert_eq!(response.status().as_u16(), 404, "not on the main listener");
-    let text = server.http.get(format!("http://{at}/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = server.http.get(&metrics).send().await.unwrap().text().await.unwrap();
     assert!(text.contains("muxi_formations_loaded 3"), "{text}");
 
     drop(server);

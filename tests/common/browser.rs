@@ -1,6 +1,6 @@
 //! A real headless Chromium for tests, driven over WebDriver (W3C JSON over
-//! HTTP, spoken here with reqwest): `chromedriver` is started on a free port
-//! with a fresh profile, and killed with the browser when the value drops.
+//! HTTP, spoken here with reqwest): `chromedriver` is started on a port it picks
+//! (and prints) with a fresh profile, and killed with the browser when the value drops.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them).
 //! When they are missing, [`Browser::start`] panics, unless
@@ -33,6 +33,21 @@ fn find(names: &[&str]) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
+/// The port in chromedriver's "ChromeDriver was started successfully on port
+/// N." line; the rest of its output is read and dropped, so it never blocks.
+fn printed_port(stdout: std::process::ChildStdout) -> Option<u16> {
+    use std::io::{BufRead, BufReader};
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("started successfully on port ").nth(1) {
+                let _ = tx.send(rest.trim_end_matches('.').trim().parse::<u16>().ok());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30)).ok().flatten().filter(|&port| port != 0)
+}
+
 impl Browser {
     /// Starts chromedriver and a headless Chromium session; `None` only when
     /// the browser is missing and `MUXI_SKIP_BROWSER_TESTS=1`.
@@ -49,16 +64,21 @@ impl Browser {
                  set MUXI_SKIP_BROWSER_TESTS=1 to skip it locally"
             );
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let profile = tempfile::tempdir().unwrap();
-        let child = Command::new(&driver)
-            .arg(format!("--port={port}"))
+        // Port 0: chromedriver binds a free port itself and prints it, so no
+        // other process can take it between our choosing it and its binding.
+        let mut child = Command::new(&driver)
+            .arg("--port=0")
             .process_group(0)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", driver.display()));
+        let Some(port) = printed_port(child.stdout.take().unwrap()) else {
+            let _ = child.kill();
+            panic!("chromedriver printed no port it listens on within 30 s");
+        };
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);

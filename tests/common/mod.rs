@@ -72,6 +72,7 @@ pub struct Server {
     child: Child,
     pub base: String,
     stderr: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<String>>,
     pub http: reqwest::Client,
 }
 
@@ -119,11 +120,16 @@ impl Server {
             }
         });
         let (tx, rx) = mpsc::channel();
+        let printed = Arc::new(Mutex::new(String::new()));
+        let sink = printed.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(url) = line.strip_prefix("muxi-rt listening on ") {
                     let _ = tx.send(url.trim().to_string());
                 }
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
             }
         });
         let base = match rx.recv_timeout(Duration::from_secs(60)) {
@@ -134,7 +140,25 @@ impl Server {
             }
         };
         let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
-        Server { child, base, stderr, http }
+        Server { child, base, stderr, stdout: printed, http }
+    }
+
+    /// The rest of the first stdout line that starts with `prefix`, waiting up
+    /// to 30 s for it (the addresses of listeners bound after the main one).
+    pub fn printed(&self, prefix: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = self.stdout.lock().unwrap().lines().find_map(|l| l.strip_prefix(prefix).map(str::to_string));
+            if let Some(rest) = found {
+                return rest;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "muxi-rt printed no line starting {prefix:?}; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `127.0.0.1:PORT`, for raw TCP clients.
