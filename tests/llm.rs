@@ -53,16 +53,6 @@ async fn submit_async(server: &Server, user: &str, mut body: Value) -> String {
     request_id(&reply)
 }
 
-/// A port nothing listens on, and none can while the socket is held: it is
-/// bound but never listens, so a connection to it is refused. (A port freed
-/// after binding could be taken by another test's server meanwhile.)
-fn closed_port() -> (tokio::net::TcpSocket, u16) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let port = socket.local_addr().unwrap().port();
-    (socket, port)
-}
-
 // ---- SSE ----
 
 /// One SSE event: its `event:` name (if any) and its `data:` lines joined.
@@ -395,7 +385,8 @@ async fn rate_limits_and_server_errors_are_retried_client_errors_are_not() {
 #[tokio::test]
 async fn an_unreachable_model_api_fails_after_max_attempts_naming_the_host() {
     let fx = Fixture::new();
-    let (_held, port) = closed_port();
+    let (_held, closed) = muxi_rt::testing::closed_port();
+    let port = closed.port();
     let retry = "overlord:\n  workflow:\n    retry: {max_attempts: 3, initial_delay: 0.1, max_delay: 0.2}\n";
     write_formation(&fx, &format!("http://127.0.0.1:{port}/v1"), retry, ONE_AGENT);
     let server = fx.start();

@@ -253,12 +253,8 @@ async fn misbehaving_receivers_never_block_other_deliveries() {
     rx.script("/redirect", vec![], Some(Answer::With(302, "location", "http://169.254.169.254/latest".into())));
     rx.script("/error", vec![], Some(Answer::Status(500)));
     // A port nobody listens on: connection refused.
-    let closed = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        format!("http://{addr}/refused")
-    };
+    let (_held, closed) = muxi_rt::testing::closed_port();
+    let closed = format!("http://{closed}/refused");
     let fx = fixture(&rx);
     let server = Server::start(&fx, ALLOW, &[]);
 

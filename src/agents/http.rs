@@ -317,9 +317,7 @@ mod tests {
 
     #[tokio::test]
     async fn unreachable_is_retryable() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        drop(listener);
+        let (_held, addr) = crate::testing::closed_port();
         let err = call(&format!("http://{addr}/work"), "x").await.0.expect_err("refused");
         assert_eq!(err.kind, "unreachable");
         assert!(err.retryable);

@@ -757,11 +757,10 @@ mod tests {
         format!("http://{addr}/search")
     }
 
-    fn closed_port_url() -> String {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        drop(listener);
-        format!("http://{addr}/v1")
+    /// A URL nothing answers at, and the socket that keeps it so.
+    fn closed_port_url() -> (tokio::net::TcpSocket, String) {
+        let (held, addr) = crate::testing::closed_port();
+        (held, format!("http://{addr}/v1"))
     }
 
     #[test]
@@ -917,12 +916,8 @@ mod tests {
     #[tokio::test]
     async fn too_many_tool_rounds_fails_and_tool_errors_go_to_the_model() {
         let llm = FakeLlm::start().await;
-        let tool = ToolSpec::Http {
-            name: "search".into(),
-            description: "Search".into(),
-            url: closed_port_url(),
-            parameters: Value::Null,
-        };
+        let (_held, url) = closed_port_url();
+        let tool = ToolSpec::Http { name: "search".into(), description: "Search".into(), url, parameters: Value::Null };
         let formation = formation_with_agents(vec![with_tools(llm_agent("main", &llm.base_url()), vec![tool], 1)]);
         llm.push(Reply::tool_call("search", json!({"q": "a"})));
         llm.push(Reply::tool_call("search", json!({"q": "b"})));
@@ -978,7 +973,7 @@ mod tests {
 
     #[tokio::test]
     async fn unreachable_api_is_retryable_and_names_the_host() {
-        let base = closed_port_url();
+        let (_held, base) = closed_port_url();
         let formation = formation_with_agents(vec![with_key(llm_agent("main", &base), "sk-test-secret")]);
         let err = run_first(&formation, request("x")).await.0.expect_err("refused");
         assert_eq!(err.kind, "unreachable");

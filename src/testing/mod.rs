@@ -6,6 +6,16 @@ pub mod fake_llm;
 
 pub use fake_llm::{FakeLlm, Reply, ScriptedToolCall};
 
+/// An address nothing listens on, and nothing can while the socket is held:
+/// it is bound but never listens, so a connection to it is refused. (A port
+/// bound and freed again could be taken by another test's server meanwhile.)
+pub fn closed_port() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket.bind(([127, 0, 0, 1], 0).into()).expect("bind 127.0.0.1:0");
+    let addr = socket.local_addr().expect("its address");
+    (socket, addr)
+}
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
