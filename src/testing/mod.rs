@@ -1,20 +1,11 @@
 //! Helpers for tests, unit and integration alike: a fake OpenAI-compatible model
-//! server ([`FakeLlm`]) and builders of formations and agents with every other
-//! setting at its default.
+//! server ([`FakeLlm`]), builders of formations and agents with every other
+//! setting at its default, and an address that refuses connections
+//! ([`closed_port`]).
 
 pub mod fake_llm;
 
 pub use fake_llm::{FakeLlm, Reply, ScriptedToolCall};
-
-/// An address nothing listens on, and nothing can while the socket is held:
-/// it is bound but never listens, so a connection to it is refused. (A port
-/// bound and freed again could be taken by another test's server meanwhile.)
-pub fn closed_port() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
-    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
-    socket.bind(([127, 0, 0, 1], 0).into()).expect("bind 127.0.0.1:0");
-    let addr = socket.local_addr().expect("its address");
-    (socket, addr)
-}
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -74,4 +65,14 @@ pub fn llm_agent(id: &str, api_base: &str) -> AgentSpec {
 /// An HTTP agent posting to `url`.
 pub fn http_agent(id: &str, url: &str) -> AgentSpec {
     agent(id, AgentKind::Http { url: url.to_string() })
+}
+
+/// An address nothing listens on, and nothing can while the socket is held:
+/// it is bound but never listens, so a connection to it is refused. (A port
+/// bound and freed again could be taken by another test's server meanwhile.)
+pub fn closed_port() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a TCP socket");
+    socket.bind(([127, 0, 0, 1], 0).into()).expect("bind 127.0.0.1:0");
+    let addr = socket.local_addr().expect("its address");
+    (socket, addr)
 }
