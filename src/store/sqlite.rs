@@ -20,6 +20,7 @@
 //!
 //! The schema and its migrations are in [`schema`].
 
+mod inserts;
 mod readers;
 mod schema;
 
@@ -45,6 +46,8 @@ use super::{
 
 /// The most commands one transaction carries.
 const MAX_BATCH: usize = 512;
+/// The statements the writer connection keeps prepared.
+const WRITER_STATEMENTS: usize = 64;
 /// How long a connection waits on a lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The database file inside the data folder.
@@ -87,6 +90,8 @@ impl SqliteStore {
         // Pages are read through a memory map rather than copied by read(2).
         conn.pragma_update(None, "mmap_size", MMAP_BYTES).map_err(opening)?;
         schema::migrate(&mut conn).map_err(|e| StoreError(format!("migrate {}: {}", path.display(), e.0)))?;
+        // Room for every statement the writer runs (rusqlite keeps 16 by default).
+        conn.set_prepared_statement_cache_capacity(WRITER_STATEMENTS);
         // A data folder we cannot write to is found now, not at the first request.
         probe_write(&conn).map_err(|e| StoreError(format!("{} is not writable: {e}", path.display())))?;
 
@@ -162,7 +167,16 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let job = Box::new(Write { name, one_statement, op: Some(op), out: None, reply });
+        self.queue(name, Box::new(Write { name, one_statement, op: Some(op), out: None, reply }), answer).await
+    }
+
+    /// Queues `job` for the writer's next batch and waits for its `answer`.
+    async fn queue<T>(
+        &self,
+        name: &str,
+        job: Box<dyn Job>,
+        answer: oneshot::Receiver<StoreResult<T>>,
+    ) -> StoreResult<T> {
         {
             let writer = self.writer.lock().expect("store writer mutex poisoned");
             let sender = writer.as_ref().ok_or_else(|| StoreError(format!("{name}: the store is closed")))?;
@@ -227,6 +241,29 @@ trait Job: Send {
     /// Whether the job changes the database by one statement at most: SQLite
     /// undoes a failed statement by itself, so such a job needs no savepoint.
     fn is_one_statement(&self) -> bool;
+    /// The job as a new request, which the writer writes together with the
+    /// new requests queued beside it (see [`inserts`]).
+    fn as_insert(&mut self) -> Option<&mut inserts::InsertJob> {
+        None
+    }
+}
+
+/// A job's answer: its own error if it failed, else the batch's.
+fn settle<T>(name: &str, out: Option<rusqlite::Result<T>>, batch: Result<(), &StoreError>) -> StoreResult<T> {
+    match (out, batch) {
+        (Some(Err(e)), _) => Err(StoreError(format!("{name}: {e}"))),
+        (Some(Ok(value)), Ok(())) => Ok(value),
+        (_, Err(e)) => Err(StoreError(format!("{name}: transaction failed: {}", e.0))),
+        (None, Ok(())) => Err(StoreError(format!("{name}: was not run"))),
+    }
+}
+
+/// A job's error when it says the storage itself failed (see [`Job::storage_failure`]).
+fn storage_failure<T>(name: &str, out: &Option<rusqlite::Result<T>>) -> Option<String> {
+    match out {
+        Some(Err(e)) if is_storage_failure(e) => Some(format!("{name}: {e}")),
+        _ => None,
+    }
 }
 
 struct Write<T, F> {
@@ -254,22 +291,12 @@ where
     }
 
     fn answer(self: Box<Self>, batch: Result<(), &StoreError>) {
-        let name = self.name;
-        let result = match (self.out, batch) {
-            (Some(Err(e)), _) => Err(StoreError(format!("{name}: {e}"))),
-            (Some(Ok(value)), Ok(())) => Ok(value),
-            (_, Err(e)) => Err(StoreError(format!("{name}: transaction failed: {}", e.0))),
-            (None, Ok(())) => Err(StoreError(format!("{name}: was not run"))),
-        };
         // The caller may have gone away (its future dropped); the write stands.
-        let _ = self.reply.send(result);
+        let _ = self.reply.send(settle(self.name, self.out, batch));
     }
 
     fn storage_failure(&self) -> Option<String> {
-        match &self.out {
-            Some(Err(e)) if is_storage_failure(e) => Some(format!("{}: {e}", self.name)),
-            _ => None,
-        }
+        storage_failure(self.name, &self.out)
     }
 
     fn is_one_statement(&self) -> bool {
@@ -345,15 +372,28 @@ fn writer_loop(
     tracing::debug!("store writer stopped");
 }
 
-/// One transaction for the whole batch, one savepoint per job.
+/// One transaction for the whole batch, one savepoint per job (but runs of new
+/// requests, written many to a statement: see [`inserts`]).
 fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn Job>]) -> StoreResult<()> {
     let failed = |e: rusqlite::Error| StoreError(e.to_string());
+    let rolled_back = || StoreError("the transaction was rolled back by a failed write".into());
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(failed)?;
-    for job in batch.iter_mut() {
+    let mut next = 0;
+    while next < batch.len() {
+        let run: Vec<_> = batch[next..].iter_mut().map_while(|job| job.as_insert()).collect();
+        if !run.is_empty() {
+            next += run.len();
+            if !inserts::write(&tx, run) && tx.is_autocommit() {
+                return Err(rolled_back());
+            }
+            continue;
+        }
+        let job = &mut batch[next];
+        next += 1;
         if job.is_one_statement() {
             if !job.run(&tx) && tx.is_autocommit() {
                 // An I/O error or a full disk rolled the whole transaction back.
-                return Err(StoreError("the transaction was rolled back by a failed write".into()));
+                return Err(rolled_back());
             }
             continue;
         }
@@ -502,53 +542,8 @@ fn to_json(name: &str, value: &impl serde::Serialize) -> StoreResult<String> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert(&self, request: NewRequest, holder: Option<&Owner>, lease_ms: i64) -> StoreResult<Inserted> {
-        let holder = holder.map(str::to_owned);
-        self.write_one("insert", move |conn| {
-            if let Some(key) = &request.idempotency_key {
-                let existing = conn
-                    .prepare_cached(select_records!(
-                        "WHERE r.formation_id = ?1 AND r.user_id = ?2 AND r.idempotency_key = ?3"
-                    ))?
-                    .query_row(params![request.formation_id, request.user_id, key], |row| {
-                        Ok((record_from_row(row)?, row.get::<_, Option<String>>(col::FINGERPRINT)?))
-                    })
-                    .optional()?;
-                if let Some((existing, fingerprint)) = existing {
-                    // Rows from before fingerprints were kept match any request.
-                    return Ok(match fingerprint {
-                        Some(f) if request.fingerprint.as_ref() != Some(&f) => Inserted::KeyReused(existing),
-                        _ => Inserted::Existing(existing),
-                    });
-                }
-            }
-            conn.prepare_cached(
-                "INSERT INTO requests (id, formation_id, formation_version, user_id, session_id, \
-                 agent_id, message, mode, answered_async, estimated_seconds, idempotency_key, fingerprint, \
-                 webhook_url, workflow_timeout_ms, status, created_at, lease_owner, lease_expires_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'pending', ?15, ?16, ?17)",
-            )?
-            .execute(params![
-                request.id,
-                request.formation_id,
-                request.formation_version,
-                request.user_id,
-                request.session_id,
-                request.agent_id,
-                request.message,
-                request.mode.as_str(),
-                request.mode == Mode::Async,
-                request.estimated_seconds,
-                request.idempotency_key,
-                request.fingerprint,
-                request.webhook_url,
-                request.workflow_timeout_ms,
-                request.created_at,
-                holder,
-                holder.as_ref().map(|_| request.created_at.saturating_add(lease_ms)),
-            ])?;
-            Ok(Inserted::Created(RequestRecord::accepted(request)))
-        })
-        .await
+        let (job, answer) = inserts::InsertJob::new(request, holder.map(str::to_owned), lease_ms);
+        self.queue("insert", Box::new(job), answer).await
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>> {

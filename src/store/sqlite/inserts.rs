@@ -1,0 +1,323 @@
+//! New requests, written many to a statement. The writer hands each run of
+//! queued inserts in its batch to [`write`], which writes them in chunks of up
+//! to [`CHUNKS`]`[0]` rows, one `INSERT ... VALUES (...), (...)` per chunk: the
+//! statement's fixed cost (the statement cache, opening cursors on the table
+//! and its indexes, resetting) is paid once per chunk rather than once per row.
+//!
+//! A chunk is written whole only when each of its idempotency keys is held by
+//! no row yet, nor by two of its rows; otherwise, and when a chunk's statement
+//! fails, its rows are written one by one, each with its own answer (the
+//! earlier request that holds its key, or its error), so a bad request fails
+//! alone.
+
+use std::sync::LazyLock;
+
+use rusqlite::{Connection, OptionalExtension};
+use tokio::sync::oneshot;
+
+use super::{col, record_from_row, settle, storage_failure, Job};
+use crate::store::{Inserted, Mode, NewRequest, RequestRecord, StoreError, StoreResult};
+
+/// The chunk sizes, largest first: a run is cut into the largest that fit, so
+/// a handful of statements (each prepared once and cached) cover any run.
+const CHUNKS: [usize; 4] = [32, 8, 2, 1];
+
+/// The values each row binds.
+const COLUMNS: usize = 17;
+
+/// The `INSERT` for each of [`CHUNKS`], in the same order.
+static SQL: LazyLock<[String; CHUNKS.len()]> = LazyLock::new(|| CHUNKS.map(insert_sql));
+
+fn insert_sql(rows: usize) -> String {
+    let row = format!("({}, 'pending')", vec!["?"; COLUMNS].join(", "));
+    format!(
+        "INSERT INTO requests (id, formation_id, formation_version, user_id, session_id, agent_id, message, \
+         mode, answered_async, estimated_seconds, idempotency_key, fingerprint, webhook_url, \
+         workflow_timeout_ms, created_at, lease_owner, lease_expires_at, status) VALUES {}",
+        vec![row; rows].join(", ")
+    )
+}
+
+/// A new request waiting for the writer.
+pub(super) struct InsertJob {
+    request: NewRequest,
+    /// The runner that takes the request on at once, if any: it holds the lease.
+    holder: Option<String>,
+    lease_ms: i64,
+    out: Option<rusqlite::Result<Found>>,
+    reply: oneshot::Sender<StoreResult<Inserted>>,
+}
+
+/// What writing one new request found.
+enum Found {
+    /// The row is written.
+    Created,
+    /// The key belongs to this earlier request (and fingerprint): nothing written.
+    Existing(RequestRecord, Option<String>),
+}
+
+impl InsertJob {
+    /// The job, and where its answer arrives once its batch is committed.
+    pub(super) fn new(
+        request: NewRequest,
+        holder: Option<String>,
+        lease_ms: i64,
+    ) -> (InsertJob, oneshot::Receiver<StoreResult<Inserted>>) {
+        let (reply, answer) = oneshot::channel();
+        (InsertJob { request, holder, lease_ms, out: None, reply }, answer)
+    }
+}
+
+impl Job for InsertJob {
+    fn run(&mut self, conn: &Connection) -> bool {
+        let out = write_one(conn, self);
+        let written = out.is_ok();
+        self.out = Some(out);
+        written
+    }
+
+    fn answer(self: Box<Self>, batch: Result<(), &StoreError>) {
+        let InsertJob { request, out, reply, .. } = *self;
+        let result = settle("insert", out, batch).map(|found| match found {
+            Found::Created => Inserted::Created(RequestRecord::accepted(request)),
+            // Rows from before fingerprints were kept match any request.
+            Found::Existing(existing, Some(f)) if request.fingerprint.as_ref() != Some(&f) => {
+                Inserted::KeyReused(existing)
+            }
+            Found::Existing(existing, _) => Inserted::Existing(existing),
+        });
+        // The caller may have gone away (its future dropped); the write stands.
+        let _ = reply.send(result);
+    }
+
+    fn storage_failure(&self) -> Option<String> {
+        storage_failure("insert", &self.out)
+    }
+
+    fn is_one_statement(&self) -> bool {
+        true
+    }
+
+    fn as_insert(&mut self) -> Option<&mut InsertJob> {
+        Some(self)
+    }
+}
+
+/// Writes a run of new requests, each job keeping its own outcome. False if
+/// any failed; when a failure rolled the whole transaction back, the jobs
+/// after it are left unrun.
+pub(super) fn write(conn: &Connection, mut run: Vec<&mut InsertJob>) -> bool {
+    let mut all_written = true;
+    let mut rest = &mut run[..];
+    while !rest.is_empty() {
+        // Always found: the last size is 1.
+        let which = CHUNKS.iter().position(|&size| size <= rest.len()).unwrap_or(CHUNKS.len() - 1);
+        let (chunk, tail) = rest.split_at_mut(CHUNKS[which]);
+        rest = tail;
+        if chunk.len() > 1 && keys_are_free(conn, chunk).unwrap_or(false) {
+            match insert_rows(conn, &SQL[which], chunk.iter().map(|job| &**job)) {
+                Ok(()) => {
+                    chunk.iter_mut().for_each(|job| job.out = Some(Ok(Found::Created)));
+                    continue;
+                }
+                Err(_) if conn.is_autocommit() => return false,
+                // SQLite undid the failed statement: the rows are written one by one.
+                Err(_) => {}
+            }
+        }
+        // A key taken or a failed chunk: each row gets its own answer.
+        for job in chunk.iter_mut() {
+            let out = write_one(conn, job);
+            let failed = out.is_err();
+            job.out = Some(out);
+            if failed {
+                all_written = false;
+                if conn.is_autocommit() {
+                    return false;
+                }
+            }
+        }
+    }
+    all_written
+}
+
+/// One new request: the earlier request that holds its key, else its row written.
+fn write_one(conn: &Connection, job: &InsertJob) -> rusqlite::Result<Found> {
+    if job.request.idempotency_key.is_some() {
+        if let Some((record, fingerprint)) = holder_of_key(conn, &job.request)? {
+            return Ok(Found::Existing(record, fingerprint));
+        }
+    }
+    insert_rows(conn, &SQL[CHUNKS.len() - 1], std::iter::once(job))?;
+    Ok(Found::Created)
+}
+
+/// Whether every key in `chunk` is held by no row yet, nor by another row of
+/// the chunk: then every row of the chunk is new, and one statement writes them.
+fn keys_are_free(conn: &Connection, chunk: &[&mut InsertJob]) -> rusqlite::Result<bool> {
+    let same_key = |a: &NewRequest, b: &NewRequest| {
+        a.idempotency_key == b.idempotency_key && a.user_id == b.user_id && a.formation_id == b.formation_id
+    };
+    for (i, job) in chunk.iter().enumerate() {
+        let request = &job.request;
+        if request.idempotency_key.is_none() {
+            continue;
+        }
+        if chunk[..i].iter().any(|earlier| same_key(&earlier.request, request)) {
+            return Ok(false);
+        }
+        let taken: bool = conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM requests \
+                 WHERE formation_id = ?1 AND user_id = ?2 AND idempotency_key = ?3)",
+            )?
+            .query_row((&request.formation_id, &request.user_id, &request.idempotency_key), |row| row.get(0))?;
+        if taken {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Writes `jobs`' rows with `sql`, the statement for that many rows.
+fn insert_rows<'a>(conn: &Connection, sql: &str, jobs: impl Iterator<Item = &'a InsertJob>) -> rusqlite::Result<()> {
+    let mut statement = conn.prepare_cached(sql)?;
+    let mut index = 0;
+    let mut bind = |value: &dyn rusqlite::ToSql| {
+        index += 1;
+        statement.raw_bind_parameter(index, value)
+    };
+    for job in jobs {
+        let request = &job.request;
+        bind(&request.id)?;
+        bind(&request.formation_id)?;
+        bind(&request.formation_version)?;
+        bind(&request.user_id)?;
+        bind(&request.session_id)?;
+        bind(&request.agent_id)?;
+        bind(&request.message)?;
+        bind(&request.mode.as_str())?;
+        bind(&(request.mode == Mode::Async))?;
+        bind(&request.estimated_seconds)?;
+        bind(&request.idempotency_key)?;
+        bind(&request.fingerprint)?;
+        bind(&request.webhook_url)?;
+        bind(&request.workflow_timeout_ms)?;
+        bind(&request.created_at)?;
+        bind(&job.holder)?;
+        bind(&job.holder.as_ref().map(|_| request.created_at.saturating_add(job.lease_ms)))?;
+    }
+    statement.raw_execute()?;
+    Ok(())
+}
+
+/// The request that holds `request`'s idempotency key, with its fingerprint.
+fn holder_of_key(conn: &Connection, request: &NewRequest) -> rusqlite::Result<Option<(RequestRecord, Option<String>)>> {
+    conn.prepare_cached(select_records!("WHERE r.formation_id = ?1 AND r.user_id = ?2 AND r.idempotency_key = ?3"))?
+        .query_row((&request.formation_id, &request.user_id, &request.idempotency_key), |row| {
+            Ok((record_from_row(row)?, row.get::<_, Option<String>>(col::FINGERPRINT)?))
+        })
+        .optional()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract_tests::request;
+
+    fn database() -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        conn
+    }
+
+    fn keyed(id: &str, key: &str, fingerprint: &str) -> NewRequest {
+        NewRequest { idempotency_key: Some(key.into()), fingerprint: Some(fingerprint.into()), ..request(id, 1) }
+    }
+
+    /// Writes `requests` as one run (as the writer would a batch's) and commits;
+    /// each request's answer, in order.
+    fn write_run(conn: &mut Connection, requests: Vec<NewRequest>) -> Vec<StoreResult<Inserted>> {
+        let tx = conn.transaction().unwrap();
+        let (mut jobs, mut answers): (Vec<_>, Vec<_>) =
+            requests.into_iter().map(|r| InsertJob::new(r, None, 1_000)).unzip();
+        write(&tx, jobs.iter_mut().collect());
+        tx.commit().unwrap();
+        jobs.into_iter().for_each(|job| Box::new(job).answer(Ok(())));
+        answers.iter_mut().map(|answer| answer.try_recv().expect("answered")).collect()
+    }
+
+    fn ids(conn: &Connection) -> Vec<String> {
+        let mut statement = conn.prepare("SELECT id FROM requests ORDER BY id").unwrap();
+        statement.query_map([], |row| row.get(0)).unwrap().collect::<rusqlite::Result<_>>().unwrap()
+    }
+
+    #[test]
+    fn a_run_of_any_length_is_written_whole() {
+        let mut conn = database();
+        let requests: Vec<_> = (0..45).map(|i| request(&format!("req_{i:02}"), i)).collect();
+        let expected: Vec<String> = requests.iter().map(|r| r.id.clone()).collect();
+        for (answer, id) in write_run(&mut conn, requests).into_iter().zip(&expected) {
+            assert!(matches!(answer, Ok(Inserted::Created(r)) if &r.id == id));
+        }
+        assert_eq!(ids(&conn), expected);
+    }
+
+    #[test]
+    fn keys_taken_before_or_within_the_run_answer_with_their_holder() {
+        let mut conn = database();
+        write_run(&mut conn, vec![keyed("req_old", "old", "x")]);
+        let answers = write_run(
+            &mut conn,
+            vec![
+                request("req_a", 1),
+                keyed("req_b", "new", "x"),
+                keyed("req_c", "new", "x"),
+                keyed("req_d", "new", "y"),
+                keyed("req_e", "old", "x"),
+                keyed("req_f", "old", "y"),
+                request("req_g", 1),
+                keyed("req_h", "other", "x"),
+            ],
+        );
+        let answers: Vec<_> = answers
+            .into_iter()
+            .map(|answer| match answer.expect("answered") {
+                Inserted::Created(r) => format!("created {}", r.id),
+                Inserted::Existing(r) => format!("existing {}", r.id),
+                Inserted::KeyReused(r) => format!("reused {}", r.id),
+            })
+            .collect();
+        assert_eq!(
+            answers,
+            [
+                "created req_a",
+                "created req_b",
+                "existing req_b",
+                "reused req_b",
+                "existing req_old",
+                "reused req_old",
+                "created req_g",
+                "created req_h"
+            ]
+        );
+        assert_eq!(ids(&conn), ["req_a", "req_b", "req_g", "req_h", "req_old"]);
+    }
+
+    #[test]
+    fn a_bad_row_fails_alone_and_its_chunk_is_written() {
+        let mut conn = database();
+        write_run(&mut conn, vec![request("req_3", 1)]);
+        let requests: Vec<_> = (0..8).map(|i| request(&format!("req_{i}"), 2)).collect();
+        for (i, answer) in write_run(&mut conn, requests).into_iter().enumerate() {
+            match answer {
+                Err(e) => assert!(i == 3 && e.to_string().contains("UNIQUE constraint failed"), "req_{i}: {e}"),
+                Ok(inserted) => assert!(i != 3 && matches!(inserted, Inserted::Created(_))),
+            }
+        }
+        assert_eq!(ids(&conn), (0..8).map(|i| format!("req_{i}")).collect::<Vec<_>>());
+        let created_at: i64 =
+            conn.query_row("SELECT created_at FROM requests WHERE id = 'req_3'", [], |r| r.get(0)).unwrap();
+        assert_eq!(created_at, 1, "the row already there is untouched");
+    }
+}
