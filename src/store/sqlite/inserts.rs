@@ -53,7 +53,7 @@ enum Found {
     /// The row is written.
     Created,
     /// The key belongs to this earlier request (and fingerprint): nothing written.
-    Existing(RequestRecord, Option<String>),
+    Existing(Box<RequestRecord>, Option<String>),
 }
 
 impl InsertJob {
@@ -82,9 +82,9 @@ impl Job for InsertJob {
             Found::Created => Inserted::Created(RequestRecord::accepted(request)),
             // Rows from before fingerprints were kept match any request.
             Found::Existing(existing, Some(f)) if request.fingerprint.as_ref() != Some(&f) => {
-                Inserted::KeyReused(existing)
+                Inserted::KeyReused(*existing)
             }
-            Found::Existing(existing, _) => Inserted::Existing(existing),
+            Found::Existing(existing, _) => Inserted::Existing(*existing),
         });
         // The caller may have gone away (its future dropped); the write stands.
         let _ = reply.send(result);
@@ -145,7 +145,7 @@ pub(super) fn write(conn: &Connection, mut run: Vec<&mut InsertJob>) -> bool {
 fn write_one(conn: &Connection, job: &InsertJob) -> rusqlite::Result<Found> {
     if job.request.idempotency_key.is_some() {
         if let Some((record, fingerprint)) = holder_of_key(conn, &job.request)? {
-            return Ok(Found::Existing(record, fingerprint));
+            return Ok(Found::Existing(Box::new(record), fingerprint));
         }
     }
     insert_rows(conn, &SQL[CHUNKS.len() - 1], std::iter::once(job))?;
