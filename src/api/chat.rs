@@ -1,6 +1,7 @@
 //! `POST /api/{id}/v1/chat`: accept a message, decide sync or async, store the
 //! request durably, and answer with the result (200) or its id (202).
 
+use std::fmt;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -202,13 +203,7 @@ pub fn accepted_response(
     let data = AcceptedData {
         request_id: &record.id,
         status: "processing",
-        estimated_time: match estimate {
-            Some(estimate) => estimate.describe(),
-            None => format!(
-                "{} (estimated when first accepted)",
-                Estimate { seconds: record.estimated_seconds, basis: Basis::Declared }.range()
-            ),
-        },
+        estimated_time: EstimatedTime { estimate, seconds: record.estimated_seconds },
         estimated_seconds: record.estimated_seconds,
         events_url: [&status_url, "/events"].concat(),
         status_url: &status_url,
@@ -230,12 +225,37 @@ pub fn accepted_response(
 struct AcceptedData<'a> {
     request_id: &'a str,
     status: &'static str,
-    estimated_time: String,
+    estimated_time: EstimatedTime<'a>,
     estimated_seconds: f64,
     status_url: &'a str,
     events_url: String,
     user_id: &'a str,
     session_id: Option<&'a str>,
+}
+
+/// A 202's `estimated_time`, written straight into the answer: the estimate
+/// made now, or for a replay the one its request was accepted with.
+struct EstimatedTime<'a> {
+    estimate: Option<&'a Estimate>,
+    seconds: f64,
+}
+
+impl fmt::Display for EstimatedTime<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.estimate {
+            Some(estimate) => estimate.fmt(f),
+            None => {
+                let range = Estimate { seconds: self.seconds, basis: Basis::Declared }.range();
+                write!(f, "{range} (estimated when first accepted)")
+            }
+        }
+    }
+}
+
+impl Serialize for EstimatedTime<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 /// The answer for a request that has ended.

@@ -24,7 +24,7 @@ pub fn status_url(record: &RequestRecord) -> String {
 }
 
 fn estimated_time(record: &RequestRecord) -> String {
-    Estimate { seconds: record.estimated_seconds, basis: Basis::Declared }.range()
+    Estimate { seconds: record.estimated_seconds, basis: Basis::Declared }.range().to_string()
 }
 
 /// How long a caller should wait before polling again, in seconds.

@@ -17,6 +17,8 @@
 //! whose estimate rests on neither is waited for up to the threshold (and
 //! answered 202 then if still running) rather than sent async on a guess.
 
+use std::fmt;
+
 use serde::Serialize;
 
 /// Fewest history samples that outweigh the other sources.
@@ -164,22 +166,36 @@ impl Estimate {
         matches!(self.basis, Basis::History { .. } | Basis::Declared)
     }
 
-    /// The `estimated_time` of a 202: the range and what it rests on, e.g.
-    /// "15-20 seconds (declared)", "35-50 seconds (history of 12 runs)",
-    /// "unknown (no history)".
-    pub fn describe(&self) -> String {
-        match self.basis {
-            Basis::Declared => format!("{} (declared)", self.range()),
-            Basis::History { runs } => {
-                format!("{} (history of {runs} run{})", self.range(), if runs == 1 { "" } else { "s" })
-            }
-            Basis::Features | Basis::Default => "unknown (no history)".to_string(),
-        }
-    }
-
     /// A human range ending at the estimate, for `estimated_time`:
     /// "about 1 second", "7-10 seconds", "45-60 seconds", "2-3 minutes".
-    pub fn range(&self) -> String {
+    pub fn range(&self) -> Range {
+        Range { seconds: self.seconds }
+    }
+}
+
+/// The `estimated_time` of a 202: the range and what it rests on, e.g.
+/// "15-20 seconds (declared)", "35-50 seconds (history of 12 runs)",
+/// "unknown (no history)". Written where it goes, no string built.
+impl fmt::Display for Estimate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.basis {
+            Basis::Declared => write!(f, "{} (declared)", self.range()),
+            Basis::History { runs } => {
+                write!(f, "{} (history of {runs} run{})", self.range(), if runs == 1 { "" } else { "s" })
+            }
+            Basis::Features | Basis::Default => f.write_str("unknown (no history)"),
+        }
+    }
+}
+
+/// See [`Estimate::range`].
+#[derive(Debug, Clone, Copy)]
+pub struct Range {
+    seconds: f64,
+}
+
+impl fmt::Display for Range {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let high = self.seconds.max(0.0);
         let low = high * 0.75;
         let (low, high, unit) = if high >= 120.0 {
@@ -193,9 +209,9 @@ impl Estimate {
         let (low, high) = (low as u64, high as u64);
         if low >= high {
             let plural = if high == 1 { "" } else { "s" };
-            format!("about {high} {unit}{plural}")
+            write!(f, "about {high} {unit}{plural}")
         } else {
-            format!("{low}-{high} {unit}s")
+            write!(f, "{low}-{high} {unit}s")
         }
     }
 }
@@ -316,7 +332,7 @@ mod tests {
         // 2 base + 3 × 10 research + 15 analysis + 10 report + 3 coordination.
         assert_eq!(e.seconds, 60.0);
         assert!(e.seconds >= 45.0);
-        assert_eq!(e.range(), "45-60 seconds");
+        assert_eq!(e.range().to_string(), "45-60 seconds");
     }
 
     #[test]
@@ -338,7 +354,7 @@ mod tests {
         // Bigger tasks go into minutes.
         let big = features("Research top 10 AI companies, analyze products, create comparison report");
         assert!(big.seconds >= 120.0, "{big:?}");
-        assert!(big.range().ends_with("minutes"), "{}", big.range());
+        assert!(big.range().to_string().ends_with("minutes"), "{}", big.range());
     }
 
     #[test]
@@ -408,7 +424,7 @@ mod tests {
 
     #[test]
     fn ranges_read_well() {
-        let range = |seconds| Estimate { seconds, basis: Basis::Declared }.range();
+        let range = |seconds| Estimate { seconds, basis: Basis::Declared }.range().to_string();
         assert_eq!(range(0.0), "about 1 second");
         assert_eq!(range(1.0), "about 1 second");
         assert_eq!(range(2.0), "1-2 seconds");
@@ -423,14 +439,14 @@ mod tests {
     #[test]
     fn descriptions_say_what_the_estimate_rests_on() {
         let declared = Estimate { seconds: 20.0, basis: Basis::Declared };
-        assert_eq!(declared.describe(), "15-20 seconds (declared)");
+        assert_eq!(declared.to_string(), "15-20 seconds (declared)");
         assert!(declared.is_grounded());
         let history = Estimate { seconds: 47.0, basis: Basis::History { runs: 12 } };
-        assert_eq!(history.describe(), "35-50 seconds (history of 12 runs)");
+        assert_eq!(history.to_string(), "35-50 seconds (history of 12 runs)");
         assert!(history.is_grounded());
         for basis in [Basis::Features, Basis::Default] {
             let guess = Estimate { seconds: 60.0, basis };
-            assert_eq!(guess.describe(), "unknown (no history)");
+            assert_eq!(guess.to_string(), "unknown (no history)");
             assert!(!guess.is_grounded());
         }
     }
