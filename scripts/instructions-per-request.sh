@@ -4,18 +4,20 @@
 # machine moves by 20% from one round to the next. For telling changes of 1-3%
 # apart; the bench (`cargo bench --bench engine`) stays the judge of speed.
 #
-#   scripts/instructions-per-request.sh [SERVER] [N]
+#   [CONNECTIONS=C] scripts/instructions-per-request.sh [SERVER] [N]
 #
 # SERVER is a muxi-rt binary (default target/release/muxi-rt) or `floor`, the
 # bench's durable floor (axum + one SQLite append, built by `cargo bench --bench
 # engine --no-run`). N accepts (default 2000) are counted after 400 uncounted,
-# from 8 keep-alive connections. Prints instructions per request, in all and per
+# from C keep-alive connections (default 8; the bench uses 64, where the
+# writer's batches are larger). Prints instructions per request, in all and per
 # thread (the busiest first). Kernel work is not counted. Needs valgrind and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SERVER="${1:-target/release/muxi-rt}"
 N="${2:-2000}"
+CONNECTIONS="${CONNECTIONS:-8}"
 KEY="client-count-0123456789"
 WORK="$(mktemp -d -t muxi-count-XXXXXX)"
 trap 'kill "$PID" 2>/dev/null || true; pkill -f "$WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -53,19 +55,19 @@ done
 [ -n "$ADDR" ] || { cat "$WORK/server.log"; echo "the server did not start" >&2; exit 1; }
 
 load() {
-  python3 - "$ADDR" "$1" "$KEY" <<'PY'
+  python3 - "$ADDR" "$1" "$KEY" "$CONNECTIONS" <<'PY'
 import http.client, sys, threading, urllib.parse
-addr, n, key = urllib.parse.urlsplit(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+addr, n, key, c = urllib.parse.urlsplit(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 body = '{"message": "summarise the benchmark please", "async": true}'
 headers = {"content-type": "application/json", "x-muxi-client-key": key, "x-muxi-user-id": "count-user"}
 def client():
     conn = http.client.HTTPConnection(addr.hostname, addr.port)
-    for _ in range(n // 8):
+    for _ in range(n // c):
         conn.request("POST", "/api/count/v1/chat", body, headers)
         answer = conn.getresponse()
         answer.read()
         assert answer.status < 300, answer.status
-threads = [threading.Thread(target=client) for _ in range(8)]
+threads = [threading.Thread(target=client) for _ in range(c)]
 [t.start() for t in threads]
 [t.join() for t in threads]
 PY

@@ -8,7 +8,8 @@
 //! transaction and commits once: one fsync pays for the whole batch. Only then
 //! does it answer each caller through its oneshot. Each command runs inside its
 //! own SAVEPOINT, so a command that fails is rolled back alone and fails only its
-//! own caller. Under load the batches grow by themselves (while one commit
+//! own caller; new requests queued side by side are written many to a
+//! statement ([`inserts`]), and a failed one still fails alone. Under load the batches grow by themselves (while one commit
 //! fsyncs, the next batch queues up); alone, a write costs one transaction as
 //! usual. The single writer also makes idempotent inserts race-free.
 //!
