@@ -207,6 +207,8 @@ fn insert_rows<'a>(conn: &Connection, sql: &str, jobs: impl Iterator<Item = &'a 
         bind(&job.holder)?;
         bind(&job.holder.as_ref().map(|_| request.created_at.saturating_add(job.lease_ms)))?;
     }
+    // A value left unbound would be written as NULL: the tests (a debug build) would say so.
+    debug_assert_eq!(index, statement.parameter_count(), "every value of every row is bound");
     statement.raw_execute()?;
     Ok(())
 }
