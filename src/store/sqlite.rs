@@ -9,9 +9,9 @@
 //! does it answer each caller through its oneshot. Each command runs inside its
 //! own SAVEPOINT, so a command that fails is rolled back alone and fails only its
 //! own caller; new requests queued side by side are written many to a
-//! statement ([`inserts`]), and a failed one still fails alone. Under load the batches grow by themselves (while one commit
-//! fsyncs, the next batch queues up); alone, a write costs one transaction as
-//! usual. The single writer also makes idempotent inserts race-free.
+//! statement ([`inserts`]), and a failed one still fails alone. Under load the
+//! batches grow by themselves (while one commit fsyncs, the next batch queues
+//! up); alone, a write costs one transaction as usual. The single writer also makes idempotent inserts race-free.
 //!
 //! Reads run on tokio's blocking pool over a small pool of read-only
 //! connections with cached statements; WAL lets them run beside the writer.
