@@ -277,6 +277,23 @@ pub enum Inserted {
     KeyReused(RequestRecord),
 }
 
+impl Inserted {
+    /// The answer to `asked`, whose idempotency key `holder` (stored with
+    /// `holder_fingerprint`) already holds: the same request again, or another
+    /// one under a reused key. Rows from before fingerprints were kept match
+    /// any request.
+    pub(crate) fn key_held_by(
+        holder: RequestRecord,
+        holder_fingerprint: Option<String>,
+        asked: &NewRequest,
+    ) -> Inserted {
+        match holder_fingerprint {
+            Some(f) if asked.fingerprint.as_ref() != Some(&f) => Inserted::KeyReused(holder),
+            _ => Inserted::Existing(holder),
+        }
+    }
+}
+
 /// A runner's hold on a request. Every write the runner makes is fenced by
 /// its epoch: once another runner has taken the request over (a newer epoch),
 /// the old runner's writes change nothing.

@@ -164,10 +164,7 @@ impl PgStore {
             .ok_or_else(|| StoreError("insert: the idempotency key is taken but its request is gone".into()))?;
         let existing = decode("insert", record_from_row(&row))?;
         let fingerprint: Option<String> = decode("insert", row.try_get("fingerprint"))?;
-        Ok(match fingerprint {
-            Some(f) if request.fingerprint.as_ref() != Some(&f) => Inserted::KeyReused(existing),
-            _ => Inserted::Existing(existing),
-        })
+        Ok(Inserted::key_held_by(existing, fingerprint, &request))
     }
 }
 

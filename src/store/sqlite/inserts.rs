@@ -79,12 +79,8 @@ impl Job for InsertJob {
     fn answer(self: Box<Self>, batch: Result<(), &StoreError>) {
         let InsertJob { request, out, reply, .. } = *self;
         let result = settle("insert", out, batch).map(|found| match found {
+            Found::Existing(holder, fingerprint) => Inserted::key_held_by(*holder, fingerprint, &request),
             Found::Created => Inserted::Created(RequestRecord::accepted(request)),
-            // Rows from before fingerprints were kept match any request.
-            Found::Existing(existing, Some(f)) if request.fingerprint.as_ref() != Some(&f) => {
-                Inserted::KeyReused(*existing)
-            }
-            Found::Existing(existing, _) => Inserted::Existing(*existing),
         });
         // The caller may have gone away (its future dropped); the write stands.
         let _ = reply.send(result);
