@@ -388,14 +388,27 @@ impl Among<'_> {
     /// Every formation's.
     #[cfg(test)]
     pub const ALL: Among<'static> = Among::AllBut(&[]);
+}
 
-    /// (the one formation, the formations left out) as the SQL stores bind them.
-    fn binds(self) -> (Option<String>, Vec<String>) {
-        match self {
-            Among::Formation(id) => (Some(id.to_string()), Vec::new()),
-            Among::AllBut(ids) => (None, ids.to_vec()),
-        }
-    }
+/// The formations that have unfinished requests, each found by one seek of
+/// the queue index (`requests_queue`, a loose index scan) rather than by
+/// reading the whole queue: how both SQL stores answer [`Among::AllBut`],
+/// which then read the queue of each formation left in.
+pub(crate) const UNFINISHED_FORMATIONS: &str = "\
+    WITH RECURSIVE f(id) AS ( \
+        SELECT min(formation_id) FROM requests WHERE status IN ('pending', 'processing') \
+        UNION ALL \
+        SELECT (SELECT min(formation_id) FROM requests \
+                WHERE status IN ('pending', 'processing') AND formation_id > f.id) \
+        FROM f WHERE f.id IS NOT NULL) \
+    SELECT id FROM f WHERE id IS NOT NULL";
+
+/// Claimable requests read formation by formation, as one list: oldest first,
+/// at most `limit`.
+fn oldest_first(mut records: Vec<RequestRecord>, limit: usize) -> Vec<RequestRecord> {
+    records.sort_unstable_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    records.truncate(limit);
+    records
 }
 
 /// The result of one delivery attempt.

@@ -112,6 +112,30 @@ impl PgStore {
         self.note(name, begun)
     }
 
+    /// One formation's claimable requests, oldest first, in its range of the
+    /// queue index. Rows another replica is claiming right now are skipped,
+    /// not waited for.
+    async fn claimable_in(
+        &self,
+        owner: &Owner,
+        now: i64,
+        formation: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<RequestRecord>> {
+        let rows = sqlx::query(select_records!(
+            "WHERE r.formation_id = $4 AND r.status IN ('pending', 'processing') \
+             AND (r.lease_owner IS NULL OR (r.lease_owner != $1 AND r.lease_expires_at <= $2)) \
+             ORDER BY r.created_at, r.id LIMIT $3 FOR UPDATE OF r SKIP LOCKED"
+        ))
+        .bind(owner)
+        .bind(now)
+        .bind(sql_limit(limit))
+        .bind(formation)
+        .fetch_all(&self.pool)
+        .await;
+        records("claimable", rows)
+    }
+
     /// Inserts one request with its own statement: the path of a request whose
     /// batch failed (so a bad request fails alone) or that must run alone.
     async fn insert_alone(&self, request: NewRequest, holder: Option<&Owner>, lease_ms: i64) -> StoreResult<Inserted> {
@@ -558,22 +582,18 @@ impl Store for PgStore {
         among: Among<'_>,
         limit: usize,
     ) -> StoreResult<Vec<RequestRecord>> {
-        let (formation, left_out) = among.binds();
-        // Rows another replica is claiming right now are skipped, not waited for.
-        let rows = sqlx::query(select_records!(
-            "WHERE r.status IN ('pending', 'processing') \
-             AND (r.lease_owner IS NULL OR (r.lease_owner != $1 AND r.lease_expires_at <= $2)) \
-             AND ($4::TEXT IS NULL OR r.formation_id = $4) AND NOT (r.formation_id = ANY($5)) \
-             ORDER BY r.created_at, r.id LIMIT $3 FOR UPDATE OF r SKIP LOCKED"
-        ))
-        .bind(owner)
-        .bind(now)
-        .bind(sql_limit(limit))
-        .bind(formation)
-        .bind(left_out)
-        .fetch_all(&self.pool)
-        .await;
-        records("claimable", rows)
+        match among {
+            Among::Formation(formation) => self.claimable_in(owner, now, formation, limit).await,
+            Among::AllBut(loaded) => {
+                let formations =
+                    sqlx::query_scalar::<_, String>(super::UNFINISHED_FORMATIONS).fetch_all(&self.pool).await;
+                let mut records = Vec::new();
+                for formation in self.note("claimable", formations)?.iter().filter(|f| !loaded.contains(f)) {
+                    records.extend(self.claimable_in(owner, now, formation, limit).await?);
+                }
+                Ok(super::oldest_first(records, limit))
+            }
+        }
     }
 
     async fn purge_finished_before(&self, formation_id: Option<&str>, cutoff: i64) -> StoreResult<u64> {

@@ -57,6 +57,14 @@ const DB_FILE: &str = "muxi.db";
 /// How much of the database file is read through a memory map.
 const MMAP_BYTES: i64 = 256 * 1024 * 1024;
 
+/// A formation's claimable requests (`?4`), oldest first: its range of the
+/// queue index, whose size is what the formation's queue holds.
+const CLAIMABLE_IN_FORMATION: &str = select_records!(
+    "WHERE r.formation_id = ?4 AND r.status IN ('pending', 'processing') \
+     AND (r.lease_owner IS NULL OR (r.lease_owner != ?1 AND r.lease_expires_at <= ?2)) \
+     ORDER BY r.created_at, r.id LIMIT ?3"
+);
+
 /// The SQLite implementation of [`Store`].
 pub struct SqliteStore {
     path: PathBuf,
@@ -723,18 +731,28 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> StoreResult<Vec<RequestRecord>> {
         let owner = owner.to_owned();
-        let (formation, left_out) = among.binds();
-        let left_out = serde_json::to_string(&left_out).map_err(|e| StoreError(format!("claimable: {e}")))?;
+        let (formation, loaded) = match among {
+            Among::Formation(id) => (Some(id.to_owned()), Vec::new()),
+            Among::AllBut(ids) => (None, ids.to_vec()),
+        };
         self.read("claimable", move |conn| {
-            conn.prepare_cached(select_records!(
-                "WHERE r.status IN ('pending', 'processing') \
-                 AND (r.lease_owner IS NULL OR (r.lease_owner != ?1 AND r.lease_expires_at <= ?2)) \
-                 AND (?4 IS NULL OR r.formation_id = ?4) \
-                 AND r.formation_id NOT IN (SELECT value FROM json_each(?5)) \
-                 ORDER BY r.created_at, r.id LIMIT ?3"
-            ))?
-            .query_map(params![owner, now, sql_limit(limit), formation, left_out], record_from_row)?
-            .collect()
+            // Each formation's queue in its own index range, oldest first.
+            let mut queue = conn.prepare_cached(CLAIMABLE_IN_FORMATION)?;
+            let mut read = |formation: &str| -> rusqlite::Result<Vec<RequestRecord>> {
+                queue.query_map(params![owner, now, sql_limit(limit), formation], record_from_row)?.collect()
+            };
+            if let Some(formation) = formation {
+                return read(&formation);
+            }
+            let formations: Vec<String> = conn
+                .prepare_cached(super::UNFINISHED_FORMATIONS)?
+                .query_map([], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut records = Vec::new();
+            for formation in formations.iter().filter(|f| !loaded.contains(f)) {
+                records.extend(read(formation)?);
+            }
+            Ok(super::oldest_first(records, limit))
         })
         .await
     }
@@ -1286,6 +1304,39 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         drop(SqliteStore::open(dir.path()).expect("open"));
         SqliteStore::open(dir.path()).expect("reopen");
+    }
+}
+
+#[cfg(test)]
+mod query_plans {
+    /// The plan SQLite picks for `sql`, one line per step.
+    fn plan(sql: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::SqliteStore::open(dir.path()).unwrap();
+        let conn = rusqlite::Connection::open(store.path()).unwrap();
+        let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        // Parameters left unbound are NULL; the plan does not depend on them.
+        let mut rows = explain.raw_query();
+        let mut steps = Vec::new();
+        while let Some(row) = rows.next().unwrap() {
+            steps.push(row.get::<_, String>(3).unwrap());
+        }
+        steps.join("\n")
+    }
+
+    /// The sweeper reads the queue each time room is made: it must cost the
+    /// rows it returns, not the length of the queue.
+    #[test]
+    fn the_queue_is_read_by_seeks_of_its_index_not_by_scans() {
+        let claimable = plan(super::CLAIMABLE_IN_FORMATION);
+        assert!(claimable.contains("SEARCH r USING INDEX requests_queue (formation_id=?)"), "{claimable}");
+        let formations = plan(crate::store::UNFINISHED_FORMATIONS);
+        assert!(!formations.contains("SCAN requests"), "{formations}");
+        assert_eq!(
+            formations.matches("SEARCH requests USING COVERING INDEX requests_queue").count(),
+            2,
+            "{formations}"
+        );
     }
 }
 
