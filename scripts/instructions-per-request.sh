@@ -4,20 +4,22 @@
 # machine moves by 20% from one round to the next. For telling changes of 1-3%
 # apart; the bench (`cargo bench --bench engine`) stays the judge of speed.
 #
-#   [CONNECTIONS=C] scripts/instructions-per-request.sh [SERVER] [N]
+#   [CONNECTIONS=C] [KIND=accept|poll] scripts/instructions-per-request.sh [SERVER] [N]
 #
 # SERVER is a muxi-rt binary (default target/release/muxi-rt) or `floor`, the
 # bench's durable floor (axum + one SQLite append, built by `cargo bench --bench
 # engine --no-run`). N accepts (default 2000) are counted after 400 uncounted,
 # from C keep-alive connections (default 8; the bench uses 64, where the
-# writer's batches are larger). Prints instructions per request, in all and per
-# thread (the busiest first). Kernel work is not counted. Needs valgrind and python3.
+# writer's batches are larger). KIND=poll counts status polls instead, cycling
+# over 2,400 queued requests accepted first. Prints instructions per request, in all and per
+# thread (the busiest first); KEEP=DIR keeps callgrind's files. Kernel work is not counted. Needs valgrind and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SERVER="${1:-target/release/muxi-rt}"
 N="${2:-2000}"
 CONNECTIONS="${CONNECTIONS:-8}"
+KIND="${KIND:-accept}"
 KEY="client-count-0123456789"
 WORK="$(mktemp -d -t muxi-count-XXXXXX)"
 trap 'kill "$PID" 2>/dev/null || true; pkill -f "$WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -54,29 +56,44 @@ for _ in $(seq 1 120); do
 done
 [ -n "$ADDR" ] || { cat "$WORK/server.log"; echo "the server did not start" >&2; exit 1; }
 
+# load KIND N: N accepts (KIND=accept, whose ids are kept in $WORK/ids) or N
+# status polls cycling over the kept ids (KIND=poll), from $CONNECTIONS clients.
 load() {
-  python3 - "$ADDR" "$1" "$KEY" "$CONNECTIONS" <<'PY'
-import http.client, sys, threading, urllib.parse
+  python3 - "$ADDR" "$2" "$KEY" "$CONNECTIONS" "$1" "$WORK/ids" <<'PY'
+import http.client, json, sys, threading, urllib.parse
 addr, n, key, c = urllib.parse.urlsplit(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+kind, ids_file = sys.argv[5], sys.argv[6]
 body = '{"message": "summarise the benchmark please", "async": true}'
 headers = {"content-type": "application/json", "x-muxi-client-key": key, "x-muxi-user-id": "count-user"}
-def client():
+ids = open(ids_file).read().split() if kind == "poll" else []
+accepted = []
+def client(k):
     conn = http.client.HTTPConnection(addr.hostname, addr.port)
-    for _ in range(n // c):
-        conn.request("POST", "/api/count/v1/chat", body, headers)
+    for i in range(n // c):
+        if kind == "poll":
+            conn.request("GET", f"/api/count/v1/requests/{ids[(i * c + k) % len(ids)]}", headers=headers)
+        else:
+            conn.request("POST", "/api/count/v1/chat", body, headers)
         answer = conn.getresponse()
-        answer.read()
+        text = answer.read()
         assert answer.status < 300, answer.status
-threads = [threading.Thread(target=client) for _ in range(c)]
+        if kind == "accept":
+            accepted.append(json.loads(text)["data"]["request_id"])
+threads = [threading.Thread(target=client, args=(k,)) for k in range(c)]
 [t.start() for t in threads]
 [t.join() for t in threads]
+if kind == "accept":
+    open(ids_file, "a").write("\n".join(accepted) + "\n")
 PY
 }
 
-load 400
+load accept 400
+if [ "$KIND" = poll ]; then load accept 2000; load poll 400; fi
 callgrind_control -i on "$PID" > /dev/null 2>&1
-load "$N"
+load "$KIND" "$N"
 callgrind_control -d "$PID" > /dev/null 2>&1
+# KEEP=DIR keeps the counts for callgrind_annotate.
+if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$WORK"/callgrind.*.1-* "$KEEP"/; fi
 python3 - "$WORK" "$N" <<'PY'
 import glob, re, sys
 work, n = sys.argv[1], int(sys.argv[2])

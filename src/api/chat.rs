@@ -7,12 +7,13 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
 use super::auth::{self, Role};
 use super::body::HeadersAndJson;
 use super::extract::Path;
+use super::json::Object;
 use super::{envelope, views, AppState};
 use crate::engine::{Start, Submitted};
 use crate::error::{ApiError, ApiResult, Code};
@@ -200,17 +201,20 @@ pub fn accepted_response(
 ) -> Response {
     let status_url = ["/api/", formation_id, "/v1/requests/", &record.id].concat();
     let poll_after = (record.estimated_seconds / 10.0).clamp(1.0, 30.0).round() as u64;
-    let data = AcceptedData {
-        request_id: &record.id,
-        status: "processing",
-        estimated_time: EstimatedTime { estimate, seconds: record.estimated_seconds },
-        estimated_seconds: record.estimated_seconds,
-        events_url: [&status_url, "/events"].concat(),
-        status_url: &status_url,
-        user_id: &record.user_id,
-        session_id: record.session_id.as_deref(),
-    };
-    let mut response = envelope::ok("chat.accepted", Some(&record.id), idempotency_key, data);
+    let events_url = [&status_url, "/events"].concat();
+    let estimated_time = EstimatedTime { estimate, seconds: record.estimated_seconds };
+    let mut response = envelope::ok_written("chat.accepted", Some(&record.id), idempotency_key, |buf| {
+        let mut data = Object::new(buf);
+        data.str("request_id", &record.id)
+            .str("status", "processing")
+            .value("estimated_time", &estimated_time)
+            .value("estimated_seconds", &record.estimated_seconds)
+            .str("status_url", &status_url)
+            .str("events_url", &events_url)
+            .str("user_id", &record.user_id)
+            .opt_str("session_id", record.session_id.as_deref());
+        data.end();
+    });
     *response.status_mut() = StatusCode::ACCEPTED;
     let headers = response.headers_mut();
     if let Ok(location) = HeaderValue::from_str(&status_url) {
@@ -220,21 +224,8 @@ pub fn accepted_response(
     response
 }
 
-/// The `data` of a 202: where to poll and follow, and roughly when it is done.
-#[derive(Serialize)]
-struct AcceptedData<'a> {
-    request_id: &'a str,
-    status: &'static str,
-    estimated_time: EstimatedTime<'a>,
-    estimated_seconds: f64,
-    status_url: &'a str,
-    events_url: String,
-    user_id: &'a str,
-    session_id: Option<&'a str>,
-}
-
-/// A 202's `estimated_time`, written straight into the answer: the estimate
-/// made now, or for a replay the one its request was accepted with.
+/// A 202's `estimated_time`: the estimate made now, or for a replay the one
+/// its request was accepted with.
 struct EstimatedTime<'a> {
     estimate: Option<&'a Estimate>,
     seconds: f64,
@@ -252,7 +243,7 @@ impl fmt::Display for EstimatedTime<'_> {
     }
 }
 
-impl Serialize for EstimatedTime<'_> {
+impl serde::Serialize for EstimatedTime<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)
     }

@@ -2,32 +2,14 @@
 //!
 //! `{"object", "timestamp", "type", "request": {"id", "idempotency_key"},
 //! "success": true, "error": null, "data": {...}}`; the SDK unwraps `data`.
-//! Serialised straight from these structs: no intermediate JSON tree.
+//! Written field by field ([`super::json`]): no intermediate JSON tree.
 
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use super::json::Object;
 use crate::error::{ApiError, Code};
-
-/// The envelope around an answer's `data`.
-#[derive(Debug, Serialize)]
-pub struct Envelope<'a, T> {
-    object: &'static str,
-    timestamp: i64,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    request: RequestRef<'a>,
-    success: bool,
-    error: Option<()>,
-    data: T,
-}
-
-#[derive(Debug, Serialize)]
-struct RequestRef<'a> {
-    id: Option<&'a str>,
-    idempotency_key: Option<&'a str>,
-}
 
 /// Wraps `data` in the envelope. `kind` is the answer's type, e.g. `chat.completed`.
 pub fn ok<'a, T: Serialize>(
@@ -36,20 +18,51 @@ pub fn ok<'a, T: Serialize>(
     idempotency_key: Option<&'a str>,
     data: T,
 ) -> Response {
-    let envelope = Envelope {
-        object: "message",
-        timestamp: crate::time::now_ms(),
-        kind,
-        request: RequestRef { id: request_id, idempotency_key },
-        success: true,
-        error: None,
-        data,
-    };
-    // Sized for a typical answer (a 202 is about 600 bytes): `Json` starts at
-    // 128 bytes and grows three times on the way.
-    let mut body = Vec::with_capacity(1024);
-    match serde_json::to_writer(&mut body, &envelope) {
-        Ok(()) => ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response(),
-        Err(e) => ApiError::new(Code::Internal, format!("cannot serialise the answer: {e}")).into_response(),
+    let mut failed = None;
+    let body = written(kind, request_id, idempotency_key, |buf| {
+        if let Err(e) = serde_json::to_writer(buf, &data) {
+            failed = Some(e);
+        }
+    });
+    match failed {
+        None => json(body),
+        Some(e) => ApiError::new(Code::Internal, format!("cannot serialise the answer: {e}")).into_response(),
     }
+}
+
+/// Wraps the `data` that `write` writes (a JSON value, by [`super::json`]).
+pub fn ok_written(
+    kind: &str,
+    request_id: Option<&str>,
+    idempotency_key: Option<&str>,
+    write: impl FnOnce(&mut Vec<u8>),
+) -> Response {
+    json(written(kind, request_id, idempotency_key, write))
+}
+
+fn written(
+    kind: &str,
+    request_id: Option<&str>,
+    idempotency_key: Option<&str>,
+    data: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
+    // Sized for a typical answer (a 202 is about 600 bytes, a status document 800).
+    let mut body = Vec::with_capacity(1024);
+    let mut envelope = Object::new(&mut body);
+    envelope
+        .str("object", "message")
+        .value("timestamp", &crate::time::now_ms())
+        .str("type", kind)
+        .object("request", |request| {
+            request.opt_str("id", request_id).opt_str("idempotency_key", idempotency_key);
+        })
+        .raw("success", "true")
+        .raw("error", "null")
+        .written("data", data);
+    envelope.end();
+    body
+}
+
+fn json(body: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
 }

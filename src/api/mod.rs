@@ -11,6 +11,7 @@ pub mod events;
 pub mod extract;
 pub mod feed;
 pub mod formations;
+pub mod json;
 pub mod limits;
 pub mod params;
 pub mod rate_limit;

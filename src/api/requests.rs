@@ -44,7 +44,8 @@ pub async fn get(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let record = find(&state, &id, &headers, &request_id).await?;
-    Ok(envelope::ok("request.status", Some(&record.id), None, views::RequestStatus::of(&record)))
+    let status = views::RequestStatus::of(&record);
+    Ok(envelope::ok_written("request.status", Some(&record.id), None, |buf| status.write(buf)))
 }
 
 #[derive(Debug, Deserialize)]

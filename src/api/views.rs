@@ -3,6 +3,7 @@
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use super::json::Object;
 use crate::store::{ErrorInfo, Mode, RequestRecord, RequestResult, WebhookState};
 use crate::time::rfc3339;
 
@@ -65,6 +66,39 @@ impl<'a> RequestStatus<'a> {
     }
 }
 
+impl RequestStatus<'_> {
+    /// Writes the document as its `Serialize` would, field by field (a poll
+    /// sends one; see [`super::json`]).
+    pub fn write(&self, buf: &mut Vec<u8>) {
+        let mut object = Object::new(buf);
+        object
+            .str("request_id", self.request_id)
+            .str("id", self.id)
+            .str("formation_id", self.formation_id)
+            .str("formation_version", self.formation_version)
+            .str("user_id", self.user_id)
+            .opt_str("session_id", self.session_id)
+            .str("agent_id", self.agent_id)
+            .str("status", self.status)
+            .value("progress", &self.progress)
+            .opt_str("current_step", self.current_step)
+            .value("total_steps", &self.total_steps)
+            .value("completed_steps", &self.completed_steps)
+            .opt_str("message", self.message)
+            .value("result", &self.result)
+            .value("error", &self.error)
+            .value("attempts", &self.attempts)
+            .str("processing_mode", self.processing_mode.as_str())
+            .value("estimated_seconds", &self.estimated_seconds)
+            .str("created_at", &self.created_at)
+            .opt_str("started_at", self.started_at.as_deref())
+            .opt_str("completed_at", self.completed_at.as_deref())
+            .value("duration_ms", &self.duration_ms)
+            .value("webhook", &self.webhook);
+        object.end();
+    }
+}
+
 /// [`RequestStatus`] as a `Value`, for callers that add to it.
 pub fn request_status(record: &RequestRecord) -> Value {
     serde_json::to_value(RequestStatus::of(record)).unwrap_or(Value::Null)
@@ -90,4 +124,39 @@ pub fn chat_answer(record: &RequestRecord) -> Value {
         "status": record.status.as_str(),
         "duration_ms": record.duration_ms(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract_tests::request;
+    use crate::store::Status;
+
+    /// The hand-written status document is the serialised one, byte for byte,
+    /// for a request just accepted and for one with every optional part set.
+    #[test]
+    fn a_written_status_document_is_the_serialised_one() {
+        let queued = RequestRecord::accepted(request("req_1", 1_000));
+        let mut ended = queued.clone();
+        ended.session_id = None;
+        ended.status = Status::Failed;
+        ended.progress = 37.5;
+        ended.current_step = Some("step \"two\"\n".into());
+        ended.total_steps = Some(3);
+        ended.completed_steps = Some(2);
+        ended.status_message = Some("almost ✓".into());
+        ended.result = Some(RequestResult { text: "partial".into(), artifacts: vec![json!({"a": [1, null]})] });
+        ended.error = Some(ErrorInfo { kind: "timeout".into(), message: "slow\tagent".into(), retryable: true });
+        ended.attempts = 2;
+        ended.started_at = Some(1_500);
+        ended.completed_at = Some(2_750);
+        ended.webhook =
+            Some(WebhookState { status: "failed".into(), attempts: 5, last_error: Some("HTTP 500".into()) });
+        for record in [queued, ended] {
+            let status = RequestStatus::of(&record);
+            let mut written = Vec::new();
+            status.write(&mut written);
+            assert_eq!(String::from_utf8(written).unwrap(), serde_json::to_string(&status).unwrap());
+        }
+    }
 }

@@ -50,7 +50,7 @@ impl TestStore {
     }
 }
 
-pub(super) fn request(id: &str, created_at: i64) -> NewRequest {
+pub(crate) fn request(id: &str, created_at: i64) -> NewRequest {
     NewRequest {
         id: id.into(),
         formation_id: "f1".into(),
