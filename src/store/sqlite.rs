@@ -557,7 +557,10 @@ impl Store for SqliteStore {
 
     async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
         self.read_at_once("get", |conn| {
-            conn.prepare_cached(select_records!("WHERE r.id = ?1"))?.query_row([id], record_from_row).optional()
+            // `request_records` is `select_records!` (see `readers`).
+            conn.prepare_cached("SELECT * FROM request_records WHERE id = ?1")?
+                .query_row([id], record_from_row)
+                .optional()
         })
         .await
     }

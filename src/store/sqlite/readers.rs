@@ -63,6 +63,10 @@ impl ReadPool {
         )?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
+        // The record query under a short name: a poll's `prepare_cached` then
+        // hashes and compares a few bytes of SQL, not all of it. A TEMP view
+        // lives in this connection only, so it always has this build's columns.
+        conn.execute_batch(concat!("CREATE TEMP VIEW request_records AS ", select_records!("")))?;
         Ok(Reader { conn, seen: 0 })
     }
 
