@@ -84,7 +84,7 @@ impl<'b> Object<'b> {
 }
 
 /// `value` as a JSON string.
-pub fn string(buf: &mut Vec<u8>, value: &str) {
+fn string(buf: &mut Vec<u8>, value: &str) {
     if is_plain(value) {
         buf.reserve(value.len() + 2);
         buf.push(b'"');
