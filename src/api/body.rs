@@ -38,6 +38,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for HeadersAndJson<T> {
     }
 }
 
+/// The request's headers, moved out of the request (for handlers with no body,
+/// where axum's `HeaderMap` extractor would copy them).
+pub struct Headers(pub HeaderMap);
+
+impl<S: Send + Sync> FromRequest<S> for Headers {
+    type Rejection = ApiError;
+
+    async fn from_request(mut req: Request, _state: &S) -> Result<Self, ApiError> {
+        Ok(Headers(std::mem::take(req.headers_mut())))
+    }
+}
+
 /// The body's bytes, read in full within the read timeout.
 pub struct RawBody(pub Bytes);
 

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::{self, Role};
+use super::body::Headers;
 use super::{envelope, views, AppState};
 use crate::engine::CancelError;
 use crate::error::{ApiError, ApiResult, Code};
@@ -41,7 +42,7 @@ pub async fn find(
 pub async fn get(
     State(state): State<AppState>,
     Path((id, request_id)): Path<(String, String)>,
-    headers: HeaderMap,
+    Headers(headers): Headers,
 ) -> ApiResult<Response> {
     let record = find(&state, &id, &headers, &request_id).await?;
     let status = views::RequestStatus::of(&record);
@@ -72,7 +73,7 @@ pub async fn list(
 pub async fn cancel(
     State(state): State<AppState>,
     Path((id, request_id)): Path<(String, String)>,
-    headers: HeaderMap,
+    Headers(headers): Headers,
 ) -> ApiResult<Response> {
     let record = find(&state, &id, &headers, &request_id).await?;
     cancel_and_answer(&state, &record, "Request cancelled by user").await
