@@ -15,6 +15,7 @@
 //! when a lease expires, and when a request's formation comes back.
 
 pub mod feed;
+mod finish_on_drop;
 mod history;
 mod leases;
 mod live;
@@ -47,6 +48,7 @@ use crate::store::{
 use crate::time::now_ms;
 use crate::webhooks::Dispatcher;
 
+use finish_on_drop::FinishOnDrop;
 use pool::Pool;
 
 /// How many recent durations per agent feed the estimate.
@@ -199,7 +201,8 @@ impl Engine {
     ///
     /// The work is detached from the caller: once the insert is under way, the
     /// request is committed and started even if the caller goes away (an HTTP
-    /// client that disconnects drops its handler's future, not this task). An
+    /// client that disconnects drops its handler's future; [`FinishOnDrop`]
+    /// then runs the rest as a task of its own). An
     /// idempotent replay of a request that is not running anywhere starts it.
     pub async fn submit(
         self: &Arc<Self>,
@@ -215,7 +218,7 @@ impl Engine {
             }
         }
         let engine = self.clone();
-        let accepting = tokio::spawn(async move {
+        let accepting = FinishOnDrop::new(async move {
             let holder = (start != Start::Queue).then_some(engine.owner.as_str());
             let follow = start == Start::Follow;
             match engine.store.insert(request, holder, leases::lease_ms()).await? {
@@ -254,9 +257,10 @@ impl Engine {
                 Inserted::KeyReused(record) => Err(SubmitError::KeyReused(Box::new(record))),
             }
         });
-        let submitted = accepting
-            .await
-            .map_err(|e| SubmitError::Store(StoreError(format!("accepting the request failed: {e}"))))?;
+        let submitted = accepting.await.map_err(|panic| {
+            let what = supervisor::panic_message(&*panic);
+            SubmitError::Store(StoreError(format!("accepting the request failed: it panicked ({what})")))
+        })?;
         let queued = matches!(&submitted, Ok(s) if s.record.id == id && !s.record.status.is_final());
         if !queued && !self.is_running(&id) {
             // Not taken on under this id (a replay, a refusal, or already over).

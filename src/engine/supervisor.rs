@@ -132,7 +132,8 @@ fn ended_in_memory(current: &RequestRecord, outcome: &Outcome) -> RequestRecord 
     record
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+/// What a panic said, for logs and errors.
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

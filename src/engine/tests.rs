@@ -301,3 +301,24 @@ async fn a_flood_of_progress_costs_few_writes_and_ends_with_the_agent() {
     println!("300,000 progress lines: {commits} store commits");
     assert!(commits < 1_000, "{commits} commits for 300,000 progress lines");
 }
+
+#[tokio::test]
+async fn a_submit_abandoned_by_its_caller_is_still_committed_and_run() {
+    let h = harness("echo '{\"result\": \"done\"}'");
+    let mut submit = Box::pin(h.engine.submit(h.formation.clone(), new_request("r-gone"), Start::Now));
+    // The caller starts the submit, then goes away (a client that disconnects).
+    assert!(futures::poll!(submit.as_mut()).is_pending(), "the insert waits for its commit");
+    drop(submit);
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match h.store.get("r-gone").await.unwrap() {
+                Some(record) if record.status.is_final() => break record,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .expect("the abandoned request was committed, started and finished");
+    assert_eq!(ended.status, Status::Completed);
+    assert_eq!(ended.result.map(|r| r.text).as_deref(), Some("done"));
+}
