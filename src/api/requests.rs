@@ -19,8 +19,10 @@ use crate::store::{ListQuery, RequestRecord, Status};
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
 
-/// The caller's request, after checking the client key: 404 when it does not
-/// exist or belongs to another user.
+/// The caller's request, after checking the client key, with its `message`
+/// left empty (what the status, result and event answers show does not hold
+/// it, and a poll's cost should not grow with it): 404 when it does not exist
+/// or belongs to another user.
 pub async fn find(
     state: &AppState,
     formation_id: &str,
@@ -31,8 +33,8 @@ pub async fn find(
     let user = auth::user_id(headers, None)?;
     // A request running here is answered from memory; others from the store.
     let record = match state.engine.live(request_id) {
-        Some(live) => Some(live.snapshot()),
-        None => state.engine.store().get(request_id).await?,
+        Some(live) => Some(live.snapshot_without_message()),
+        None => state.engine.store().get_without_message(request_id).await?,
     };
     record
         .filter(|r| r.formation_id == formation_id && r.user_id == user)

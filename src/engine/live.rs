@@ -87,6 +87,16 @@ impl LiveRequest {
         self.record.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// A copy of the record with its `message` left empty (for a status poll:
+    /// no copy of a message of up to 1 MB).
+    pub fn snapshot_without_message(&self) -> RequestRecord {
+        let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        let message = std::mem::take(&mut record.message);
+        let copy = record.clone();
+        record.message = message;
+        copy
+    }
+
     /// Applies a write the store has committed. Once the request has ended the
     /// final record is kept as it is.
     pub(crate) fn apply(&self, change: impl FnOnce(&mut RequestRecord)) {
@@ -148,5 +158,34 @@ impl LiveRequest {
     /// Whether the request's task has exited.
     pub fn has_stopped(&self) -> bool {
         *self.stopped.borrow()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Mode, NewRequest};
+
+    #[test]
+    fn a_snapshot_without_message_leaves_the_live_record_whole() {
+        let record = RequestRecord::accepted(NewRequest {
+            id: "r".into(),
+            formation_id: "f".into(),
+            formation_version: "1+x".into(),
+            user_id: "u".into(),
+            session_id: None,
+            agent_id: "a".into(),
+            message: "a long message".into(),
+            mode: Mode::Async,
+            estimated_seconds: 1.0,
+            idempotency_key: None,
+            fingerprint: None,
+            webhook_url: None,
+            workflow_timeout_ms: 1_000,
+            created_at: 1,
+        });
+        let live = LiveRequest::new(&record);
+        assert_eq!(live.snapshot_without_message(), RequestRecord { message: String::new(), ..record.clone() });
+        assert_eq!(live.snapshot(), record, "the live record keeps its message");
     }
 }

@@ -149,6 +149,10 @@ async fn every_field_round_trips(store: Arc<TestStore>) {
     };
     assert_eq!(get(&store, "req_1").await, expected);
     assert_eq!(expected.duration_ms(), Some(3_000));
+    // A status poll's read: every field but the message.
+    let without_message = store.get_without_message("req_1").await.expect("get").expect("request exists");
+    assert_eq!(without_message, RequestRecord { message: String::new(), ..expected.clone() });
+    assert_eq!(store.get_without_message("nope").await.expect("get"), None);
 
     // A failure keeps its error info.
     store.put(request("req_2", 1_100)).await.expect("insert");

@@ -3,21 +3,29 @@
 //! default. The trait speaks only in the types below, never in SQL, so a
 //! PostgreSQL implementation can stand beside it.
 
-/// `SELECT <every record column> FROM requests r LEFT JOIN deliveries d <tail>`:
-/// the same query shape in both SQL stores (defined before them to be in scope).
-macro_rules! select_records {
-    ($tail:literal) => {
+/// The record columns of `requests r LEFT JOIN deliveries d`, with `$message`
+/// for the message: `r.message`, or `'' AS message` where it is not read.
+macro_rules! record_columns {
+    ($message:literal) => {
         // The order is fixed: the SQLite store reads these by position (`sqlite::col`).
         concat!(
-            "SELECT r.id, r.formation_id, r.formation_version, r.user_id, r.session_id, r.agent_id, \
-             r.message, r.mode, r.answered_async, r.estimated_seconds, r.idempotency_key, r.webhook_url, \
+            "r.id, r.formation_id, r.formation_version, r.user_id, r.session_id, r.agent_id, ",
+            $message,
+            ", r.mode, r.answered_async, r.estimated_seconds, r.idempotency_key, r.webhook_url, \
              r.workflow_timeout_ms, r.status, r.progress, r.current_step, r.total_steps, r.completed_steps, \
              r.status_message, r.result_text, r.artifacts, r.error, r.attempts, r.created_at, r.started_at, \
              r.completed_at, r.fingerprint, d.status AS webhook_status, d.attempts AS webhook_attempts, \
              d.last_error AS webhook_last_error \
-             FROM requests r LEFT JOIN deliveries d ON d.request_id = r.id ",
-            $tail
+             FROM requests r LEFT JOIN deliveries d ON d.request_id = r.id "
         )
+    };
+}
+
+/// `SELECT <every record column> FROM requests r LEFT JOIN deliveries d <tail>`:
+/// the same query shape in both SQL stores (defined before them to be in scope).
+macro_rules! select_records {
+    ($tail:literal) => {
+        concat!("SELECT ", record_columns!("r.message"), $tail)
     };
 }
 
@@ -532,6 +540,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// One request by id.
     async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>>;
+
+    /// One request by id, with its `message` left empty: what a status poll
+    /// shows, at a cost that does not grow with the message (up to 1 MB).
+    async fn get_without_message(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
+        let mut record = self.get(id).await?;
+        if let Some(record) = &mut record {
+            record.message = String::new();
+        }
+        Ok(record)
+    }
 
     /// A user's requests in a formation, newest first.
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<RequestRecord>>;

@@ -401,6 +401,12 @@ impl Store for PgStore {
         decode("get", row.and_then(|row| row.as_ref().map(record_from_row).transpose()))
     }
 
+    async fn get_without_message(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
+        let sql = concat!("SELECT ", record_columns!("'' AS message"), "WHERE r.id = $1");
+        let row = sqlx::query(sql).bind(id).fetch_optional(&self.pool).await;
+        decode("get_without_message", row.and_then(|row| row.as_ref().map(record_from_row).transpose()))
+    }
+
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<RequestRecord>> {
         let rows = sqlx::query(select_records!(
             "WHERE r.formation_id = $1 AND r.user_id = $2 AND ($3::TEXT IS NULL OR r.status = $3) \

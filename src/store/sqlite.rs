@@ -565,6 +565,15 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn get_without_message(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
+        self.read_at_once("get_without_message", |conn| {
+            conn.prepare_cached("SELECT * FROM request_states WHERE id = ?1")?
+                .query_row([id], record_from_row)
+                .optional()
+        })
+        .await
+    }
+
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<RequestRecord>> {
         let query = query.clone();
         self.read("list", move |conn| {

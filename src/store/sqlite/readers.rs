@@ -66,7 +66,13 @@ impl ReadPool {
         // The record query under a short name: a poll's `prepare_cached` then
         // hashes and compares a few bytes of SQL, not all of it. A TEMP view
         // lives in this connection only, so it always has this build's columns.
-        conn.execute_batch(concat!("CREATE TEMP VIEW request_records AS ", select_records!("")))?;
+        // `request_states` is the same without the message (see `get_without_message`).
+        conn.execute_batch(concat!(
+            "CREATE TEMP VIEW request_records AS ",
+            select_records!(""),
+            "; CREATE TEMP VIEW request_states AS SELECT ",
+            record_columns!("'' AS message"),
+        ))?;
         Ok(Reader { conn, seen: 0 })
     }
 
