@@ -32,7 +32,9 @@
 //! * **Phases.** (1) accept: `POST /api/bench/v1/chat` with
 //!   `{"message": ..., "async": true}` against bare, floor and muxi-rt;
 //!   (2) status polls: `GET /api/bench/v1/requests/{id}` cycling over the ids
-//!   accepted in (1), with the client key and `X-Muxi-User-ID`, against bare;
+//!   accepted in (1), with the client key and `X-Muxi-User-ID`, against bare,
+//!   and in the same rounds polls of one request whose message is 900 KB (a
+//!   poll's cost must not grow with the message);
 //!   (3) RSS: a fresh muxi-rt server, VmRSS at idle, after accepting 10,000
 //!   async requests, then after 100,000 (`/proc/<pid>/status`); (4) metrics
 //!   cost: the accept phase against two fresh servers, `--no-metrics` and
@@ -72,6 +74,8 @@ const FORMATION: &str = "bench";
 const CLIENT_KEY: &str = "client-bench-0123456789";
 const USER: &str = "bench-user";
 const CHAT_BODY: &str = r#"{"message": "summarise the benchmark please", "async": true}"#;
+/// The message of the request polled beside the others in phase 2 (900 KB).
+const BIG_MESSAGE_BYTES: usize = 900_000;
 
 /// The issues' targets (informative: a miss never fails the bench).
 const FLOOR_TARGET: f64 = 0.80;
@@ -100,12 +104,17 @@ fn main() {
 
 /// The chat POST of every accept phase, to `server`.
 fn post(server: SocketAddr) -> Make {
+    post_body(server, CHAT_BODY)
+}
+
+/// A chat POST of `body` to `server`.
+fn post_body(server: SocketAddr, body: &str) -> Make {
     let bytes = load::request(
         "POST",
         server,
         &format!("/api/{FORMATION}/v1/chat"),
         &[("content-type", "application/json"), ("x-muxi-client-key", CLIENT_KEY), ("x-muxi-user-id", USER)],
-        CHAT_BODY,
+        body,
     );
     Arc::new(move |_| (server, bytes.clone()))
 }
@@ -157,13 +166,20 @@ async fn run(n: usize, rounds: usize, in_flight: usize) {
     assert!(!accept.ids.is_empty(), "no request was accepted; cannot poll");
     load(warmup, 200, polls(bare.addr, &accept.ids)).await;
     load(warmup, 200, polls(muxi.addr, &accept.ids)).await;
+    let big_body = json!({"message": "x".repeat(BIG_MESSAGE_BYTES), "async": true}).to_string();
+    let big = load(1, 202, post_body(muxi.addr, &big_body)).await.ids;
+    assert_eq!(big.len(), 1, "the request with a {BIG_MESSAGE_BYTES}-byte message was not accepted");
     let mut sides = compare(
         n,
         rounds,
-        &[(200, polls(bare.addr, &accept.ids), bare.pid()), (200, polls(muxi.addr, &accept.ids), muxi.pid())],
+        &[
+            (200, polls(bare.addr, &accept.ids), bare.pid()),
+            (200, polls(muxi.addr, &accept.ids), muxi.pid()),
+            (200, polls(muxi.addr, &big), muxi.pid()),
+        ],
     )
     .await;
-    let (polled, base_get) = (sides.pop().unwrap(), sides.pop().unwrap());
+    let (polled_big, polled, base_get) = (sides.pop().unwrap(), sides.pop().unwrap(), sides.pop().unwrap());
     let rss_a = rss(muxi.pid());
     drop(muxi); // SIGKILL, then its agents
     drop(bare);
@@ -230,6 +246,7 @@ async fn run(n: usize, rounds: usize, in_flight: usize) {
         base_post,
         base_floor,
         polls: polled,
+        polls_big: polled_big,
         base_get,
         accepted_a,
         rss_a,
@@ -406,6 +423,8 @@ struct Report {
     base_post: Phase,
     base_floor: Phase,
     polls: Phase,
+    /// Polls of one queued request whose message is [`BIG_MESSAGE_BYTES`].
+    polls_big: Phase,
     base_get: Phase,
     accepted_a: usize,
     rss_a: u64,
@@ -452,6 +471,7 @@ fn report(r: Report) {
     row("POST /api/{id}/v1/chat async=true (muxi-rt)", &r.accept);
     row("GET bare (axum, small JSON)", &r.base_get);
     row("GET /api/{id}/v1/requests/{rid} (muxi-rt)", &r.polls);
+    row("GET the same, of a request with a 900 KB message", &r.polls_big);
     match &r.postgres {
         Some(pg) => {
             row("POST PostgreSQL floor (INSERT ... RETURNING, 64 conns)", &pg.floor);
@@ -486,6 +506,7 @@ fn report(r: Report) {
         );
     }
     percent("status polls / bare", poll_ratio, POLL_TARGET);
+    println!("  {:<52} {:>11.1}%", "polls of a 900 KB message / polls", ratio(&r.polls_big, &r.polls) * 100.0);
     let memory = |count: usize, bytes: u64, target: u64, wanted: usize| {
         println!(
             "  {:<52} {:>9.1} MB {:>12}  {}",
