@@ -224,6 +224,13 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// The one record `sql` (a query of one of the readers' views by id) finds.
+    async fn record_by_id(&self, name: &'static str, sql: &str, id: &str) -> StoreResult<Option<RequestRecord>> {
+        self.read_at_once(name, |conn| conn.prepare_cached(sql)?.query_row([id], record_from_row).optional()).await
+    }
+}
+
 impl Drop for SqliteStore {
     fn drop(&mut self) {
         self.close();
@@ -556,22 +563,13 @@ impl Store for SqliteStore {
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
-        self.read_at_once("get", |conn| {
-            // `request_records` is `select_records!` (see `readers`).
-            conn.prepare_cached("SELECT * FROM request_records WHERE id = ?1")?
-                .query_row([id], record_from_row)
-                .optional()
-        })
-        .await
+        // `request_records` is `select_records!` (see `readers`).
+        self.record_by_id("get", "SELECT * FROM request_records WHERE id = ?1", id).await
     }
 
     async fn get_without_message(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
-        self.read_at_once("get_without_message", |conn| {
-            conn.prepare_cached("SELECT * FROM request_states WHERE id = ?1")?
-                .query_row([id], record_from_row)
-                .optional()
-        })
-        .await
+        // `request_states` is the same with `''` for the message.
+        self.record_by_id("get_without_message", "SELECT * FROM request_states WHERE id = ?1", id).await
     }
 
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<RequestRecord>> {
