@@ -129,7 +129,74 @@ CREATE INDEX requests_held ON requests (lease_owner)
 "#,
     ),
     Migration::Code(checks_as_comparisons),
+    Migration::Sql(MESSAGE_LAST),
 ];
+
+/// `requests` rebuilt with its large values last, per the procedure of
+/// <https://sqlite.org/lang_altertable.html#otheralter> (foreign keys are off
+/// while [`migrate`] runs). SQLite stores a row's columns in order, and a value
+/// that spills into overflow pages pushes every later column to the end of
+/// the chain, which each read of them walks: with `message` seventh, a poll of
+/// a request with a 900 KB message walked 220 pages for its status.
+const MESSAGE_LAST: &str = r#"
+CREATE TABLE requests_rebuilt (
+    id                  TEXT PRIMARY KEY,
+    formation_id        TEXT NOT NULL,
+    formation_version   TEXT NOT NULL,
+    user_id             TEXT NOT NULL,
+    session_id          TEXT,
+    agent_id            TEXT NOT NULL,
+    mode                TEXT NOT NULL,
+    estimated_seconds   REAL NOT NULL,
+    idempotency_key     TEXT,
+    webhook_url         TEXT,
+    status              TEXT NOT NULL
+        CHECK (status = 'pending' OR status = 'processing' OR status = 'completed' OR status = 'failed' OR status = 'cancelled'),
+    progress            REAL NOT NULL DEFAULT 0,
+    current_step        TEXT,
+    total_steps         INTEGER,
+    completed_steps     INTEGER,
+    status_message      TEXT,
+    error               TEXT,            -- JSON ErrorInfo
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    created_at          INTEGER NOT NULL,
+    started_at          INTEGER,
+    completed_at        INTEGER,
+    answered_async      INTEGER NOT NULL DEFAULT 0,
+    fingerprint         TEXT,
+    workflow_timeout_ms INTEGER NOT NULL DEFAULT 3600000,
+    lease_owner         TEXT,
+    lease_epoch         INTEGER NOT NULL DEFAULT 0,
+    lease_expires_at    INTEGER,
+    -- The values that can be large, last: the result (read by a status poll of
+    -- a completed request), then the message (read only to run the request).
+    result_text         TEXT,            -- set iff the request completed
+    artifacts           TEXT,            -- JSON array, set with result_text
+    message             TEXT NOT NULL
+);
+INSERT INTO requests_rebuilt (rowid, id, formation_id, formation_version, user_id, session_id, agent_id, mode,
+    estimated_seconds, idempotency_key, webhook_url, status, progress, current_step, total_steps, completed_steps,
+    status_message, error, attempts, created_at, started_at, completed_at, answered_async, fingerprint,
+    workflow_timeout_ms, lease_owner, lease_epoch, lease_expires_at, result_text, artifacts, message)
+SELECT rowid, id, formation_id, formation_version, user_id, session_id, agent_id, mode,
+    estimated_seconds, idempotency_key, webhook_url, status, progress, current_step, total_steps, completed_steps,
+    status_message, error, attempts, created_at, started_at, completed_at, answered_async, fingerprint,
+    workflow_timeout_ms, lease_owner, lease_epoch, lease_expires_at, result_text, artifacts, message
+FROM requests;
+DROP TABLE requests;
+ALTER TABLE requests_rebuilt RENAME TO requests;
+CREATE INDEX requests_by_user ON requests (formation_id, user_id, created_at);
+CREATE INDEX requests_by_agent ON requests (formation_id, agent_id, completed_at)
+    WHERE status = 'completed';
+CREATE INDEX requests_by_session ON requests (formation_id, user_id, session_id, created_at)
+    WHERE status = 'completed';
+CREATE UNIQUE INDEX requests_idempotency ON requests (formation_id, user_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX requests_queue ON requests (formation_id, created_at, status)
+    WHERE status IN ('pending', 'processing');
+CREATE INDEX requests_held ON requests (lease_owner)
+    WHERE lease_owner IS NOT NULL AND status IN ('pending', 'processing');
+"#;
 
 /// CHECK constraints written `status IN (a, b, c)` (three values or more) make
 /// SQLite build a temporary b-tree of the values for every row it inserts, or
@@ -174,8 +241,20 @@ fn checks_as_comparisons(tx: &Transaction) -> StoreResult<()> {
     Ok(())
 }
 
-/// Applies the migrations the database has not seen yet, in one transaction.
+/// Applies the migrations the database has not seen yet, in one transaction,
+/// with foreign keys off (a rebuilt table is dropped and replaced: with them
+/// on, the drop would delete the rows that refer to it) and checked before
+/// the commit.
 pub(super) fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let sql = |e: rusqlite::Error| StoreError(e.to_string());
+    let enforced: bool = conn.query_row("PRAGMA foreign_keys", [], |row| row.get(0)).map_err(sql)?;
+    conn.pragma_update(None, "foreign_keys", false).map_err(sql)?;
+    let migrated = migrate_in_transaction(conn);
+    conn.pragma_update(None, "foreign_keys", enforced).map_err(sql)?;
+    migrated
+}
+
+fn migrate_in_transaction(conn: &mut Connection) -> StoreResult<()> {
     let sql = |e: rusqlite::Error| StoreError(e.to_string());
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(sql)?;
@@ -184,6 +263,8 @@ pub(super) fn migrate(conn: &mut Connection) -> StoreResult<()> {
         return Err(StoreError(format!("schema version {version} is not one this build knows (0..={known})")));
     }
     for (i, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        // Some steps rebuild a table: on a large database they take a while.
+        tracing::info!(version = i + 1, "applying store migration");
         match migration {
             Migration::Sql(batch) => tx.execute_batch(batch).map_err(sql)?,
             Migration::Code(step) => step(&tx)?,
@@ -191,6 +272,10 @@ pub(super) fn migrate(conn: &mut Connection) -> StoreResult<()> {
         tracing::info!(version = i + 1, "applied store migration");
     }
     if version < known {
+        let broken: i64 = tx.query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |row| row.get(0)).map_err(sql)?;
+        if broken > 0 {
+            return Err(StoreError(format!("{broken} rows refer to rows that are gone; nothing was migrated")));
+        }
         tx.pragma_update(None, "user_version", known).map_err(sql)?;
     }
     tx.commit().map_err(sql)
@@ -202,13 +287,30 @@ mod tests {
 
     /// A database with the first `applied` migrations, as an older build left it.
     fn at_version(applied: usize) -> Connection {
-        let conn = Connection::open_in_memory().unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
         for migration in &MIGRATIONS[..applied] {
-            let Migration::Sql(batch) = migration else { panic!("a code step among the first {applied}") };
-            conn.execute_batch(batch).unwrap();
+            match migration {
+                Migration::Sql(batch) => conn.execute_batch(batch).unwrap(),
+                Migration::Code(step) => {
+                    let tx = conn.transaction().unwrap();
+                    step(&tx).unwrap();
+                    tx.commit().unwrap();
+                }
+            }
         }
         conn.pragma_update(None, "user_version", applied as i64).unwrap();
         conn
+    }
+
+    /// The number of the migration `step` is (its position plus one).
+    fn number_of(step: &str) -> usize {
+        1 + MIGRATIONS
+            .iter()
+            .position(|m| match m {
+                Migration::Sql(batch) => *batch == step,
+                Migration::Code(_) => false,
+            })
+            .expect("a migration")
     }
 
     fn insert(conn: &Connection, id: &str, status: &str) -> rusqlite::Result<usize> {
@@ -233,7 +335,9 @@ mod tests {
 
     #[test]
     fn writing_a_status_builds_no_temporary_btree_and_bad_statuses_are_still_refused() {
-        let before = at_version(MIGRATIONS.len() - 1);
+        // Before the CHECK rewrite (the only code step).
+        let checks = MIGRATIONS.iter().position(|m| matches!(m, Migration::Code(_))).unwrap();
+        let before = at_version(checks);
         let statements = [
             "INSERT INTO requests (id, formation_id, formation_version, user_id, agent_id, message, mode, \
              estimated_seconds, status, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -269,6 +373,77 @@ mod tests {
             )
             .unwrap_err();
         assert!(refused.to_string().contains("CHECK constraint failed"), "{refused}");
+        let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(check, "ok");
+    }
+
+    #[test]
+    fn the_rebuild_with_the_message_last_keeps_every_row_and_what_refers_to_it() {
+        let mut conn = at_version(number_of(MESSAGE_LAST) - 1);
+        conn.pragma_update(None, "foreign_keys", true).unwrap();
+        let big = "x".repeat(100_000);
+        conn.execute(
+            "INSERT INTO requests (id, formation_id, formation_version, user_id, session_id, agent_id, message, mode, \
+             estimated_seconds, idempotency_key, webhook_url, status, progress, current_step, total_steps, \
+             completed_steps, status_message, result_text, artifacts, error, attempts, created_at, started_at, \
+             completed_at, answered_async, fingerprint, workflow_timeout_ms, lease_owner, lease_epoch, \
+             lease_expires_at) VALUES ('req_1', 'f', 'v', 'u', 's', 'a', ?1, 'async', 2.5, 'k', 'http://h', \
+             'completed', 100, 'step', 3, 3, 'done', 'the result', '[]', NULL, 1, 10, 11, 12, 1, 'fp', 60000, \
+             NULL, 4, NULL)",
+            [&big],
+        )
+        .unwrap();
+        insert(&conn, "req_2", "pending").unwrap();
+        conn.execute("UPDATE requests SET lease_owner = 'me', lease_epoch = 2, lease_expires_at = 99 WHERE id = 'req_2'", [])
+            .unwrap();
+        conn.execute(
+            "INSERT INTO deliveries (id, request_id, formation_id, url, status, next_attempt_at, created_at) \
+             VALUES ('d1', 'req_1', 'f', 'http://h', 'pending', 0, 0)",
+            [],
+        )
+        .unwrap();
+        conn.execute("INSERT INTO reruns (request_id, original_id) VALUES ('req_2', 'req_1')", []).unwrap();
+        let rows = |conn: &Connection| -> Vec<Vec<rusqlite::types::Value>> {
+            let mut all = conn.prepare("SELECT rowid, * FROM requests ORDER BY id").unwrap();
+            let names: Vec<String> = all.column_names().iter().map(|n| n.to_string()).collect();
+            let mut by_name = names.clone();
+            by_name.sort();
+            all.query_map([], |row| {
+                by_name.iter().map(|n| row.get(names.iter().position(|m| m == n).unwrap())).collect()
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+        };
+        let indexes = |conn: &Connection| -> Vec<(String, String)> {
+            conn.prepare("SELECT name, sql FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'requests' AND sql IS NOT NULL ORDER BY name")
+                .unwrap()
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        let (rows_before, indexes_before) = (rows(&conn), indexes(&conn));
+
+        migrate(&mut conn).unwrap();
+
+        assert_eq!(rows(&conn), rows_before, "every row and field, rowids included");
+        assert_eq!(indexes(&conn), indexes_before, "the same indexes");
+        let last: String = conn
+            .query_row("SELECT name FROM pragma_table_info('requests') ORDER BY cid DESC LIMIT 1", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(last, "message");
+        let kept: (i64, i64) = conn
+            .query_row("SELECT (SELECT count(*) FROM deliveries), (SELECT count(*) FROM reruns)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!(kept, (1, 1), "the delivery and the re-run that refer to the requests are kept");
+        let enforced: bool = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
+        assert!(enforced, "foreign keys are enforced again");
+        conn.execute("DELETE FROM requests WHERE id = 'req_1'", []).unwrap();
+        let cascaded: i64 = conn.query_row("SELECT count(*) FROM deliveries", [], |r| r.get(0)).unwrap();
+        assert_eq!(cascaded, 0, "the foreign keys point at the rebuilt table");
         let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
         assert_eq!(check, "ok");
     }
