@@ -251,10 +251,16 @@ pub(super) fn migrate(conn: &mut Connection) -> StoreResult<()> {
     conn.pragma_update(None, "foreign_keys", false).map_err(sql)?;
     let migrated = migrate_in_transaction(conn);
     conn.pragma_update(None, "foreign_keys", enforced).map_err(sql)?;
-    migrated
+    if migrated? {
+        // A rebuilt table went through the WAL whole; give that space back
+        // (the old table's pages stay in the file, free for new rows).
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(sql)?;
+    }
+    Ok(())
 }
 
-fn migrate_in_transaction(conn: &mut Connection) -> StoreResult<()> {
+/// Whether any migration was applied.
+fn migrate_in_transaction(conn: &mut Connection) -> StoreResult<bool> {
     let sql = |e: rusqlite::Error| StoreError(e.to_string());
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sql)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(sql)?;
@@ -278,7 +284,8 @@ fn migrate_in_transaction(conn: &mut Connection) -> StoreResult<()> {
         }
         tx.pragma_update(None, "user_version", known).map_err(sql)?;
     }
-    tx.commit().map_err(sql)
+    tx.commit().map_err(sql)?;
+    Ok(version < known)
 }
 
 #[cfg(test)]
