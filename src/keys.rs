@@ -13,8 +13,8 @@ use crate::formation::ApiKeys;
 /// Compares a presented key with the expected one in constant time: one pass
 /// over the presented key, each byte against the expected key's (repeated as
 /// needed), with no early exit. The time depends on the presented key's
-/// length, which its sender knows, never on the content or length of the
-/// expected key. (It used to hash both with SHA-256: 8k instructions a request.)
+/// length, which its sender knows, and never on the expected key's content.
+/// (It used to hash both with SHA-256: 8k instructions a request.)
 pub fn matches(expected: &str, presented: &str) -> bool {
     let (expected, presented) = (expected.as_bytes(), presented.as_bytes());
     let differ = presented.iter().zip(expected.iter().cycle()).fold(0u8, |differ, (p, e)| differ | (p ^ e));

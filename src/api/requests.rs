@@ -20,9 +20,9 @@ const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
 
 /// The caller's request, after checking the client key, with its `message`
-/// left empty (what the status, result and event answers show does not hold
-/// it, and a poll's cost should not grow with it): 404 when it does not exist
-/// or belongs to another user.
+/// left empty (none of the status, cancel and event routes shows or uses it,
+/// and a poll's cost should not grow with it): 404 when it does not exist or
+/// belongs to another user.
 pub async fn find(
     state: &AppState,
     formation_id: &str,

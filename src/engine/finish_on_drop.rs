@@ -91,7 +91,7 @@ mod tests {
     #[tokio::test]
     async fn a_panic_is_yielded_not_propagated() {
         let out = FinishOnDrop::new(async { panic!("boom") }).await;
-        let panic = out.err().expect("the panic");
+        let panic = out.expect_err("the panic");
         assert_eq!(panic.downcast_ref::<&str>(), Some(&"boom"));
     }
 }

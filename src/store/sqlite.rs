@@ -222,9 +222,7 @@ impl SqliteStore {
         let _turn = self.readers.free.acquire().await.map_err(|_| StoreError(format!("{name}: closed")))?;
         self.readers.with(op).map_err(|e| StoreError(format!("{name}: {e}")))
     }
-}
 
-impl SqliteStore {
     /// The one record `sql` (a query of one of the readers' views by id) finds.
     async fn record_by_id(&self, name: &'static str, sql: &str, id: &str) -> StoreResult<Option<RequestRecord>> {
         self.read_at_once(name, |conn| conn.prepare_cached(sql)?.query_row([id], record_from_row).optional()).await

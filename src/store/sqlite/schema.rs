@@ -278,7 +278,8 @@ fn migrate_in_transaction(conn: &mut Connection) -> StoreResult<bool> {
         tracing::info!(version = i + 1, "applied store migration");
     }
     if version < known {
-        let broken: i64 = tx.query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |row| row.get(0)).map_err(sql)?;
+        let broken: i64 =
+            tx.query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |row| row.get(0)).map_err(sql)?;
         if broken > 0 {
             return Err(StoreError(format!("{broken} rows refer to rows that are gone; nothing was migrated")));
         }
@@ -401,8 +402,11 @@ mod tests {
         )
         .unwrap();
         insert(&conn, "req_2", "pending").unwrap();
-        conn.execute("UPDATE requests SET lease_owner = 'me', lease_epoch = 2, lease_expires_at = 99 WHERE id = 'req_2'", [])
-            .unwrap();
+        conn.execute(
+            "UPDATE requests SET lease_owner = 'me', lease_epoch = 2, lease_expires_at = 99 WHERE id = 'req_2'",
+            [],
+        )
+        .unwrap();
         conn.execute(
             "INSERT INTO deliveries (id, request_id, formation_id, url, status, next_attempt_at, created_at) \
              VALUES ('d1', 'req_1', 'f', 'http://h', 'pending', 0, 0)",
