@@ -127,6 +127,15 @@ async fn pump(
     loop {
         let ended = done.as_ref().and_then(|rx| rx.borrow().clone());
         if let Some(finished) = ended {
+            // What the work sent before it ended may still be queued here (the
+            // end can be seen first): it goes out before the end does.
+            while let Some(event) = events.as_mut().and_then(queued) {
+                if let Some(frame) = live_frame(record, &event) {
+                    if !send(tx, frame).await {
+                        return false;
+                    }
+                }
+            }
             return finish(tx, &finished).await;
         }
         let next = match (&mut events, &mut done, live.as_deref()) {
@@ -144,17 +153,11 @@ async fn pump(
             },
         };
         let frame = match next {
-            Next::Event(Ok(LiveEvent::Progress(p))) => {
-                let text = p.current_step.clone().or(p.message.clone()).unwrap_or_default();
-                token(
-                    record,
-                    "progress",
-                    &text,
-                    json!({ "progress": p.progress, "total_steps": p.total_steps, "completed_steps": p.completed_steps }),
-                )
-            }
-            Next::Event(Ok(LiveEvent::Content(text))) => token(record, "content", &text, json!({})),
             Next::Event(Ok(LiveEvent::Finished(finished))) => return finish(tx, &finished).await,
+            Next::Event(Ok(event)) => match live_frame(record, &event) {
+                Some(frame) => frame,
+                None => continue,
+            },
             Next::Event(Err(broadcast::error::RecvError::Lagged(_))) | Next::Check => continue,
             Next::Stopped => {
                 if done.as_ref().is_some_and(|rx| rx.borrow().is_some()) {
@@ -187,6 +190,34 @@ async fn pump(
         };
         if !send(tx, frame).await {
             return false;
+        }
+    }
+}
+
+/// The frame of a progress or content event (an end is answered by `finish`).
+fn live_frame(record: &RequestRecord, event: &LiveEvent) -> Option<Event> {
+    match event {
+        LiveEvent::Progress(p) => {
+            let text = p.current_step.clone().or(p.message.clone()).unwrap_or_default();
+            Some(token(
+                record,
+                "progress",
+                &text,
+                json!({ "progress": p.progress, "total_steps": p.total_steps, "completed_steps": p.completed_steps }),
+            ))
+        }
+        LiveEvent::Content(text) => Some(token(record, "content", text, json!({}))),
+        LiveEvent::Finished(_) => None,
+    }
+}
+
+/// The next event already queued on `events`, if any (skipping past a lag).
+fn queued(events: &mut broadcast::Receiver<LiveEvent>) -> Option<LiveEvent> {
+    loop {
+        match events.try_recv() {
+            Ok(event) => return Some(event),
+            Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(_) => return None,
         }
     }
 }
@@ -232,4 +263,78 @@ fn token(record: &RequestRecord, kind: &str, content: &str, extra: Value) -> Eve
         token.extend(extra);
     }
     Event::default().data(json!({ "token": token }).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{Mode, NewRequest};
+    use crate::webhooks::{Dispatcher, FormationLookup};
+    use tokio_util::sync::CancellationToken;
+
+    /// A server's state over a real store, with no formation loaded.
+    fn state(dir: &std::path::Path) -> AppState {
+        let store = Arc::new(SqliteStore::open(&dir.join("data")).unwrap());
+        std::fs::create_dir_all(dir.join("formations")).unwrap();
+        let registry = Arc::new(Registry::load(&dir.join("formations"), &dir.join("data")));
+        let lookup: FormationLookup = Arc::new(|_: &str| None);
+        let dispatcher = Arc::new(Dispatcher::new(store.clone(), lookup, vec![], "test".into()).unwrap());
+        let shutdown = CancellationToken::new();
+        let engine = crate::engine::Engine::new(store, registry.clone(), dispatcher, "test".into(), shutdown.clone());
+        AppState::new(super::super::Shared {
+            registry,
+            engine,
+            allow_webhook_hosts: Arc::new(vec![]),
+            mcp_allowed_hosts: Arc::new(vec![]),
+            started_at: std::time::Instant::now(),
+            shutdown,
+            default_formation: None,
+            rate_limits: Arc::new(super::super::rate_limit::RateLimits::new(None)),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_content_sent_before_the_end_goes_out_before_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = state(dir.path());
+        let record = RequestRecord::accepted(NewRequest {
+            id: "req_1".into(),
+            formation_id: "f".into(),
+            formation_version: "1+x".into(),
+            user_id: "u".into(),
+            session_id: None,
+            agent_id: "a".into(),
+            message: "hi".into(),
+            mode: Mode::Sync,
+            estimated_seconds: 1.0,
+            idempotency_key: None,
+            fingerprint: None,
+            webhook_url: None,
+            workflow_timeout_ms: 1_000,
+            created_at: 1,
+        });
+        let live = Arc::new(LiveRequest::new(&record));
+        let events = live.subscribe();
+        // The work streams its answer and ends before the stream's pump looks:
+        // the end is there to be seen first.
+        for piece in ["The quick ", "brown fox ", "jumps."] {
+            live.publish(LiveEvent::Content(piece.into()));
+        }
+        live.finish(RequestRecord { status: Status::Completed, ..record.clone() });
+
+        let (tx, mut rx) = mpsc::channel(64);
+        assert!(pump(&state, &record, Some(live), Some(events), &tx).await, "the request ended");
+        drop(tx);
+        let mut frames = Vec::new();
+        while let Some(frame) = rx.recv().await {
+            frames.push(format!("{frame:?}"));
+        }
+        let order: Vec<usize> = ["The quick ", "brown fox ", "jumps.", "completed"]
+            .iter()
+            .map(|text| frames.iter().position(|f| f.contains(text)).unwrap_or_else(|| panic!("{text}: {frames:#?}")))
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "in order, the end last: {frames:#?}");
+    }
 }
