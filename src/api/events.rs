@@ -270,7 +270,6 @@ mod tests {
     use super::*;
     use crate::registry::Registry;
     use crate::store::sqlite::SqliteStore;
-    use crate::store::{Mode, NewRequest};
     use crate::webhooks::{Dispatcher, FormationLookup};
     use tokio_util::sync::CancellationToken;
 
@@ -299,22 +298,7 @@ mod tests {
     async fn the_content_sent_before_the_end_goes_out_before_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let state = state(dir.path());
-        let record = RequestRecord::accepted(NewRequest {
-            id: "req_1".into(),
-            formation_id: "f".into(),
-            formation_version: "1+x".into(),
-            user_id: "u".into(),
-            session_id: None,
-            agent_id: "a".into(),
-            message: "hi".into(),
-            mode: Mode::Sync,
-            estimated_seconds: 1.0,
-            idempotency_key: None,
-            fingerprint: None,
-            webhook_url: None,
-            workflow_timeout_ms: 1_000,
-            created_at: 1,
-        });
+        let record = RequestRecord::accepted(crate::testing::new_request("req_1"));
         let live = Arc::new(LiveRequest::new(&record));
         let events = live.subscribe();
         // The work streams its answer and ends before the stream's pump looks:

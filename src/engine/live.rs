@@ -164,25 +164,12 @@ impl LiveRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Mode, NewRequest};
 
     #[test]
     fn a_snapshot_without_message_leaves_the_live_record_whole() {
-        let record = RequestRecord::accepted(NewRequest {
-            id: "r".into(),
-            formation_id: "f".into(),
-            formation_version: "1+x".into(),
-            user_id: "u".into(),
-            session_id: None,
-            agent_id: "a".into(),
+        let record = RequestRecord::accepted(crate::store::NewRequest {
             message: "a long message".into(),
-            mode: Mode::Async,
-            estimated_seconds: 1.0,
-            idempotency_key: None,
-            fingerprint: None,
-            webhook_url: None,
-            workflow_timeout_ms: 1_000,
-            created_at: 1,
+            ..crate::testing::new_request("r")
         });
         let live = LiveRequest::new(&record);
         assert_eq!(live.snapshot_without_message(), RequestRecord { message: String::new(), ..record.clone() });

@@ -12,6 +12,27 @@ use std::path::PathBuf;
 
 use crate::formation::{AgentKind, AgentSpec, ApiKeys, Formation, LlmSettings, OverlordSettings, ToolSpec};
 
+/// A new request `id` of user `u` to agent `a` of formation `f`, async, with
+/// the message "hi" and nothing optional set.
+pub fn new_request(id: &str) -> crate::store::NewRequest {
+    crate::store::NewRequest {
+        id: id.into(),
+        formation_id: "f".into(),
+        formation_version: "1+x".into(),
+        user_id: "u".into(),
+        session_id: None,
+        agent_id: "a".into(),
+        message: "hi".into(),
+        mode: crate::store::Mode::Async,
+        estimated_seconds: 1.0,
+        idempotency_key: None,
+        fingerprint: None,
+        webhook_url: None,
+        workflow_timeout_ms: 1_000,
+        created_at: 1,
+    }
+}
+
 /// A formation `test` holding `agents` (the first is the default unless one is
 /// marked `default`), every other setting at its default.
 pub fn formation_with_agents(agents: Vec<AgentSpec>) -> Formation {
