@@ -268,21 +268,15 @@ fn token(record: &RequestRecord, kind: &str, content: &str, extra: Value) -> Eve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::Registry;
     use crate::store::sqlite::SqliteStore;
-    use crate::webhooks::{Dispatcher, FormationLookup};
     use tokio_util::sync::CancellationToken;
 
     /// A server's state over a real store, with no formation loaded.
     fn state(dir: &std::path::Path) -> AppState {
         let store = Arc::new(SqliteStore::open(&dir.join("data")).unwrap());
-        std::fs::create_dir_all(dir.join("formations")).unwrap();
-        let registry = Arc::new(Registry::load(&dir.join("formations"), &dir.join("data")));
-        let lookup: FormationLookup = Arc::new(|_: &str| None);
-        let dispatcher = Arc::new(Dispatcher::new(store.clone(), lookup, vec![], "test".into()).unwrap());
         let shutdown = CancellationToken::new();
-        let engine = crate::engine::Engine::new(store, registry.clone(), dispatcher, "test".into(), shutdown.clone());
-        AppState::new(super::super::Shared {
+        let (registry, engine) = crate::testing::engine_over(store, dir, shutdown.clone());
+        AppState::new(crate::api::Shared {
             registry,
             engine,
             allow_webhook_hosts: Arc::new(vec![]),
@@ -290,7 +284,7 @@ mod tests {
             started_at: std::time::Instant::now(),
             shutdown,
             default_formation: None,
-            rate_limits: Arc::new(super::super::rate_limit::RateLimits::new(None)),
+            rate_limits: Arc::new(crate::api::rate_limit::RateLimits::new(None)),
         })
     }
 

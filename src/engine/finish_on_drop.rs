@@ -4,7 +4,7 @@
 //! first (an HTTP client that disconnects drops its handler's future), the rest
 //! of the work is spawned as a task of its own and runs to its end. The usual
 //! case, a caller that waits, so costs no task, no join handle and no second
-//! wake-up; a task per call did (about 2.5k instructions an accept).
+//! wake-up; a task per call did (3.6k instructions an accept, measured).
 
 use std::any::Any;
 use std::future::Future;

@@ -17,7 +17,6 @@ use crate::store::{
     Owner, Reruns, SessionMessage, SessionSummary, StoreHealth, StoreResult,
 };
 use crate::testing::{agent, formation_with_agents};
-use crate::webhooks::{Dispatcher, FormationLookup};
 
 /// The real store, whose writes fail while `failing` is set, as they do when
 /// the disk is full.
@@ -177,11 +176,7 @@ fn harness(script: &str) -> Harness {
         inner: SqliteStore::open(&dir.path().join("data")).unwrap(),
         failing: AtomicBool::new(false),
     });
-    std::fs::create_dir_all(dir.path().join("formations")).unwrap();
-    let registry = Arc::new(Registry::load(&dir.path().join("formations"), &dir.path().join("data")));
-    let lookup: FormationLookup = Arc::new(|_: &str| None);
-    let dispatcher = Arc::new(Dispatcher::new(store.clone(), lookup, vec![], "test".into()).unwrap());
-    let engine = Engine::new(store.clone(), registry, dispatcher, "test".into(), CancellationToken::new());
+    let (_, engine) = crate::testing::engine_over(store.clone(), dir.path(), CancellationToken::new());
     let kind = AgentKind::Command {
         argv: vec!["sh".into(), "-c".into(), script.into()],
         retryable_exit_codes: vec![],

@@ -12,6 +12,23 @@ use std::path::PathBuf;
 
 use crate::formation::{AgentKind, AgentSpec, ApiKeys, Formation, LlmSettings, OverlordSettings, ToolSpec};
 
+/// An engine `test` over `store`, with the formations of `dir/formations` (made
+/// empty if missing) and a webhook dispatcher that is not started.
+pub fn engine_over(
+    store: std::sync::Arc<dyn crate::store::Store>,
+    dir: &std::path::Path,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> (std::sync::Arc<crate::registry::Registry>, std::sync::Arc<crate::engine::Engine>) {
+    use std::sync::Arc;
+    std::fs::create_dir_all(dir.join("formations")).expect("formations folder");
+    let registry = Arc::new(crate::registry::Registry::load(&dir.join("formations"), &dir.join("data")));
+    let lookup: crate::webhooks::FormationLookup = Arc::new(|_: &str| None);
+    let dispatcher =
+        Arc::new(crate::webhooks::Dispatcher::new(store.clone(), lookup, vec![], "test".into()).expect("dispatcher"));
+    let engine = crate::engine::Engine::new(store, registry.clone(), dispatcher, "test".into(), shutdown);
+    (registry, engine)
+}
+
 /// A new request `id` of user `u` to agent `a` of formation `f`, async, with
 /// the message "hi" and nothing optional set.
 pub fn new_request(id: &str) -> crate::store::NewRequest {
