@@ -102,13 +102,19 @@ pub async fn accept(
     );
     let estimate = state.engine.estimate(&formation, &agent_id, &message).await;
     let plan = decide(&formation.overlord.async_, body.async_, body.threshold_seconds, &estimate);
+    let id = time_ordered_id("req_");
+    // Every request belongs to a session; one is opened when none is named,
+    // under the request's own (unique) number.
+    let session_id = match body.session_id.filter(|s| !s.trim().is_empty()) {
+        Some(session_id) => session_id,
+        None => ["sess_", id.strip_prefix("req_").unwrap_or(&id)].concat(),
+    };
     let request = NewRequest {
-        id: time_ordered_id("req_"),
+        id,
         formation_id: formation.id.clone(),
         formation_version: formation.version_label(),
         user_id,
-        // Every request belongs to a session; one is opened when none is named.
-        session_id: Some(body.session_id.filter(|s| !s.trim().is_empty()).unwrap_or_else(|| time_ordered_id("sess_"))),
+        session_id: Some(session_id),
         agent_id,
         message,
         mode: plan.mode(),

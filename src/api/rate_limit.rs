@@ -7,7 +7,7 @@
 //! giving the real wait: governor's earliest possible time, rounded up to
 //! whole seconds. Keys are held as digests, never as presented.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::Duration;

@@ -31,7 +31,7 @@ mod tests;
 pub use leases::{lease, owner_id, LEASE};
 pub use live::{LiveEvent, LiveRequest};
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -115,8 +115,9 @@ pub struct Engine {
     /// The requests this process runs: at most one task each.
     running: Mutex<HashMap<String, Arc<LiveRequest>>>,
     pools: Mutex<HashMap<String, Arc<Pool>>>,
-    /// Recent durations (ms) per (formation, agent), newest first.
-    durations: Mutex<HashMap<(String, String), Vec<i64>>>,
+    /// Recent durations (ms) per formation, then agent, newest first (two
+    /// levels, so an accept looks them up by `&str`, allocating no key).
+    durations: Mutex<HashMap<String, HashMap<String, Vec<i64>>>>,
     /// Woken whenever a request ends with a webhook delivery to make.
     deliveries: Arc<Dispatcher>,
     /// Wakes the sweeper (a formation was loaded, a request handed back).
@@ -141,9 +142,9 @@ impl Engine {
             registry,
             agents: AgentContext::new(),
             owner,
-            running: Mutex::new(HashMap::new()),
-            pools: Mutex::new(HashMap::new()),
-            durations: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::default()),
+            pools: Mutex::new(HashMap::default()),
+            durations: Mutex::new(HashMap::default()),
             deliveries,
             sweep: Notify::new(),
             shutdown,
@@ -178,20 +179,24 @@ impl Engine {
                 enable_estimation: formation.overlord.async_.enable_estimation,
             })
         };
-        let key = (formation.id.clone(), agent_id.to_string());
-        if let Some(history) = self.durations.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return from(history);
+        {
+            let durations = self.durations.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(history) = durations.get(formation.id.as_str()).and_then(|agents| agents.get(agent_id)) {
+                return from(history);
+            }
         }
         let loaded = self.store.recent_durations(&formation.id, agent_id, HISTORY).await.unwrap_or_default();
         let mut durations = self.durations.lock().unwrap_or_else(|e| e.into_inner());
-        from(durations.entry(key).or_insert(loaded))
+        let agents = durations.entry(formation.id.clone()).or_default();
+        from(agents.entry(agent_id.to_string()).or_insert(loaded))
     }
 
     fn remember_duration(&self, record: &RequestRecord) {
         let (Status::Completed, Some(ms)) = (record.status, record.duration_ms()) else { return };
-        let key = (record.formation_id.clone(), record.agent_id.clone());
         let mut durations = self.durations.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(history) = durations.get_mut(&key) {
+        if let Some(history) =
+            durations.get_mut(record.formation_id.as_str()).and_then(|agents| agents.get_mut(record.agent_id.as_str()))
+        {
             history.insert(0, ms);
             history.truncate(HISTORY);
         }

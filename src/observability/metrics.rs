@@ -10,8 +10,8 @@
 //! mode (`sync`, `async`, `promoted`), outcome, route templates and status
 //! classes. Request, user and session ids are never labels.
 
+use foldhash::HashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex, OnceLock};
 use std::time::Duration;
 
