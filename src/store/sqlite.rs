@@ -21,6 +21,7 @@
 //!
 //! The schema and its migrations are in [`schema`].
 
+mod in_place;
 mod inserts;
 mod readers;
 mod schema;
@@ -33,7 +34,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::types::Type;
-use rusqlite::{params, Connection, DropBehavior, OptionalExtension, Row, TransactionBehavior};
+use rusqlite::{params, Connection, DropBehavior, OptionalExtension, Row, Transaction, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
@@ -347,12 +348,13 @@ fn note_health(health: &Mutex<StoreHealth>, outcome: &StoreResult<()>) {
 }
 
 fn writer_loop(
-    mut conn: Connection,
+    conn: Connection,
     queue: mpsc::Receiver<Box<dyn Job>>,
     commits: Arc<AtomicU64>,
     health: Arc<Mutex<StoreHealth>>,
 ) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
+    let mut inserts = inserts::Inserts::new(&conn);
     // `recv` fails only once every sender is gone and the queue is empty.
     while let Ok(first) = queue.recv() {
         batch.push(first);
@@ -363,7 +365,7 @@ fn writer_loop(
             }
         }
         let started = std::time::Instant::now();
-        let outcome = run_batch(&mut conn, &mut batch);
+        let outcome = run_batch(&conn, &mut inserts, &mut batch);
         crate::observability::metrics::store_batch(batch.len(), started.elapsed(), outcome.is_ok());
         if let (Ok(()), Some(failure)) = (&outcome, batch.iter().find_map(|job| job.storage_failure())) {
             // The batch committed, but a write in it failed for want of storage.
@@ -388,16 +390,18 @@ fn writer_loop(
 
 /// One transaction for the whole batch, one savepoint per job (but runs of new
 /// requests, written many to a statement: see [`inserts`]).
-fn run_batch(conn: &mut Connection, batch: &mut [Box<dyn Job>]) -> StoreResult<()> {
+fn run_batch(conn: &Connection, inserts: &mut inserts::Inserts, batch: &mut [Box<dyn Job>]) -> StoreResult<()> {
     let failed = |e: rusqlite::Error| StoreError(e.to_string());
     let rolled_back = || StoreError("the transaction was rolled back by a failed write".into());
-    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(failed)?;
+    // Unchecked: the prepared inserts borrow the connection too. The writer
+    // thread is its only user, and a transaction never outlives its batch.
+    let mut tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate).map_err(failed)?;
     let mut next = 0;
     while next < batch.len() {
         let run: Vec<_> = batch[next..].iter_mut().map_while(|job| job.as_insert()).collect();
         if !run.is_empty() {
             next += run.len();
-            if !inserts::write(&tx, run) && tx.is_autocommit() {
+            if !inserts::write(inserts, run) && tx.is_autocommit() {
                 return Err(rolled_back());
             }
             continue;

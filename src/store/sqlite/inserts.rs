@@ -10,11 +10,10 @@
 //! earlier request that holds its key, or its error), so a bad request fails
 //! alone.
 
-use std::sync::LazyLock;
-
 use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
+use super::in_place::InPlace;
 use super::{col, record_from_row, settle, storage_failure, Job};
 use crate::store::{Inserted, Mode, NewRequest, RequestRecord, StoreError, StoreResult};
 
@@ -25,9 +24,7 @@ const CHUNKS: [usize; 4] = [32, 8, 2, 1];
 /// The values each row binds.
 const COLUMNS: usize = 17;
 
-/// The `INSERT` for each of [`CHUNKS`], in the same order.
-static SQL: LazyLock<[String; CHUNKS.len()]> = LazyLock::new(|| CHUNKS.map(insert_sql));
-
+/// The `INSERT` of `rows` rows.
 fn insert_sql(rows: usize) -> String {
     let row = format!("({}, 'pending')", vec!["?"; COLUMNS].join(", "));
     format!(
@@ -70,7 +67,7 @@ impl InsertJob {
 
 impl Job for InsertJob {
     fn run(&mut self, conn: &Connection) -> bool {
-        let out = write_one(conn, self);
+        let out = write_one(&mut Inserts::new(conn), self);
         let written = out.is_ok();
         self.out = Some(out);
         written
@@ -102,7 +99,8 @@ impl Job for InsertJob {
 /// Writes a run of new requests, each job keeping its own outcome. False if
 /// any failed; when a failure rolled the whole transaction back, the jobs
 /// after it are left unrun.
-pub(super) fn write(conn: &Connection, mut run: Vec<&mut InsertJob>) -> bool {
+pub(super) fn write(inserts: &mut Inserts, mut run: Vec<&mut InsertJob>) -> bool {
+    let conn = inserts.conn;
     let mut all_written = true;
     let mut rest = &mut run[..];
     while !rest.is_empty() {
@@ -111,7 +109,7 @@ pub(super) fn write(conn: &Connection, mut run: Vec<&mut InsertJob>) -> bool {
         let (chunk, tail) = rest.split_at_mut(CHUNKS[which]);
         rest = tail;
         if chunk.len() > 1 && keys_are_free(conn, chunk).unwrap_or(false) {
-            match insert_rows(conn, &SQL[which], chunk.iter().map(|job| &**job)) {
+            match insert_rows(inserts, which, chunk.iter().map(|job| &**job)) {
                 Ok(()) => {
                     chunk.iter_mut().for_each(|job| job.out = Some(Ok(Found::Created)));
                     continue;
@@ -123,7 +121,7 @@ pub(super) fn write(conn: &Connection, mut run: Vec<&mut InsertJob>) -> bool {
         }
         // A key taken or a failed chunk: each row gets its own answer.
         for job in chunk.iter_mut() {
-            let out = write_one(conn, job);
+            let out = write_one(inserts, job);
             let failed = out.is_err();
             job.out = Some(out);
             if failed {
@@ -138,13 +136,13 @@ pub(super) fn write(conn: &Connection, mut run: Vec<&mut InsertJob>) -> bool {
 }
 
 /// One new request: the earlier request that holds its key, else its row written.
-fn write_one(conn: &Connection, job: &InsertJob) -> rusqlite::Result<Found> {
+fn write_one(inserts: &mut Inserts, job: &InsertJob) -> rusqlite::Result<Found> {
     if job.request.idempotency_key.is_some() {
-        if let Some((record, fingerprint)) = holder_of_key(conn, &job.request)? {
+        if let Some((record, fingerprint)) = holder_of_key(inserts.conn, &job.request)? {
             return Ok(Found::Existing(Box::new(record), fingerprint));
         }
     }
-    insert_rows(conn, &SQL[CHUNKS.len() - 1], std::iter::once(job))?;
+    insert_rows(inserts, CHUNKS.len() - 1, std::iter::once(job))?;
     Ok(Found::Created)
 }
 
@@ -175,38 +173,58 @@ fn keys_are_free(conn: &Connection, chunk: &[&mut InsertJob]) -> rusqlite::Resul
     Ok(true)
 }
 
-/// Writes `jobs`' rows with `sql`, the statement for that many rows.
-fn insert_rows<'a>(conn: &Connection, sql: &str, jobs: impl Iterator<Item = &'a InsertJob>) -> rusqlite::Result<()> {
-    let mut statement = conn.prepare_cached(sql)?;
-    let mut index = 0;
-    let mut bind = |value: &dyn rusqlite::ToSql| {
-        index += 1;
-        statement.raw_bind_parameter(index, value)
-    };
-    for job in jobs {
-        let request = &job.request;
-        bind(&request.id)?;
-        bind(&request.formation_id)?;
-        bind(&request.formation_version)?;
-        bind(&request.user_id)?;
-        bind(&request.session_id)?;
-        bind(&request.agent_id)?;
-        bind(&request.message)?;
-        bind(&request.mode.as_str())?;
-        bind(&(request.mode == Mode::Async))?;
-        bind(&request.estimated_seconds)?;
-        bind(&request.idempotency_key)?;
-        bind(&request.fingerprint)?;
-        bind(&request.webhook_url)?;
-        bind(&request.workflow_timeout_ms)?;
-        bind(&request.created_at)?;
-        bind(&job.holder)?;
-        bind(&job.holder.as_ref().map(|_| request.created_at.saturating_add(job.lease_ms)))?;
+/// The writer's prepared `INSERT`s, one per chunk size, prepared when first
+/// used and kept for the connection's life (see [`InPlace`] for why they are
+/// not rusqlite's cached statements).
+pub(super) struct Inserts<'conn> {
+    conn: &'conn Connection,
+    by_size: [Option<InPlace<'conn>>; CHUNKS.len()],
+}
+
+impl<'conn> Inserts<'conn> {
+    pub(super) fn new(conn: &'conn Connection) -> Inserts<'conn> {
+        Inserts { conn, by_size: Default::default() }
     }
-    // A value left unbound would be written as NULL: the tests (a debug build) would say so.
-    debug_assert_eq!(index, statement.parameter_count(), "every value of every row is bound");
-    statement.raw_execute()?;
-    Ok(())
+
+    /// The statement for `CHUNKS[which]` rows.
+    fn statement(&mut self, which: usize) -> rusqlite::Result<&mut InPlace<'conn>> {
+        let slot = &mut self.by_size[which];
+        if slot.is_none() {
+            *slot = Some(InPlace::prepare(self.conn, &insert_sql(CHUNKS[which]))?);
+        }
+        Ok(slot.as_mut().expect("prepared above"))
+    }
+}
+
+/// Writes `jobs`' rows (`CHUNKS[which]` of them) with one statement.
+fn insert_rows<'a>(
+    inserts: &mut Inserts,
+    which: usize,
+    jobs: impl Iterator<Item = &'a InsertJob>,
+) -> rusqlite::Result<()> {
+    inserts.statement(which)?.execute(|values| {
+        for job in jobs {
+            let request = &job.request;
+            values.text(&request.id)?;
+            values.text(&request.formation_id)?;
+            values.text(&request.formation_version)?;
+            values.text(&request.user_id)?;
+            values.opt_text(request.session_id.as_deref())?;
+            values.text(&request.agent_id)?;
+            values.text(&request.message)?;
+            values.text(request.mode.as_str())?;
+            values.int(i64::from(request.mode == Mode::Async))?;
+            values.real(request.estimated_seconds)?;
+            values.opt_text(request.idempotency_key.as_deref())?;
+            values.opt_text(request.fingerprint.as_deref())?;
+            values.opt_text(request.webhook_url.as_deref())?;
+            values.int(request.workflow_timeout_ms)?;
+            values.int(request.created_at)?;
+            values.opt_text(job.holder.as_deref())?;
+            values.opt_int(job.holder.as_ref().map(|_| request.created_at.saturating_add(job.lease_ms)))?;
+        }
+        Ok(())
+    })
 }
 
 /// The request that holds `request`'s idempotency key, with its fingerprint.
@@ -239,7 +257,7 @@ mod tests {
         let tx = conn.transaction().unwrap();
         let (mut jobs, mut answers): (Vec<_>, Vec<_>) =
             requests.into_iter().map(|r| InsertJob::new(r, None, 1_000)).unzip();
-        write(&tx, jobs.iter_mut().collect());
+        write(&mut Inserts::new(&tx), jobs.iter_mut().collect());
         tx.commit().unwrap();
         jobs.into_iter().for_each(|job| Box::new(job).answer(Ok(())));
         answers.iter_mut().map(|answer| answer.try_recv().expect("answered")).collect()
