@@ -19,7 +19,7 @@ use crate::store::{Inserted, Mode, NewRequest, RequestRecord, StoreError, StoreR
 
 /// The chunk sizes, largest first: a run is cut into the largest that fit, so
 /// a handful of statements (each prepared once and cached) cover any run.
-const CHUNKS: [usize; 4] = [32, 8, 2, 1];
+const CHUNKS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
 
 /// The values each row binds.
 const COLUMNS: usize = 17;
