@@ -2,10 +2,11 @@
 //! malformed JSON, a wrong-typed field (named), a body over the limit, a body
 //! not received within the read timeout (408 `body_read_timeout`).
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{FromRequest, Request};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
+use bytes::BytesMut;
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
 use crate::error::{ApiError, Code};
@@ -56,10 +57,10 @@ pub struct RawBody(pub Bytes);
 impl<S: Send + Sync> FromRequest<S> for RawBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
         let timeout = crate::http_server::read_timeout();
-        match tokio::time::timeout(timeout, Bytes::from_request(req, state)).await {
-            Ok(read) => read.map(RawBody).map_err(unreadable),
+        match tokio::time::timeout(timeout, read_whole(req.into_body())).await {
+            Ok(read) => read.map(RawBody),
             Err(_) => Err(ApiError::new(
                 Code::BodyReadTimeout,
                 format!("the request body was not received within {} s", timeout.as_secs()),
@@ -68,13 +69,32 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     }
 }
 
-/// The error for a body that could not be read (too large, broken connection).
-pub fn unreadable(rejection: BytesRejection) -> ApiError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(Code::PayloadTooLarge, format!("the request body is larger than {MAX_BODY_BYTES} bytes"))
-    } else {
-        ApiError::new(Code::InvalidRequest, format!("cannot read the request body: {rejection}"))
+/// Reads `body` whole, refusing it past [`MAX_BODY_BYTES`] (by its declared
+/// length before reading any of it). A body that arrives in one piece, as a
+/// small JSON body does, is that piece: not copied, not collected.
+async fn read_whole(body: Body) -> Result<Bytes, ApiError> {
+    let too_large =
+        || ApiError::new(Code::PayloadTooLarge, format!("the request body is larger than {MAX_BODY_BYTES} bytes"));
+    let broken = |e: axum::Error| ApiError::new(Code::InvalidRequest, format!("cannot read the request body: {e}"));
+    if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
+        return Err(too_large());
     }
+    let mut pieces = body.into_data_stream();
+    let Some(first) = pieces.next().await.transpose().map_err(broken)? else { return Ok(Bytes::new()) };
+    if first.len() > MAX_BODY_BYTES {
+        return Err(too_large());
+    }
+    let Some(second) = pieces.next().await.transpose().map_err(broken)? else { return Ok(first) };
+    let mut whole = BytesMut::from(first);
+    let mut next = Some(second);
+    while let Some(piece) = next {
+        if whole.len() + piece.len() > MAX_BODY_BYTES {
+            return Err(too_large());
+        }
+        whole.extend_from_slice(&piece);
+        next = pieces.next().await.transpose().map_err(broken)?;
+    }
+    Ok(whole.freeze())
 }
 
 /// Parses a JSON body into `T`, naming the field at fault.
@@ -105,18 +125,45 @@ mod tests {
     use super::*;
 
     #[derive(Debug, serde::Deserialize)]
-    struct Body {
+    struct Message {
         #[allow(dead_code)]
         message: String,
     }
 
+    fn streamed(pieces: Vec<Result<&'static [u8], &'static str>>) -> Body {
+        let pieces = pieces.into_iter().map(|piece| piece.map(Bytes::from_static).map_err(std::io::Error::other));
+        Body::from_stream(futures::stream::iter(pieces))
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_whole_in_one_piece_or_many() {
+        assert_eq!(read_whole(Body::from("{\"a\": 1}")).await.unwrap(), "{\"a\": 1}");
+        assert_eq!(read_whole(Body::empty()).await.unwrap(), "");
+        let pieces = streamed(vec![Ok(b"{\"message\""), Ok(b""), Ok(b": \"hi\""), Ok(b"}")]);
+        assert_eq!(read_whole(pieces).await.unwrap(), "{\"message\": \"hi\"}");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_or_broken_is_refused_with_its_code() {
+        let declared = Body::from(vec![b' '; MAX_BODY_BYTES + 1]);
+        assert_eq!(read_whole(declared).await.unwrap_err().code, Code::PayloadTooLarge);
+        static HALF: [u8; MAX_BODY_BYTES / 2 + 1] = [b' '; MAX_BODY_BYTES / 2 + 1];
+        let grown = streamed(vec![Ok(&HALF), Ok(&HALF)]);
+        assert_eq!(read_whole(grown).await.unwrap_err().code, Code::PayloadTooLarge);
+        let exactly = streamed(vec![Ok(&HALF), Ok(&HALF[2..])]);
+        assert_eq!(read_whole(exactly).await.unwrap().len(), MAX_BODY_BYTES);
+        let broken = read_whole(streamed(vec![Ok(b"{"), Err("connection reset")])).await.unwrap_err();
+        assert_eq!(broken.code, Code::InvalidRequest);
+        assert!(broken.message.contains("connection reset"), "{}", broken.message);
+    }
+
     #[test]
     fn errors_name_the_problem() {
-        assert_eq!(parse::<Body>(b"").unwrap_err().code, Code::InvalidJson);
-        assert_eq!(parse::<Body>(b"{\"message\": ").unwrap_err().code, Code::InvalidJson);
-        let wrong = parse::<Body>(b"{\"message\": 5}").unwrap_err();
+        assert_eq!(parse::<Message>(b"").unwrap_err().code, Code::InvalidJson);
+        assert_eq!(parse::<Message>(b"{\"message\": ").unwrap_err().code, Code::InvalidJson);
+        let wrong = parse::<Message>(b"{\"message\": 5}").unwrap_err();
         assert_eq!(wrong.code, Code::InvalidRequest);
         assert!(wrong.message.contains("`message`"), "{}", wrong.message);
-        assert_eq!(parse::<Body>(b"[1]").unwrap_err().code, Code::InvalidRequest);
+        assert_eq!(parse::<Message>(b"[1]").unwrap_err().code, Code::InvalidRequest);
     }
 }

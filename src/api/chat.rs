@@ -213,7 +213,7 @@ pub fn accepted_response(
         let mut data = Object::new(buf);
         data.str("request_id", &record.id)
             .str("status", "processing")
-            .value("estimated_time", &estimated_time)
+            .display("estimated_time", &estimated_time)
             .value("estimated_seconds", &record.estimated_seconds)
             .str("status_url", &status_url)
             .str("events_url", &events_url)
@@ -246,12 +246,6 @@ impl fmt::Display for EstimatedTime<'_> {
                 write!(f, "{range} (estimated when first accepted)")
             }
         }
-    }
-}
-
-impl serde::Serialize for EstimatedTime<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
     }
 }
 

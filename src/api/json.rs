@@ -64,6 +64,26 @@ impl<'b> Object<'b> {
         self
     }
 
+    /// A value's `Display` text as a JSON string, formatted straight into the
+    /// buffer (and escaped only if it turns out to need it).
+    pub fn display(&mut self, key: &'static str, value: &impl std::fmt::Display) -> &mut Self {
+        use std::io::Write;
+        let buf = self.key(key);
+        let start = buf.len();
+        buf.push(b'"');
+        // Writing into a Vec fails only if `value`'s `Display` does.
+        let _ = write!(buf, "{value}");
+        match std::str::from_utf8(&buf[start + 1..]) {
+            Ok(text) if is_plain(text) => buf.push(b'"'),
+            _ => {
+                let text = String::from_utf8_lossy(&buf[start + 1..]).into_owned();
+                buf.truncate(start);
+                string(buf, &text);
+            }
+        }
+        self
+    }
+
     /// A value that `write` writes as JSON text.
     pub fn written(&mut self, key: &'static str, write: impl FnOnce(&mut Vec<u8>)) -> &mut Self {
         write(self.key(key));
@@ -125,6 +145,8 @@ mod tests {
             .value("n", &1.5f64)
             .value("nan", &f64::NAN)
             .raw("ok", "true")
+            .display("shown", &format_args!("{}-{} s", 7, 10))
+            .display("escaped", &"a \"b\"\n")
             .object("inner", |inner| {
                 inner.opt_str("s", Some("x"));
             })
@@ -132,7 +154,7 @@ mod tests {
         object.end();
         assert_eq!(
             String::from_utf8(buf).unwrap(),
-            r#"{"id":"req_\"1\"","none":null,"n":1.5,"nan":null,"ok":true,"inner":{"s":"x"},"empty":{}}"#
+            r#"{"id":"req_\"1\"","none":null,"n":1.5,"nan":null,"ok":true,"shown":"7-10 s","escaped":"a \"b\"\n","inner":{"s":"x"},"empty":{}}"#
         );
     }
 }
