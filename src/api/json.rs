@@ -23,7 +23,7 @@ impl<'b> Object<'b> {
     }
 
     fn key(&mut self, key: &'static str) -> &mut Vec<u8> {
-        debug_assert!(is_plain(key), "key {key:?} needs escaping");
+        debug_assert!(is_plain(key.as_bytes()), "key {key:?} needs escaping");
         if !self.empty {
             self.buf.push(b',');
         }
@@ -73,13 +73,13 @@ impl<'b> Object<'b> {
         buf.push(b'"');
         // Writing into a Vec fails only if `value`'s `Display` does.
         let _ = write!(buf, "{value}");
-        match std::str::from_utf8(&buf[start + 1..]) {
-            Ok(text) if is_plain(text) => buf.push(b'"'),
-            _ => {
-                let text = String::from_utf8_lossy(&buf[start + 1..]).into_owned();
-                buf.truncate(start);
-                string(buf, &text);
-            }
+        if is_plain(&buf[start + 1..]) {
+            buf.push(b'"');
+        } else {
+            // `Display` writes UTF-8: the lossy conversion changes nothing.
+            let text = String::from_utf8_lossy(&buf[start + 1..]).into_owned();
+            buf.truncate(start);
+            string(buf, &text);
         }
         self
     }
@@ -105,7 +105,7 @@ impl<'b> Object<'b> {
 
 /// `value` as a JSON string.
 fn string(buf: &mut Vec<u8>, value: &str) {
-    if is_plain(value) {
+    if is_plain(value.as_bytes()) {
         buf.reserve(value.len() + 2);
         buf.push(b'"');
         buf.extend_from_slice(value.as_bytes());
@@ -118,8 +118,8 @@ fn string(buf: &mut Vec<u8>, value: &str) {
 
 /// Whether `value` has no byte JSON escapes (a control character, `"`, `\`).
 /// No early exit: the loop is vectorised, and most strings are plain.
-fn is_plain(value: &str) -> bool {
-    value.bytes().fold(true, |plain, b| plain & (b >= 0x20) & (b != b'"') & (b != b'\\'))
+fn is_plain(value: &[u8]) -> bool {
+    value.iter().fold(true, |plain, &b| plain & (b >= 0x20) & (b != b'"') & (b != b'\\'))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! rusqlite binds every text as `SQLITE_TRANSIENT`: SQLite copies it into a
 //! buffer of its own, and frees the copies when the statement goes back to
 //! rusqlite's cache (which also hashes the statement's text on each use). A
-//! 32-row insert binds 544 values. Bound as `SQLITE_STATIC`, SQLite reads the
+//! 64-row insert binds 1,088 values. Bound as `SQLITE_STATIC`, SQLite reads the
 //! caller's bytes where they are, which is sound only while those bytes live:
 //! [`InPlace::execute`] takes the values for one run of the statement and
 //! clears every binding before it returns, even when binding or stepping fails
@@ -48,12 +48,9 @@ impl<'conn> InPlace<'conn> {
     /// Binds the values `bind` gives, in order, and runs the statement to its
     /// end. Every parameter must be bound; the bindings are cleared before
     /// this returns, so no borrowed value is left behind in the statement.
-    pub fn execute<'v>(
-        &mut self,
-        bind: impl FnOnce(&mut Values<'_, 'v>) -> rusqlite::Result<()>,
-    ) -> rusqlite::Result<()> {
+    pub fn execute<'v>(&mut self, bind: impl FnOnce(&mut Values<'v>) -> rusqlite::Result<()>) -> rusqlite::Result<()> {
         let (statement, db) = (self.statement.as_ptr(), self.db);
-        let mut values = Values { statement, db, parameters: self.parameters, next: 0, _borrows: PhantomData };
+        let mut values = Values { statement, db, parameters: self.parameters, next: 0, _values: PhantomData };
         bind(&mut values)?;
         if values.next != values.parameters {
             return Err(failure(ffi::SQLITE_RANGE, "not every parameter is bound"));
@@ -83,16 +80,16 @@ impl Drop for InPlace<'_> {
 
 /// The values of one run of an [`InPlace`] statement, bound in order; each
 /// borrowed for `'v`. Dropping it resets the statement and clears them.
-pub(super) struct Values<'s, 'v> {
+pub(super) struct Values<'v> {
     statement: *mut ffi::sqlite3_stmt,
     db: *mut ffi::sqlite3,
     parameters: c_int,
     next: c_int,
-    /// Holds the statement (borrowed mutably for 's) and the values (for 'v).
-    _borrows: PhantomData<(&'s mut (), &'v str)>,
+    /// The values bound, borrowed for 'v.
+    _values: PhantomData<&'v str>,
 }
 
-impl<'v> Values<'_, 'v> {
+impl<'v> Values<'v> {
     /// The next parameter's number, or an error past the last.
     fn next(&mut self) -> rusqlite::Result<(*mut ffi::sqlite3_stmt, c_int)> {
         if self.next >= self.parameters {
@@ -156,7 +153,7 @@ impl<'v> Values<'_, 'v> {
     }
 }
 
-impl Drop for Values<'_, '_> {
+impl Drop for Values<'_> {
     fn drop(&mut self) {
         // SAFETY: a live statement. Reset ends its run; clearing sets every
         // parameter to NULL, so no pointer to a borrowed value remains.

@@ -1,8 +1,8 @@
 //! New requests, written many to a statement. The writer hands each run of
 //! queued inserts in its batch to [`write`], which writes them in chunks of up
 //! to [`CHUNKS`]`[0]` rows, one `INSERT ... VALUES (...), (...)` per chunk: the
-//! statement's fixed cost (the statement cache, opening cursors on the table
-//! and its indexes, resetting) is paid once per chunk rather than once per row.
+//! statement's fixed cost (opening cursors on the table and its indexes, its
+//! statement journal, resetting) is paid once per chunk rather than once per row.
 //!
 //! A chunk is written whole only when each of its idempotency keys is held by
 //! no row yet, nor by two of its rows; otherwise, and when a chunk's statement
