@@ -48,7 +48,7 @@ impl Formation {
     /// `version+revision`: what a request records as the formation version it
     /// ran with, and what replicas compare their copies by.
     pub fn version_label(&self) -> String {
-        format!("{}+{}", self.version, self.revision)
+        [&self.version, "+", &self.revision].concat()
     }
 
     /// The agent a request names, or the default agent when it names none.

@@ -178,10 +178,18 @@ impl Estimate {
 /// "unknown (no history)". Written where it goes, no string built.
 impl fmt::Display for Estimate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Piece by piece rather than with `write!`: a 202 writes one, and each
+        // level of `format_args` costs a pass of `core::fmt::write`.
         match self.basis {
-            Basis::Declared => write!(f, "{} (declared)", self.range()),
+            Basis::Declared => {
+                self.range().fmt(f)?;
+                f.write_str(" (declared)")
+            }
             Basis::History { runs } => {
-                write!(f, "{} (history of {runs} run{})", self.range(), if runs == 1 { "" } else { "s" })
+                self.range().fmt(f)?;
+                f.write_str(" (history of ")?;
+                f.write_str(itoa::Buffer::new().format(runs))?;
+                f.write_str(if runs == 1 { " run)" } else { " runs)" })
             }
             Basis::Features | Basis::Default => f.write_str("unknown (no history)"),
         }
@@ -207,11 +215,20 @@ impl fmt::Display for Range {
         };
         // Whole numbers by construction; the casts only drop the ".0".
         let (low, high) = (low as u64, high as u64);
+        let mut digits = itoa::Buffer::new();
         if low >= high {
-            let plural = if high == 1 { "" } else { "s" };
-            write!(f, "about {high} {unit}{plural}")
+            f.write_str("about ")?;
+            f.write_str(digits.format(high))?;
+            f.write_str(" ")?;
+            f.write_str(unit)?;
+            f.write_str(if high == 1 { "" } else { "s" })
         } else {
-            write!(f, "{low}-{high} {unit}s")
+            f.write_str(digits.format(low))?;
+            f.write_str("-")?;
+            f.write_str(digits.format(high))?;
+            f.write_str(" ")?;
+            f.write_str(unit)?;
+            f.write_str("s")
         }
     }
 }
@@ -443,6 +460,8 @@ mod tests {
         assert!(declared.is_grounded());
         let history = Estimate { seconds: 47.0, basis: Basis::History { runs: 12 } };
         assert_eq!(history.to_string(), "35-50 seconds (history of 12 runs)");
+        let once = Estimate { seconds: 1.0, basis: Basis::History { runs: 1 } };
+        assert_eq!(once.to_string(), "about 1 second (history of 1 run)");
         assert!(history.is_grounded());
         for basis in [Basis::Features, Basis::Default] {
             let guess = Estimate { seconds: 60.0, basis };
