@@ -444,14 +444,20 @@ fn json_column<T: DeserializeOwned>(row: &Row, column: usize) -> rusqlite::Resul
 #[error("unknown status {0:?}")]
 struct UnknownStatus(String);
 
+/// The column's text, borrowed from the row (a status or a mode is parsed,
+/// not kept, so it need not be copied into a `String` first).
+fn text_column<'row>(row: &'row Row, column: usize) -> rusqlite::Result<&'row str> {
+    row.get_ref(column)?.as_str().map_err(|e| conversion_error(column, e))
+}
+
 fn status_column(row: &Row, column: usize) -> rusqlite::Result<Status> {
-    let text: String = row.get(column)?;
-    Status::parse(&text).ok_or_else(|| conversion_error(column, UnknownStatus(text)))
+    let text = text_column(row, column)?;
+    Status::parse(text).ok_or_else(|| conversion_error(column, UnknownStatus(text.to_owned())))
 }
 
 fn mode_column(row: &Row, column: usize) -> rusqlite::Result<Mode> {
-    let text: String = row.get(column)?;
-    Mode::parse(&text).ok_or_else(|| conversion_error(column, UnknownStatus(text)))
+    let text = text_column(row, column)?;
+    Mode::parse(text).ok_or_else(|| conversion_error(column, UnknownStatus(text.to_owned())))
 }
 
 /// The positions of [`select_records!`]'s columns: read by position, a row
