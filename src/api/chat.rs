@@ -226,9 +226,19 @@ pub fn accepted_response(
     if let Ok(location) = HeaderValue::from_str(&status_url) {
         headers.insert(header::LOCATION, location);
     }
-    headers.insert(header::RETRY_AFTER, HeaderValue::from(poll_after));
+    let retry_after = RETRY_SECONDS
+        .get(poll_after as usize)
+        .map_or_else(|| HeaderValue::from(poll_after), |s| HeaderValue::from_static(s));
+    headers.insert(header::RETRY_AFTER, retry_after);
     response
 }
+
+/// `Retry-After` values of 0 to 30 seconds (the range a 202 answers with),
+/// so that an answer formats none.
+const RETRY_SECONDS: [&str; 31] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17", "18", "19", "20",
+    "21", "22", "23", "24", "25", "26", "27", "28", "29", "30",
+];
 
 /// A 202's `estimated_time`: the estimate made now, or for a replay the one
 /// its request was accepted with.
