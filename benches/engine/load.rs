@@ -28,6 +28,8 @@ pub struct Phase {
     /// CPU time (user + system) the server process spent during the phase,
     /// where measured ([`compare`]).
     pub server_cpu: Option<Duration>,
+    /// Throughput of each round, in order ([`compare`]).
+    pub rounds: Vec<f64>,
 }
 
 impl Phase {
@@ -40,6 +42,7 @@ impl Phase {
             latencies: Vec::new(),
             ids: Vec::new(),
             server_cpu: None,
+            rounds: Vec::new(),
         }
     }
 
@@ -52,6 +55,7 @@ impl Phase {
         self.latencies.extend(other.latencies);
         self.latencies.sort_unstable();
         self.ids.extend(other.ids);
+        self.rounds.extend(other.rounds);
         self.server_cpu = match (self.server_cpu, other.server_cpu) {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
@@ -112,6 +116,7 @@ pub async fn compare(n: usize, rounds: usize, sides: &[(u16, Make, u32)]) -> Vec
             let before = super::servers::cpu_time(pid);
             let mut round = load(count, expect, shifted).await;
             round.server_cpu = before.zip(super::servers::cpu_time(pid)).map(|(a, b)| b.saturating_sub(a));
+            round.rounds = vec![round.throughput()];
             totals[side].absorb(round);
         }
     }

@@ -27,7 +27,7 @@
 //!   byte read). Throughput is N / wall time; p50/p99 are over all N
 //!   latencies. Each measured phase is preceded by a short warm-up against the
 //!   same server. Servers compared are measured in rotating rounds (A B C,
-//!   B C A, ...; `MUXI_BENCH_ROUNDS`, default 4) with the same requests, so that
+//!   B C A, ...; `MUXI_BENCH_ROUNDS`, default 8) with the same requests, so that
 //!   load from other processes falls on all of them alike.
 //! * **Phases.** (1) accept: `POST /api/bench/v1/chat` with
 //!   `{"message": ..., "async": true}` against bare, floor and muxi-rt;
@@ -47,7 +47,7 @@
 //!   split over two replicas of one schema; skipped with a note when
 //!   PostgreSQL cannot be reached.
 //!
-//! N defaults to 20,000 per phase; `MUXI_BENCH_REQUESTS=N` changes it (the RSS
+//! N defaults to 40,000 per phase; `MUXI_BENCH_REQUESTS=N` changes it (the RSS
 //! phase always accepts 10,000 then 100,000; `MUXI_BENCH_IN_FLIGHT` changes the
 //! second). `MUXI_BENCH_SERVER=PATH` measures another muxi-rt binary (an older
 //! build) against the same baselines.
@@ -95,8 +95,8 @@ fn main() {
             .map(|v| v.parse::<usize>().unwrap_or_else(|_| panic!("{name} must be a number")))
             .unwrap_or(default)
     };
-    let requests = number("MUXI_BENCH_REQUESTS", 20_000).max(CONCURRENCY);
-    let rounds = number("MUXI_BENCH_ROUNDS", 4).clamp(1, requests / CONCURRENCY);
+    let requests = number("MUXI_BENCH_REQUESTS", 40_000).max(CONCURRENCY);
+    let rounds = number("MUXI_BENCH_ROUNDS", 8).clamp(1, requests / CONCURRENCY);
     let in_flight = number("MUXI_BENCH_IN_FLIGHT", IN_FLIGHT_SECOND).max(IN_FLIGHT_FIRST);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(run(requests, rounds, in_flight));
@@ -495,7 +495,14 @@ fn report(r: Report) {
             verdict(value >= target)
         );
     };
+    // The same ratio round by round: how far the machine's drift moves it.
+    let by_round = |name: &str, a: &Phase, b: &Phase| {
+        let each: Vec<String> =
+            a.rounds.iter().zip(&b.rounds).map(|(a, b)| format!("{:.1}%", a / b * 100.0)).collect();
+        println!("  {:<52} {:>12}", name, each.join(" "));
+    };
     percent("accept / floor", accept_floor, FLOOR_TARGET);
+    by_round("  the same, round by round", &r.accept, &r.base_floor);
     println!("  {:<52} {:>11.1}%", "accept / bare", ratio(&r.accept, &r.base_post) * 100.0);
     println!("  {:<52} {:>11.1}%", "floor / bare", ratio(&r.base_floor, &r.base_post) * 100.0);
     if let (Some(floor), Some(accept)) = (r.base_floor.cpu_us_per_request(), r.accept.cpu_us_per_request()) {
@@ -506,6 +513,7 @@ fn report(r: Report) {
         );
     }
     percent("status polls / bare", poll_ratio, POLL_TARGET);
+    by_round("  the same, round by round", &r.polls, &r.base_get);
     println!("  {:<52} {:>11.1}%", "polls of a 900 KB message / polls", ratio(&r.polls_big, &r.polls) * 100.0);
     let memory = |count: usize, bytes: u64, target: u64, wanted: usize| {
         println!(
