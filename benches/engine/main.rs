@@ -34,7 +34,10 @@
 //!   (2) status polls: `GET /api/bench/v1/requests/{id}` cycling over the ids
 //!   accepted in (1), with the client key and `X-Muxi-User-ID`, against bare,
 //!   and in the same rounds polls of one request whose message is 900 KB (a
-//!   poll's cost must not grow with the message);
+//!   poll's cost must not grow with the message); (2b) if `wrk` is installed,
+//!   accept against the floor once more under `wrk -t1 -c64` itself, the
+//!   measure issue 14 states its figures in (`wrk.rs`: printed beside the
+//!   bench's own figure, which stays the one held to the target);
 //!   (3) RSS: a fresh muxi-rt server, VmRSS at idle, after accepting 10,000
 //!   async requests, then after 100,000 (`/proc/<pid>/status`); (4) metrics
 //!   cost: the accept phase against two fresh servers, `--no-metrics` and
@@ -55,6 +58,7 @@
 mod baseline;
 mod load;
 mod servers;
+mod wrk;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -74,6 +78,9 @@ const FORMATION: &str = "bench";
 const CLIENT_KEY: &str = "client-bench-0123456789";
 const USER: &str = "bench-user";
 const CHAT_BODY: &str = r#"{"message": "summarise the benchmark please", "async": true}"#;
+/// Rounds of phase 2b (wrk), each this long per side.
+const WRK_ROUNDS: usize = 4;
+const WRK_SECONDS: u32 = 3;
 /// The message of the request polled beside the others in phase 2 (900 KB).
 const BIG_MESSAGE_BYTES: usize = 900_000;
 
@@ -160,7 +167,6 @@ async fn run(n: usize, rounds: usize, in_flight: usize) {
     .await;
     let (accept, base_floor, base_post) = (sides.pop().unwrap(), sides.pop().unwrap(), sides.pop().unwrap());
     let accepted_a = warm_ids.len() + accept.ids.len();
-    drop(floor);
 
     eprintln!("phase 2: status polls (alternating bare and muxi-rt)");
     assert!(!accept.ids.is_empty(), "no request was accepted; cannot poll");
@@ -181,6 +187,23 @@ async fn run(n: usize, rounds: usize, in_flight: usize) {
     .await;
     let (polled_big, polled, base_get) = (sides.pop().unwrap(), sides.pop().unwrap(), sides.pop().unwrap());
     let rss_a = rss(muxi.pid());
+
+    eprintln!("phase 2b: accept under wrk -t1 -c{CONCURRENCY}, floor and muxi-rt alternating (if wrk is installed)");
+    let (floor_addr, muxi_addr, scripts) = (floor.addr, muxi.addr, fixture.data.clone());
+    let under_wrk = tokio::task::spawn_blocking(move || {
+        wrk::accept(
+            floor_addr,
+            muxi_addr,
+            &format!("/api/{FORMATION}/v1/chat"),
+            &[("content-type", "application/json"), ("x-muxi-client-key", CLIENT_KEY), ("x-muxi-user-id", USER)],
+            CHAT_BODY,
+            &scripts,
+            (WRK_ROUNDS, WRK_SECONDS, CONCURRENCY),
+        )
+    })
+    .await
+    .expect("wrk rounds");
+    drop(floor);
     drop(muxi); // SIGKILL, then its agents
     drop(bare);
 
@@ -258,6 +281,7 @@ async fn run(n: usize, rounds: usize, in_flight: usize) {
         loaded_more,
         data_fs: fs_kind(&fixture.data),
         postgres,
+        under_wrk,
     });
     let (off, on) = (accept_off.throughput(), accept_on.throughput());
     println!(
@@ -436,6 +460,8 @@ struct Report {
     loaded_more: u64,
     data_fs: &'static str,
     postgres: Option<Postgres>,
+    /// Phase 2b: accept against the floor under wrk, if it ran.
+    under_wrk: Option<wrk::Rounds>,
 }
 
 fn report(r: Report) {
@@ -497,8 +523,7 @@ fn report(r: Report) {
     };
     // The same ratio round by round: how far the machine's drift moves it.
     let by_round = |name: &str, a: &Phase, b: &Phase| {
-        let each: Vec<String> =
-            a.rounds.iter().zip(&b.rounds).map(|(a, b)| format!("{:.1}%", a / b * 100.0)).collect();
+        let each: Vec<String> = a.rounds.iter().zip(&b.rounds).map(|(a, b)| format!("{:.1}%", a / b * 100.0)).collect();
         println!("  {:<52} {:>12}", name, each.join(" "));
     };
     percent("accept / floor", accept_floor, FLOOR_TARGET);
@@ -511,6 +536,22 @@ fn report(r: Report) {
             "floor CPU / accept CPU, per request (server processes)",
             floor / accept * 100.0
         );
+    }
+    match &r.under_wrk {
+        Some(w) => {
+            let each: Vec<String> =
+                w.muxi.iter().zip(&w.floor).map(|(m, f)| format!("{:.1}%", m / f * 100.0)).collect();
+            println!(
+                "  {:<52} {:>11.1}%  (floor {:.0}, muxi-rt {:.0} req/s; non-2xx {})",
+                format!("accept / floor under wrk -t1 -c{CONCURRENCY}, {WRK_ROUNDS}x{WRK_SECONDS} s"),
+                w.ratio() * 100.0,
+                w.floor.iter().sum::<f64>() / w.floor.len() as f64,
+                w.muxi.iter().sum::<f64>() / w.muxi.len() as f64,
+                w.errors
+            );
+            println!("  {:<52} {:>12}", "  the same, round by round", each.join(" "));
+        }
+        None => println!("  (accept / floor under wrk not measured: wrk is not installed)"),
     }
     percent("status polls / bare", poll_ratio, POLL_TARGET);
     by_round("  the same, round by round", &r.polls, &r.base_get);
