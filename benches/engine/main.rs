@@ -35,9 +35,10 @@
 //!   accepted in (1), with the client key and `X-Muxi-User-ID`, against bare,
 //!   and in the same rounds polls of one request whose message is 900 KB (a
 //!   poll's cost must not grow with the message); (2b) if `wrk` is installed,
-//!   accept against the floor once more under `wrk -t1 -c64` itself, the
-//!   measure issue 14 states its figures in (`wrk.rs`: printed beside the
-//!   bench's own figure, which stays the one held to the target);
+//!   accept against the floor and polls against bare once more under
+//!   `wrk -t1 -c64` itself, the measure issue 14 states its figures in
+//!   (`wrk.rs`: printed beside the bench's own figures, which stay the ones
+//!   held to the targets);
 //!   (3) RSS: a fresh muxi-rt server, VmRSS at idle, after accepting 10,000
 //!   async requests, then after 100,000 (`/proc/<pid>/status`); (4) metrics
 //!   cost: the accept phase against two fresh servers, `--no-metrics` and
@@ -78,9 +79,10 @@ const FORMATION: &str = "bench";
 const CLIENT_KEY: &str = "client-bench-0123456789";
 const USER: &str = "bench-user";
 const CHAT_BODY: &str = r#"{"message": "summarise the benchmark please", "async": true}"#;
-/// Rounds of phase 2b (wrk), each this long per side.
+/// Rounds of phase 2b (wrk), each this long per side, and the ids its polls cycle over.
 const WRK_ROUNDS: usize = 4;
 const WRK_SECONDS: u32 = 3;
+const WRK_POLLED_IDS: usize = 5_000;
 /// The message of the request polled beside the others in phase 2 (900 KB).
 const BIG_MESSAGE_BYTES: usize = 900_000;
 
@@ -188,18 +190,20 @@ async fn run(n: usize, rounds: usize, in_flight: usize) {
     let (polled_big, polled, base_get) = (sides.pop().unwrap(), sides.pop().unwrap(), sides.pop().unwrap());
     let rss_a = rss(muxi.pid());
 
-    eprintln!("phase 2b: accept under wrk -t1 -c{CONCURRENCY}, floor and muxi-rt alternating (if wrk is installed)");
-    let (floor_addr, muxi_addr, scripts) = (floor.addr, muxi.addr, fixture.data.clone());
+    eprintln!("phase 2b: accept and polls under wrk -t1 -c{CONCURRENCY}, alternating (if wrk is installed)");
+    let (floor_addr, muxi_addr, bare_addr, scripts) = (floor.addr, muxi.addr, bare.addr, fixture.data.clone());
+    let polled_ids: Vec<String> = accept.ids.iter().take(WRK_POLLED_IDS).cloned().collect();
     let under_wrk = tokio::task::spawn_blocking(move || {
-        wrk::accept(
-            floor_addr,
-            muxi_addr,
-            &format!("/api/{FORMATION}/v1/chat"),
-            &[("content-type", "application/json"), ("x-muxi-client-key", CLIENT_KEY), ("x-muxi-user-id", USER)],
-            CHAT_BODY,
-            &scripts,
-            (WRK_ROUNDS, WRK_SECONDS, CONCURRENCY),
-        )
+        let headers = [("x-muxi-client-key", CLIENT_KEY), ("x-muxi-user-id", USER)];
+        let chat = format!("/api/{FORMATION}/v1/chat");
+        let post_headers = [("content-type", "application/json"), headers[0], headers[1]];
+        let posts = wrk::Script { headers: &post_headers, post: Some(CHAT_BODY), path: &chat, ids: &[] };
+        let status = format!("/api/{FORMATION}/v1/requests/");
+        let gets = wrk::Script { headers: &headers, post: None, path: &status, ids: &polled_ids };
+        let shape = (WRK_ROUNDS, WRK_SECONDS, CONCURRENCY);
+        let accept = wrk::compare(floor_addr, muxi_addr, &posts, &scripts.join("post.lua"), shape)?;
+        let polls = wrk::compare(bare_addr, muxi_addr, &gets, &scripts.join("get.lua"), shape)?;
+        Some((accept, polls))
     })
     .await
     .expect("wrk rounds");
@@ -460,8 +464,8 @@ struct Report {
     loaded_more: u64,
     data_fs: &'static str,
     postgres: Option<Postgres>,
-    /// Phase 2b: accept against the floor under wrk, if it ran.
-    under_wrk: Option<wrk::Rounds>,
+    /// Phase 2b: accept against the floor, and polls against bare GET, under wrk, if it ran.
+    under_wrk: Option<(wrk::Rounds, wrk::Rounds)>,
 }
 
 fn report(r: Report) {
@@ -537,24 +541,27 @@ fn report(r: Report) {
             floor / accept * 100.0
         );
     }
-    match &r.under_wrk {
-        Some(w) => {
-            let each: Vec<String> =
-                w.muxi.iter().zip(&w.floor).map(|(m, f)| format!("{:.1}%", m / f * 100.0)).collect();
-            println!(
-                "  {:<52} {:>11.1}%  (floor {:.0}, muxi-rt {:.0} req/s; non-2xx {})",
-                format!("accept / floor under wrk -t1 -c{CONCURRENCY}, {WRK_ROUNDS}x{WRK_SECONDS} s"),
-                w.ratio() * 100.0,
-                w.floor.iter().sum::<f64>() / w.floor.len() as f64,
-                w.muxi.iter().sum::<f64>() / w.muxi.len() as f64,
-                w.errors
-            );
-            println!("  {:<52} {:>12}", "  the same, round by round", each.join(" "));
-        }
-        None => println!("  (accept / floor under wrk not measured: wrk is not installed)"),
+    let under_wrk = |name: &str, w: &wrk::Rounds| {
+        let each: Vec<String> = w.muxi.iter().zip(&w.base).map(|(m, b)| format!("{:.1}%", m / b * 100.0)).collect();
+        println!(
+            "  {:<52} {:>11.1}%  ({:.0} and {:.0} req/s; non-2xx {})",
+            format!("{name} under wrk -t1 -c{CONCURRENCY}, {WRK_ROUNDS}x{WRK_SECONDS} s"),
+            w.ratio() * 100.0,
+            w.base.iter().sum::<f64>() / w.base.len() as f64,
+            w.muxi.iter().sum::<f64>() / w.muxi.len() as f64,
+            w.errors
+        );
+        println!("  {:<52} {:>12}", "  the same, round by round", each.join(" "));
+    };
+    if let Some((accept, _)) = &r.under_wrk {
+        under_wrk("accept / floor", accept);
     }
     percent("status polls / bare", poll_ratio, POLL_TARGET);
     by_round("  the same, round by round", &r.polls, &r.base_get);
+    match &r.under_wrk {
+        Some((_, polls)) => under_wrk("status polls / bare", polls),
+        None => println!("  (accept and polls under wrk not measured: wrk is not installed)"),
+    }
     println!("  {:<52} {:>11.1}%", "polls of a 900 KB message / polls", ratio(&r.polls_big, &r.polls) * 100.0);
     let memory = |count: usize, bytes: u64, target: u64, wanted: usize| {
         println!(
