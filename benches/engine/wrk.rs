@@ -1,9 +1,9 @@
 //! The issue's own measure beside the bench's: `wrk -t1 -c64` (issue 14 states
 //! its figures so) against two servers, in rotating rounds, when wrk is
-//! installed: accept against the floor, polls against bare GET. wrk spends
-//! more CPU per request than `load.rs`'s generator, which leaves the servers
-//! less of the two CPUs: the same servers measure closer to each other under
-//! wrk. Printed beside the bench's figures, never instead of them.
+//! installed: accept against the floor, polls against bare GET. Its rounds
+//! are longer than `load.rs`'s and its cost per request differs, so its
+//! ratios differ from the bench's own; they are printed beside the bench's
+//! figures, never instead of them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
