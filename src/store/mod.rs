@@ -5,6 +5,9 @@
 
 /// The record columns of `requests r LEFT JOIN deliveries d`, with `$message`
 /// for the message: `r.message`, or `'' AS message` where it is not read.
+/// Only a request that has ended can have a delivery (`finish` makes it), so
+/// the join looks for one only then: a poll of a queued request costs no
+/// search of the deliveries.
 macro_rules! record_columns {
     ($message:literal) => {
         // The order is fixed: the SQLite store reads these by position (`sqlite::col`).
@@ -16,7 +19,8 @@ macro_rules! record_columns {
              r.status_message, r.result_text, r.artifacts, r.error, r.attempts, r.created_at, r.started_at, \
              r.completed_at, r.fingerprint, d.status AS webhook_status, d.attempts AS webhook_attempts, \
              d.last_error AS webhook_last_error \
-             FROM requests r LEFT JOIN deliveries d ON d.request_id = r.id "
+             FROM requests r LEFT JOIN deliveries d \
+             ON r.status <> 'pending' AND r.status <> 'processing' AND d.request_id = r.id "
         )
     };
 }
