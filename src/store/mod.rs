@@ -777,9 +777,10 @@ mod id_tests {
         assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{id}");
         let (secs, nanos) = uuid.get_timestamp().expect("a v7 timestamp").to_unix();
         let ms = i64::try_from(secs * 1000 + u64::from(nanos / 1_000_000)).unwrap();
-        // The counter may have carried the milliseconds ahead of the clock by
-        // one when other tests made many ids in the same millisecond.
-        assert!(before <= ms && ms <= after + 1, "{before} <= {ms} <= {after}");
+        // Other tests on other threads (`cargo test` runs them in one process)
+        // may have carried the milliseconds a little ahead of the clock by
+        // making more than 4,096 ids in a millisecond.
+        assert!(before <= ms && ms <= after + 50, "{before} <= {ms} <= {after} + 50");
     }
 
     #[test]
