@@ -526,12 +526,12 @@ fn report(r: Report) {
         );
     };
     // The same ratio round by round: how far the machine's drift moves it.
-    let by_round = |name: &str, a: &Phase, b: &Phase| {
-        let each: Vec<String> = a.rounds.iter().zip(&b.rounds).map(|(a, b)| format!("{:.1}%", a / b * 100.0)).collect();
-        println!("  {:<52} {:>12}", name, each.join(" "));
+    let by_round = |a: &[f64], b: &[f64]| {
+        let each: Vec<String> = a.iter().zip(b).map(|(a, b)| format!("{:.1}%", a / b * 100.0)).collect();
+        println!("  {:<52} {:>12}", "  the same, round by round", each.join(" "));
     };
     percent("accept / floor", accept_floor, FLOOR_TARGET);
-    by_round("  the same, round by round", &r.accept, &r.base_floor);
+    by_round(&r.accept.rounds, &r.base_floor.rounds);
     println!("  {:<52} {:>11.1}%", "accept / bare", ratio(&r.accept, &r.base_post) * 100.0);
     println!("  {:<52} {:>11.1}%", "floor / bare", ratio(&r.base_floor, &r.base_post) * 100.0);
     if let (Some(floor), Some(accept)) = (r.base_floor.cpu_us_per_request(), r.accept.cpu_us_per_request()) {
@@ -542,7 +542,6 @@ fn report(r: Report) {
         );
     }
     let under_wrk = |name: &str, w: &wrk::Rounds| {
-        let each: Vec<String> = w.muxi.iter().zip(&w.base).map(|(m, b)| format!("{:.1}%", m / b * 100.0)).collect();
         println!(
             "  {:<52} {:>11.1}%  ({:.0} and {:.0} req/s; non-2xx {})",
             format!("{name} under wrk -t1 -c{CONCURRENCY}, {WRK_ROUNDS}x{WRK_SECONDS} s"),
@@ -551,13 +550,13 @@ fn report(r: Report) {
             w.muxi.iter().sum::<f64>() / w.muxi.len() as f64,
             w.errors
         );
-        println!("  {:<52} {:>12}", "  the same, round by round", each.join(" "));
+        by_round(&w.muxi, &w.base);
     };
     if let Some((accept, _)) = &r.under_wrk {
         under_wrk("accept / floor", accept);
     }
     percent("status polls / bare", poll_ratio, POLL_TARGET);
-    by_round("  the same, round by round", &r.polls, &r.base_get);
+    by_round(&r.polls.rounds, &r.base_get.rounds);
     match &r.under_wrk {
         Some((_, polls)) => under_wrk("status polls / bare", polls),
         None => println!("  (accept and polls under wrk not measured: wrk is not installed)"),

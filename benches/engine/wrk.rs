@@ -6,7 +6,7 @@
 //! figures, never instead of them.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 /// Requests per second of each round, per side.
@@ -34,7 +34,7 @@ pub struct Script<'a> {
 }
 
 impl Script<'_> {
-    fn write(&self, file: &Path) -> PathBuf {
+    fn write(&self, file: &Path) {
         let mut lua = String::new();
         for (name, value) in self.headers {
             lua.push_str(&format!("wrk.headers[{}] = {}\n", lua_string(name), lua_string(value)));
@@ -52,7 +52,6 @@ impl Script<'_> {
             }
         }
         std::fs::write(file, lua).expect("write the wrk script");
-        file.to_path_buf()
     }
 }
 
@@ -66,13 +65,13 @@ pub fn compare(
     file: &Path,
     (rounds, seconds, connections): (usize, u32, usize),
 ) -> Option<Rounds> {
-    let script_file = script.write(file);
+    script.write(file);
     // A POST goes to its path; GETs build theirs in the script.
     let url = |addr: SocketAddr| format!("http://{addr}{}", if script.post.is_some() { script.path } else { "/" });
     let run = |addr: SocketAddr| -> Option<(f64, u64)> {
         let out = Command::new("wrk")
             .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s"), "-s"])
-            .arg(&script_file)
+            .arg(file)
             .arg(url(addr))
             .output()
             .ok()?;
