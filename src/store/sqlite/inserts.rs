@@ -1,14 +1,17 @@
 //! New requests, written many to a statement. The writer hands each run of
 //! queued inserts in its batch to [`write`], which writes them in chunks of up
 //! to [`CHUNKS`]`[0]` rows, one `INSERT ... VALUES (...), (...)` per chunk: the
-//! statement's fixed cost (opening cursors on the table and its indexes, its
-//! statement journal, resetting) is paid once per chunk rather than once per row.
+//! statement's fixed cost (opening cursors on the table and its indexes,
+//! resetting) is paid once per chunk rather than once per row.
 //!
 //! A chunk is written whole only when each of its idempotency keys is held by
-//! no row yet, nor by two of its rows; otherwise, and when a chunk's statement
-//! fails, its rows are written one by one, each with its own answer (the
-//! earlier request that holds its key, or its error), so a bad request fails
-//! alone.
+//! no row yet, nor by two of its rows; otherwise its rows are written one by
+//! one, each with its own answer (the earlier request that holds its key, or
+//! its error), so a bad request fails alone. The statements are `INSERT OR
+//! FAIL`: a row that breaks a constraint stops its statement, and the rows
+//! written before it stay. SQLite then needs no statement journal (a copy of
+//! every page the statement changes, kept to undo it), and the rows after the
+//! bad one are written one by one.
 
 use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
@@ -28,7 +31,7 @@ const COLUMNS: usize = 17;
 fn insert_sql(rows: usize) -> String {
     let row = format!("({}, 'pending')", vec!["?"; COLUMNS].join(", "));
     format!(
-        "INSERT INTO requests (id, formation_id, formation_version, user_id, session_id, agent_id, message, \
+        "INSERT OR FAIL INTO requests (id, formation_id, formation_version, user_id, session_id, agent_id, message, \
          mode, answered_async, estimated_seconds, idempotency_key, fingerprint, webhook_url, \
          workflow_timeout_ms, created_at, lease_owner, lease_expires_at, status) VALUES {}",
         vec![row; rows].join(", ")
@@ -106,18 +109,24 @@ pub(super) fn write(inserts: &mut Inserts, mut run: Vec<&mut InsertJob>) -> bool
     while !rest.is_empty() {
         // Always found: the last size is 1.
         let which = CHUNKS.iter().position(|&size| size <= rest.len()).unwrap_or(CHUNKS.len() - 1);
-        let (chunk, tail) = rest.split_at_mut(CHUNKS[which]);
+        let (mut chunk, tail) = rest.split_at_mut(CHUNKS[which]);
         rest = tail;
         if chunk.len() > 1 && keys_are_free(conn, chunk).unwrap_or(false) {
-            match insert_rows(inserts, which, chunk.iter().map(|job| &**job)) {
-                Ok(()) => {
-                    chunk.iter_mut().for_each(|job| job.out = Some(Ok(Found::Created)));
-                    continue;
-                }
-                Err(_) if conn.is_autocommit() => return false,
-                // SQLite undid the failed statement: the rows are written one by one.
-                Err(_) => {}
+            let before = conn.total_changes();
+            let outcome = insert_rows(inserts, which, chunk.iter().map(|job| &**job));
+            if outcome.is_err() && conn.is_autocommit() {
+                return false;
             }
+            // `OR FAIL`: the rows before a failed one are written, and counted
+            // in the connection's changes (none if the statement never ran);
+            // the rest go one by one.
+            let written = match outcome {
+                Ok(()) => chunk.len(),
+                Err(_) => usize::try_from(conn.total_changes().saturating_sub(before)).map_or(0, |n| n.min(chunk.len())),
+            };
+            let (done, left) = chunk.split_at_mut(written);
+            done.iter_mut().for_each(|job| job.out = Some(Ok(Found::Created)));
+            chunk = left;
         }
         // A key taken or a failed chunk: each row gets its own answer.
         for job in chunk.iter_mut() {
@@ -322,18 +331,28 @@ mod tests {
 
     #[test]
     fn a_bad_row_fails_alone_and_its_chunk_is_written() {
-        let mut conn = database();
-        write_run(&mut conn, vec![request("req_3", 1)]);
-        let requests: Vec<_> = (0..8).map(|i| request(&format!("req_{i}"), 2)).collect();
-        for (i, answer) in write_run(&mut conn, requests).into_iter().enumerate() {
-            match answer {
-                Err(e) => assert!(i == 3 && e.to_string().contains("UNIQUE constraint failed"), "req_{i}: {e}"),
-                Ok(inserted) => assert!(i != 3 && matches!(inserted, Inserted::Created(_))),
+        // The bad row first, inside and last: the rows before it are written
+        // by the chunk's statement (`OR FAIL`), the rest one by one.
+        for bad in [0, 3, 7] {
+            let mut conn = database();
+            write_run(&mut conn, vec![request(&format!("req_{bad}"), 1)]);
+            let requests: Vec<_> = (0..8).map(|i| request(&format!("req_{i}"), 2)).collect();
+            for (i, answer) in write_run(&mut conn, requests).into_iter().enumerate() {
+                match answer {
+                    Err(e) => assert!(i == bad && e.to_string().contains("UNIQUE constraint failed"), "req_{i}: {e}"),
+                    Ok(inserted) => assert!(i != bad && matches!(inserted, Inserted::Created(_)), "req_{i}"),
+                }
             }
+            assert_eq!(ids(&conn), (0..8).map(|i| format!("req_{i}")).collect::<Vec<_>>());
+            let created_at: Vec<i64> = conn
+                .prepare("SELECT created_at FROM requests ORDER BY id")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            let expected: Vec<i64> = (0..8).map(|i| if i == bad { 1 } else { 2 }).collect();
+            assert_eq!(created_at, expected, "the row already there is untouched, the others written once");
         }
-        assert_eq!(ids(&conn), (0..8).map(|i| format!("req_{i}")).collect::<Vec<_>>());
-        let created_at: i64 =
-            conn.query_row("SELECT created_at FROM requests WHERE id = 'req_3'", [], |r| r.get(0)).unwrap();
-        assert_eq!(created_at, 1, "the row already there is untouched");
     }
 }
