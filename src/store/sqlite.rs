@@ -38,7 +38,7 @@ use rusqlite::{params, Connection, DropBehavior, OptionalExtension, Row, Transac
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
-use readers::ReadPool;
+use readers::{ById, ReadPool};
 
 use super::{
     AdminQuery, Among, Backlog, Claim, Delivery, DeliveryUpdate, ErrorInfo, FormationCopy, Inserted, Lease, ListQuery,
@@ -213,20 +213,13 @@ impl SqliteStore {
         .map_err(|e| StoreError(format!("{name}: {e}")))
     }
 
-    /// Runs a point read (one row by key, a few pages of the memory map) on
-    /// this thread: cheaper than a hand-off to the blocking pool, and short
-    /// enough not to hold up the tasks behind it.
-    async fn read_at_once<T, F>(&self, name: &'static str, op: F) -> StoreResult<T>
-    where
-        F: FnOnce(&Connection) -> rusqlite::Result<T>,
-    {
+    /// The one record `query` finds by `id`. A point read (one row by key, a
+    /// few pages of the memory map) runs on this thread: cheaper than a
+    /// hand-off to the blocking pool, and short enough not to hold up the tasks
+    /// behind it.
+    async fn record_by_id(&self, name: &'static str, query: ById, id: &str) -> StoreResult<Option<RequestRecord>> {
         let _turn = self.readers.free.acquire().await.map_err(|_| StoreError(format!("{name}: closed")))?;
-        self.readers.with(op).map_err(|e| StoreError(format!("{name}: {e}")))
-    }
-
-    /// The one record `sql` (a query of one of the readers' views by id) finds.
-    async fn record_by_id(&self, name: &'static str, sql: &str, id: &str) -> StoreResult<Option<RequestRecord>> {
-        self.read_at_once(name, |conn| conn.prepare_cached(sql)?.query_row([id], record_from_row).optional()).await
+        self.readers.record_by_id(query, id).map_err(|e| StoreError(format!("{name}: {e}")))
     }
 }
 
@@ -571,13 +564,11 @@ impl Store for SqliteStore {
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
-        // `request_records` is `select_records!` (see `readers`).
-        self.record_by_id("get", "SELECT * FROM request_records WHERE id = ?1", id).await
+        self.record_by_id("get", ById::Record, id).await
     }
 
     async fn get_without_message(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
-        // `request_states` is the same with `''` for the message.
-        self.record_by_id("get_without_message", "SELECT * FROM request_states WHERE id = ?1", id).await
+        self.record_by_id("get_without_message", ById::State, id).await
     }
 
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<RequestRecord>> {

@@ -1,14 +1,16 @@
 //! The SQLite store's read-only connections: a fixed set behind a semaphore,
-//! each keeping its snapshot between reads until the writer commits again.
+//! each keeping its snapshot between reads until the writer commits again,
+//! and its by-id record queries prepared.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Statement};
 
-use super::{BUSY_TIMEOUT, MMAP_BYTES};
+use super::{record_from_row, BUSY_TIMEOUT, MMAP_BYTES};
+use crate::store::RequestRecord;
 
 /// Read-only connections: at most this many reads run at once; the rest wait
 /// for one to be free rather than opening (and warming) a connection each.
@@ -31,9 +33,35 @@ pub(super) struct ReadPool {
 }
 
 pub(super) struct Reader {
-    pub(super) conn: Connection,
+    /// The queries of [`ById`], prepared once on `conn` (a poll then pays no
+    /// statement cache: hashing its text, taking it out and putting it back).
+    /// Declared before `conn`, so they are dropped (finalized) before it.
+    by_id: [Statement<'static>; 2],
+    /// Boxed: the statements above point at it, so it must never move.
+    pub(super) conn: Box<Connection>,
     /// The commit count when its open read transaction began.
     seen: u64,
+}
+
+// SAFETY: a `Statement` is not `Send` only because it borrows its connection,
+// which is not `Sync`. A reader's statements borrow its own connection and
+// nothing else, and all of them move together: the pool hands a reader to one
+// thread at a time, so the connection is never used from two threads at once
+// (SQLite's multi-thread mode, `SQLITE_OPEN_NO_MUTEX`, asks no more).
+unsafe impl Send for Reader {}
+
+/// A request's record, read by id.
+#[derive(Clone, Copy)]
+pub(super) enum ById {
+    /// The whole record.
+    Record = 0,
+    /// The record without its message (`''`): what a status poll reads.
+    State = 1,
+}
+
+impl ById {
+    const SQL: [&'static str; 2] =
+        ["SELECT * FROM request_records WHERE id = ?1", "SELECT * FROM request_states WHERE id = ?1"];
 }
 
 /// How often the janitor ends stale snapshots of idle readers.
@@ -63,9 +91,8 @@ impl ReadPool {
         )?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
-        // The record query under a short name: a poll's `prepare_cached` then
-        // hashes and compares a few bytes of SQL, not all of it. A TEMP view
-        // lives in this connection only, so it always has this build's columns.
+        // The record query under a short name. A TEMP view lives in this
+        // connection only, so it always has this build's columns.
         // `request_states` is the same without the message (see `get_without_message`).
         conn.execute_batch(concat!(
             "CREATE TEMP VIEW request_records AS ",
@@ -73,7 +100,18 @@ impl ReadPool {
             "; CREATE TEMP VIEW request_states AS SELECT ",
             record_columns!("'' AS message"),
         ))?;
-        Ok(Reader { conn, seen: 0 })
+        let conn = Box::new(conn);
+        let prepare = |sql| -> rusqlite::Result<Statement<'static>> {
+            let statement = conn.prepare(sql)?;
+            // SAFETY: the statement borrows the boxed connection, which stays at
+            // its address for the reader's life (the box is never moved out nor
+            // replaced), and `Reader` drops its statements before its connection
+            // (field order). No `'static` borrow of the connection escapes: a
+            // `Statement` does not hand out the connection it holds.
+            Ok(unsafe { std::mem::transmute::<Statement<'_>, Statement<'static>>(statement) })
+        };
+        let by_id = [prepare(ById::SQL[0])?, prepare(ById::SQL[1])?];
+        Ok(Reader { by_id, conn, seen: 0 })
     }
 
     /// A reader whose snapshot holds every commit made so far.
@@ -107,6 +145,15 @@ impl ReadPool {
     pub(super) fn with<T>(&self, op: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
         let reader = self.get()?;
         let out = op(&reader.conn);
+        self.put(reader);
+        out
+    }
+
+    /// The record `query` finds by `id`, read with the reader's own statement.
+    /// The caller holds a `free` permit.
+    pub(super) fn record_by_id(&self, query: ById, id: &str) -> rusqlite::Result<Option<RequestRecord>> {
+        let mut reader = self.get()?;
+        let out = reader.by_id[query as usize].query_row([id], record_from_row).optional();
         self.put(reader);
         out
     }
