@@ -46,6 +46,9 @@ use super::{
     SessionMessage, SessionSummary, Status, Store, StoreError, StoreHealth, StoreResult, WebhookState,
 };
 
+/// How long the writer waits with nothing to write before it copies the WAL
+/// into the database file (SQLite's own checkpoints run only as the WAL grows).
+const IDLE_CHECKPOINT_AFTER: Duration = Duration::from_millis(400);
 /// The most commands one transaction carries.
 const MAX_BATCH: usize = 512;
 /// The statements the writer connection keeps prepared.
@@ -106,15 +109,17 @@ impl SqliteStore {
         probe_write(&conn).map_err(|e| StoreError(format!("{} is not writable: {e}", path.display())))?;
 
         let commits = Arc::new(AtomicU64::new(0));
-        let readers = ReadPool::open(&path, commits.clone()).map_err(opening)?;
+        let generation = Arc::new(AtomicU64::new(0));
+        let readers = ReadPool::open(&path, generation.clone()).map_err(opening)?;
 
         let health = Arc::new(Mutex::new(StoreHealth::writable()));
         let (sender, receiver) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("muxi-store-writer".into())
             .spawn({
-                let (commits, health) = (commits.clone(), health.clone());
-                move || writer_loop(conn, receiver, commits, health)
+                let counts = Counts { commits: commits.clone(), generation };
+                let health = health.clone();
+                move || writer_loop(conn, receiver, counts, health)
             })
             .map_err(|e| StoreError(format!("cannot start the writer thread: {e}")))?;
 
@@ -340,16 +345,36 @@ fn note_health(health: &Mutex<StoreHealth>, outcome: &StoreResult<()>) {
     }
 }
 
-fn writer_loop(
-    conn: Connection,
-    queue: mpsc::Receiver<Box<dyn Job>>,
+/// What the writer counts for others.
+struct Counts {
+    /// Commits (see [`SqliteStore::commits`]).
     commits: Arc<AtomicU64>,
-    health: Arc<Mutex<StoreHealth>>,
-) {
+    /// The readers' generation (see [`ReadPool`]).
+    generation: Arc<AtomicU64>,
+}
+
+fn writer_loop(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>, counts: Counts, health: Arc<Mutex<StoreHealth>>) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     let mut inserts = inserts::Inserts::new(&conn);
-    // `recv` fails only once every sender is gone and the queue is empty.
-    while let Ok(first) = queue.recv() {
+    // Whether commits may be left in the WAL that no checkpoint has copied.
+    let mut unsaved = false;
+    loop {
+        let first = if unsaved {
+            match queue.recv_timeout(IDLE_CHECKPOINT_AFTER) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    unsaved = !idle_checkpoint(&conn, &counts.generation);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            // `recv` fails only once every sender is gone and the queue is empty.
+            match queue.recv() {
+                Ok(job) => job,
+                Err(_) => break,
+            }
+        };
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {
@@ -369,7 +394,9 @@ fn writer_loop(
 
         match &outcome {
             Ok(()) => {
-                commits.fetch_add(1, Ordering::Relaxed);
+                counts.commits.fetch_add(1, Ordering::Relaxed);
+                counts.generation.fetch_add(1, Ordering::Release);
+                unsaved = true;
                 tracing::trace!(writes = batch.len(), "store batch committed");
             }
             Err(e) => tracing::error!(writes = batch.len(), error = %e, "store batch failed"),
@@ -379,6 +406,27 @@ fn writer_loop(
         }
     }
     tracing::debug!("store writer stopped");
+}
+
+/// Copies what the WAL holds into the database file, without waiting on any
+/// reader (`PASSIVE`). When it all went, the readers' generation moves on, so
+/// their next snapshots read the file alone. True when nothing is left.
+fn idle_checkpoint(conn: &Connection, generation: &AtomicU64) -> bool {
+    // (busy, frames in the WAL, frames copied); -1s when not in WAL mode.
+    let checkpoint =
+        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?)));
+    match checkpoint {
+        Ok((frames, copied)) if copied >= frames => {
+            generation.fetch_add(1, Ordering::Release);
+            true
+        }
+        // A reader's snapshot still needs the WAL: tried again after the next idle wait.
+        Ok(_) => false,
+        Err(e) => {
+            tracing::debug!(error = %e, "idle checkpoint failed");
+            false
+        }
+    }
 }
 
 /// One transaction for the whole batch, one savepoint per job (but runs of new
@@ -1422,5 +1470,33 @@ mod reader_snapshots {
         created(store.insert(request("req_last", 99), None, 1_000).await.unwrap());
         tokio::time::sleep(readers::JANITOR_EVERY * 3).await;
         assert_eq!(holding(&store), 0, "stale snapshots of idle readers end");
+    }
+
+    /// The rows `requests` holds in a copy of the database file alone (no WAL).
+    fn rows_in_file_alone(dir: &Path) -> i64 {
+        let copy = dir.join("copy.db");
+        std::fs::copy(dir.join(DB_FILE), &copy).unwrap();
+        let conn = Connection::open(&copy).unwrap();
+        conn.query_row("SELECT count(*) FROM requests", [], |row| row.get(0)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn once_the_writer_is_idle_the_database_file_holds_every_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        // A reader holds a snapshot from before the writes, as a poll leaves one.
+        store.get("req_none").await.unwrap();
+        for i in 0..50 {
+            created(store.insert(request(&format!("req_{i}"), i), None, 1_000).await.unwrap());
+        }
+        assert_eq!(rows_in_file_alone(dir.path()), 0, "the commits are in the WAL, not yet in the file");
+        // The janitor ends the stale snapshot; the writer then checkpoints it all.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while rows_in_file_alone(dir.path()) < 50 {
+            assert!(std::time::Instant::now() < deadline, "the idle writer never copied the WAL into the file");
+            tokio::time::sleep(IDLE_CHECKPOINT_AFTER).await;
+        }
+        // Readers start new snapshots (which read the file alone) and still see every write.
+        assert_eq!(store.get("req_49").await.unwrap().map(|r| r.id).as_deref(), Some("req_49"));
     }
 }

@@ -122,7 +122,9 @@ pub(super) fn write(inserts: &mut Inserts, mut run: Vec<&mut InsertJob>) -> bool
             // the rest go one by one.
             let written = match outcome {
                 Ok(()) => chunk.len(),
-                Err(_) => usize::try_from(conn.total_changes().saturating_sub(before)).map_or(0, |n| n.min(chunk.len())),
+                Err(_) => {
+                    usize::try_from(conn.total_changes().saturating_sub(before)).map_or(0, |n| n.min(chunk.len()))
+                }
             };
             let (done, left) = chunk.split_at_mut(written);
             done.iter_mut().for_each(|job| job.out = Some(Ok(Found::Created)));

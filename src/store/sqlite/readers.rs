@@ -1,5 +1,5 @@
 //! The SQLite store's read-only connections: a fixed set behind a semaphore,
-//! each keeping its snapshot between reads until the writer commits again,
+//! each keeping its snapshot between reads until the writer moves on,
 //! and its by-id record queries prepared.
 
 use std::path::{Path, PathBuf};
@@ -17,19 +17,26 @@ use crate::store::RequestRecord;
 const READERS: usize = 8;
 
 /// The read-only connections. Each keeps its read transaction (its snapshot)
-/// open between reads until the writer commits again: a read then costs no
+/// open between reads until the writer moves on: a read then costs no
 /// `BEGIN`, no WAL read lock (two `fcntl` calls) and no `COMMIT`. A reader
-/// whose snapshot is older than the last commit starts a new one before it
-/// reads, so a read never misses a write whose caller has been answered (the
-/// writer counts a commit before it answers). A janitor ends stale snapshots of
-/// idle readers, so they do not hold the WAL back from its checkpoints.
+/// whose snapshot is of an older generation than the writer's starts a new one
+/// before it reads, so a read never misses a write whose caller has been
+/// answered (the writer counts a commit before it answers). A janitor ends
+/// stale snapshots of idle readers, so they do not hold the WAL back from its
+/// checkpoints.
+///
+/// The writer also moves the generation on when an idle checkpoint has copied
+/// the whole WAL into the database file: a snapshot begun after that reads
+/// the file alone, where one begun before looks each page up in the WAL's
+/// index first (the longer the WAL, the dearer).
 pub(super) struct ReadPool {
     path: PathBuf,
     pub(super) idle: Mutex<Vec<Reader>>,
     /// One permit per connection that may be in use ([`READERS`]).
     pub(super) free: Arc<tokio::sync::Semaphore>,
-    /// Commits made by the writer so far.
-    commits: Arc<AtomicU64>,
+    /// The writer's generation: one more at each commit and at each idle
+    /// checkpoint that emptied the WAL.
+    generation: Arc<AtomicU64>,
 }
 
 pub(super) struct Reader {
@@ -39,7 +46,7 @@ pub(super) struct Reader {
     by_id: [Statement<'static>; 2],
     /// Boxed: the statements above point at it, so it must never move.
     pub(super) conn: Box<Connection>,
-    /// The commit count when its open read transaction began.
+    /// The writer's generation when its open read transaction began.
     seen: u64,
 }
 
@@ -68,15 +75,15 @@ impl ById {
 pub(super) const JANITOR_EVERY: Duration = Duration::from_millis(250);
 
 impl ReadPool {
-    /// The pool for the database at `path`, whose writer counts its commits in
-    /// `commits`. One reader is opened now, so a database readers cannot open
+    /// The pool for the database at `path`, whose writer counts its
+    /// generations in `generation`. One reader is opened now, so a database readers cannot open
     /// fails here, not at the first read.
-    pub(super) fn open(path: &Path, commits: Arc<AtomicU64>) -> rusqlite::Result<Arc<ReadPool>> {
+    pub(super) fn open(path: &Path, generation: Arc<AtomicU64>) -> rusqlite::Result<Arc<ReadPool>> {
         let pool = Arc::new(ReadPool {
             path: path.to_path_buf(),
             idle: Mutex::new(Vec::new()),
             free: Arc::new(tokio::sync::Semaphore::new(READERS)),
-            commits,
+            generation,
         });
         let first = pool.connect()?;
         pool.put(first);
@@ -121,7 +128,7 @@ impl ReadPool {
             Some(reader) => reader,
             None => self.connect()?,
         };
-        let now = self.commits.load(Ordering::Acquire);
+        let now = self.generation.load(Ordering::Acquire);
         if !reader.conn.is_autocommit() && reader.seen != now {
             reader.conn.execute_batch("COMMIT")?;
         }
@@ -165,7 +172,7 @@ impl ReadPool {
         let started = std::thread::Builder::new().name("muxi-store-readers".into()).spawn(move || loop {
             std::thread::sleep(JANITOR_EVERY);
             let Some(pool) = pool.upgrade() else { return };
-            let now = pool.commits.load(Ordering::Acquire);
+            let now = pool.generation.load(Ordering::Acquire);
             let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
             for reader in idle.iter_mut().filter(|r| !r.conn.is_autocommit() && r.seen != now) {
                 if let Err(e) = reader.conn.execute_batch("COMMIT") {
