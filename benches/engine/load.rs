@@ -30,6 +30,8 @@ pub struct Phase {
     pub server_cpu: Option<Duration>,
     /// Throughput of each round, in order ([`compare`]).
     pub rounds: Vec<f64>,
+    /// CPU time the load thread itself spent: the client's share of the machine.
+    pub client_cpu: Duration,
 }
 
 impl Phase {
@@ -43,6 +45,7 @@ impl Phase {
             ids: Vec::new(),
             server_cpu: None,
             rounds: Vec::new(),
+            client_cpu: Duration::ZERO,
         }
     }
 
@@ -56,6 +59,7 @@ impl Phase {
         self.latencies.sort_unstable();
         self.ids.extend(other.ids);
         self.rounds.extend(other.rounds);
+        self.client_cpu += other.client_cpu;
         self.server_cpu = match (self.server_cpu, other.server_cpu) {
             (Some(a), Some(b)) => Some(a + b),
             (a, b) => a.or(b),
@@ -66,6 +70,11 @@ impl Phase {
     /// throughput on a machine whose speed drifts between rounds.
     pub fn cpu_us_per_request(&self) -> Option<f64> {
         self.server_cpu.map(|cpu| cpu.as_secs_f64() * 1e6 / self.n.max(1) as f64)
+    }
+
+    /// The load thread's CPU time per request, microseconds.
+    pub fn client_us_per_request(&self) -> f64 {
+        self.client_cpu.as_secs_f64() * 1e6 / self.n.max(1) as f64
     }
 
     pub fn throughput(&self) -> f64 {
@@ -134,7 +143,10 @@ pub async fn load(n: usize, expect: u16, make: Make) -> Phase {
 pub async fn load_at(callers: usize, n: usize, expect: u16, make: Make) -> Phase {
     let thread = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("load runtime");
-        runtime.block_on(run(callers, n, expect, make))
+        let cpu_before = thread_cpu();
+        let mut phase = runtime.block_on(run(callers, n, expect, make));
+        phase.client_cpu = thread_cpu().saturating_sub(cpu_before);
+        phase
     });
     tokio::task::spawn_blocking(move || thread.join().expect("load thread")).await.expect("load join")
 }
@@ -283,6 +295,16 @@ impl Connection {
         self.buffer.extend_from_slice(&chunk[..read]);
         Ok(())
     }
+}
+
+/// The CPU time this thread has spent so far.
+fn thread_cpu() -> Duration {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `now` is a valid timespec to write to; the clock id is a constant.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(u64::try_from(now.tv_sec).unwrap_or(0), u32::try_from(now.tv_nsec).unwrap_or(0))
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

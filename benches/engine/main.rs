@@ -483,17 +483,21 @@ fn report(r: Report) {
     println!("  after {} warm-up; {cpus} CPUs; load average {} -> {}", r.warmup, r.load_before, r.load_after);
     println!("  data folder on {}; SQLite WAL, synchronous=FULL, group commit (muxi-rt and the floor)", r.data_fs);
     println!();
-    println!("  {:<52} {:>10} {:>9} {:>9} {:>7} {:>11}", "phase", "req/s", "p50 ms", "p99 ms", "errors", "CPU us/req");
+    println!(
+        "  {:<52} {:>10} {:>9} {:>9} {:>7} {:>11} {:>12}",
+        "phase", "req/s", "p50 ms", "p99 ms", "errors", "CPU us/req", "load us/req"
+    );
     let row = |name: &str, p: &Phase| {
         let cpu = p.cpu_us_per_request().map_or_else(|| "-".to_string(), |us| format!("{us:.1}"));
         println!(
-            "  {:<52} {:>10.0} {:>9.2} {:>9.2} {:>7} {:>11}",
+            "  {:<52} {:>10.0} {:>9.2} {:>9.2} {:>7} {:>11} {:>12.1}",
             name,
             p.throughput(),
             p.percentile_ms(0.50),
             p.percentile_ms(0.99),
             p.errors,
-            cpu
+            cpu,
+            p.client_us_per_request()
         );
     };
     row("POST bare (axum, small JSON)", &r.base_post);
@@ -600,5 +604,6 @@ fn report(r: Report) {
     println!("  RSS of the phase 1-2 server at its end: {:.1} MB with {} in flight", mb(r.rss_a), r.accepted_a);
     println!("  MB = 10^6 bytes. In flight = accepted and not finished: the only agent runs `sleep 600`,");
     println!("  so {CONCURRENCY} requests run (max_concurrent_requests) and the rest wait in the queue.");
+    println!("  CPU us/req: the server process's CPU per request; load us/req: the bench's own load thread's.");
     println!("  Targets are informative: a MISS never fails the bench.");
 }
