@@ -1464,8 +1464,9 @@ mod reader_snapshots {
         // An idle reader holds a snapshot; once the writer commits again, the
         // janitor ends it, so it does not hold the WAL back.
         store.get("req_0").await.unwrap();
-        let holding =
-            |store: &SqliteStore| store.readers.idle.lock().unwrap().iter().filter(|r| !r.conn.is_autocommit()).count();
+        let holding = |store: &SqliteStore| {
+            store.readers.idle.lock().unwrap().iter().filter(|r| !r.conn().is_autocommit()).count()
+        };
         assert!(holding(&store) > 0, "a reader keeps its snapshot between reads");
         created(store.insert(request("req_last", 99), None, 1_000).await.unwrap());
         tokio::time::sleep(readers::JANITOR_EVERY * 3).await;

@@ -44,10 +44,19 @@ pub(super) struct Reader {
     /// statement cache: hashing its text, taking it out and putting it back).
     /// Declared before `conn`, so they are dropped (finalized) before it.
     by_id: [Statement<'static>; 2],
-    /// Boxed: the statements above point at it, so it must never move.
-    pub(super) conn: Box<Connection>,
+    /// Boxed: the statements above point at it, so it must never move. Private
+    /// to this module, which never moves it out nor replaces it.
+    conn: Box<Connection>,
     /// The writer's generation when its open read transaction began.
     seen: u64,
+}
+
+impl Reader {
+    /// The reader's connection.
+    #[cfg(test)]
+    pub(super) fn conn(&self) -> &Connection {
+        &self.conn
+    }
 }
 
 // SAFETY: a `Statement` is not `Send` only because it borrows its connection,
