@@ -28,11 +28,14 @@
 //!   latencies. Each measured phase is preceded by a short warm-up against the
 //!   same server. Servers compared are measured in rotating rounds (A B C,
 //!   B C A, ...; `MUXI_BENCH_ROUNDS`, default 8) with the same requests, so that
-//!   load from other processes falls on all of them alike.
+//!   load from other processes falls on all of them alike. In phases 1 and 2
+//!   each side sends N requests or more: enough for each round to last at
+//!   least `ROUND_SECONDS` at muxi-rt's rate, measured before on N / rounds
+//!   requests.
 //! * **Phases.** (1) accept: `POST /api/bench/v1/chat` with
 //!   `{"message": ..., "async": true}` against bare, floor and muxi-rt;
-//!   (2) status polls: `GET /api/bench/v1/requests/{id}` cycling over the ids
-//!   accepted in (1), with the client key and `X-Muxi-User-ID`, against bare,
+//!   (2) status polls: `GET /api/bench/v1/requests/{id}` cycling over the
+//!   first `POLLED_IDS` ids accepted in (1), with the client key and `X-Muxi-User-ID`, against bare,
 //!   and in the same rounds polls of one request whose message is 900 KB (a
 //!   poll's cost must not grow with the message); (2b) if `wrk` is installed,
 //!   accept against the floor and polls against bare once more under
@@ -79,6 +82,13 @@ const FORMATION: &str = "bench";
 const CLIENT_KEY: &str = "client-bench-0123456789";
 const USER: &str = "bench-user";
 const CHAT_BODY: &str = r#"{"message": "summarise the benchmark please", "async": true}"#;
+/// The shortest round of phases 1 and 2, in seconds at muxi-rt's warm-up
+/// rate: shorter rounds (5,000 requests took under 0.1 s on a fast machine)
+/// let one stall or one change of the machine's speed decide a ratio.
+const ROUND_SECONDS: f64 = 0.5;
+/// The accepted ids phase 2 polls cycle over (the first ones): a fixed set,
+/// however many requests phase 1 sent.
+const POLLED_IDS: usize = 40_000;
 /// Rounds of phase 2b (wrk), each this long per side, and the ids its polls cycle over.
 const WRK_ROUNDS: usize = 4;
 const WRK_SECONDS: u32 = 3;
@@ -160,9 +170,16 @@ async fn run(n: usize, rounds: usize, in_flight: usize) {
     eprintln!("phase 1: accept (rotating bare, floor and muxi-rt)");
     load(warmup, 200, post(bare.addr)).await;
     load(warmup, 200, post(floor.addr)).await;
-    let warm_ids = load(warmup, 202, post(muxi.addr)).await.ids;
+    let mut warm_ids = load(warmup, 202, post(muxi.addr)).await.ids;
+    // Each round at least ROUND_SECONDS long at muxi-rt's rate (bare's are
+    // shorter), measured on one round's worth of N, warm connections and all.
+    let pace = load(n / rounds, 202, post(muxi.addr)).await;
+    let per_round = (pace.throughput() * ROUND_SECONDS).min(10.0 * n as f64) as usize;
+    let n_timed = n.max(per_round * rounds);
+    eprintln!("phases 1 and 2: {n_timed} requests per side ({} per round)", n_timed / rounds);
+    warm_ids.extend(pace.ids);
     let mut sides = compare(
-        n,
+        n_timed,
         rounds,
         &[(200, post(bare.addr), bare.pid()), (200, post(floor.addr), floor.pid()), (202, post(muxi.addr), muxi.pid())],
     )
@@ -172,17 +189,18 @@ async fn run(n: usize, rounds: usize, in_flight: usize) {
 
     eprintln!("phase 2: status polls (alternating bare and muxi-rt)");
     assert!(!accept.ids.is_empty(), "no request was accepted; cannot poll");
-    load(warmup, 200, polls(bare.addr, &accept.ids)).await;
-    load(warmup, 200, polls(muxi.addr, &accept.ids)).await;
+    let polled_ids = &accept.ids[..accept.ids.len().min(POLLED_IDS)];
+    load(warmup, 200, polls(bare.addr, polled_ids)).await;
+    load(warmup, 200, polls(muxi.addr, polled_ids)).await;
     let big_body = json!({"message": "x".repeat(BIG_MESSAGE_BYTES), "async": true}).to_string();
     let big = load(1, 202, post_body(muxi.addr, &big_body)).await.ids;
     assert_eq!(big.len(), 1, "the request with a {BIG_MESSAGE_BYTES}-byte message was not accepted");
     let mut sides = compare(
-        n,
+        n_timed,
         rounds,
         &[
-            (200, polls(bare.addr, &accept.ids), bare.pid()),
-            (200, polls(muxi.addr, &accept.ids), muxi.pid()),
+            (200, polls(bare.addr, polled_ids), bare.pid()),
+            (200, polls(muxi.addr, polled_ids), muxi.pid()),
             (200, polls(muxi.addr, &big), muxi.pid()),
         ],
     )
@@ -477,8 +495,14 @@ fn report(r: Report) {
     println!("muxi-rt engine benchmark");
     println!(
         "  {CONCURRENCY} keep-alive connections from one load thread (like wrk -t1 -c{CONCURRENCY}); \
-         N = {} requests per phase, in {} rotating rounds,",
+         N = {} requests per phase, in {} rotating rounds;",
         r.n, r.rounds
+    );
+    println!(
+        "  phases 1 and 2: {} requests per side (rounds of at least {ROUND_SECONDS} s at muxi-rt's measured rate), \
+         polls cycling over {} ids,",
+        r.accept.n,
+        r.accept.ids.len().min(POLLED_IDS)
     );
     println!("  after {} warm-up; {cpus} CPUs; load average {} -> {}", r.warmup, r.load_before, r.load_after);
     println!("  data folder on {}; SQLite WAL, synchronous=FULL, group commit (muxi-rt and the floor)", r.data_fs);
