@@ -6,8 +6,11 @@
 /// The record columns of `requests r LEFT JOIN deliveries d`, with `$message`
 /// for the message: `r.message`, or `'' AS message` where it is not read.
 /// Only a request that has ended can have a delivery (`finish` makes it), so
-/// the join looks for one only then: a poll of a queued request costs no
-/// search of the deliveries.
+/// the join looks for one only then: its key is NULL for a request that has
+/// not ended, and a NULL key is never looked up, so a poll of a queued request
+/// costs no search of the deliveries. (Written as a separate `ON` term, the
+/// status test ran only after the search: SQLite evaluates a left join's
+/// `ON` terms on the outer table inside the inner loop.)
 macro_rules! record_columns {
     ($message:literal) => {
         // The order is fixed: the SQLite store reads these by position (`sqlite::col`).
@@ -20,7 +23,7 @@ macro_rules! record_columns {
              r.completed_at, r.fingerprint, d.status AS webhook_status, d.attempts AS webhook_attempts, \
              d.last_error AS webhook_last_error \
              FROM requests r LEFT JOIN deliveries d \
-             ON r.status <> 'pending' AND r.status <> 'processing' AND d.request_id = r.id "
+             ON d.request_id = CASE WHEN r.status <> 'pending' AND r.status <> 'processing' THEN r.id END "
         )
     };
 }
