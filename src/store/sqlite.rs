@@ -2,19 +2,22 @@
 //! `synchronous=FULL`, so a write has reached the disk when its call returns.
 //!
 //! # Group commit
-//! Every write goes to ONE writer thread that owns the only read-write
-//! connection. The thread takes one command from its channel, then drains
-//! whatever else is already queued (up to [`MAX_BATCH`]), runs them all in ONE
-//! transaction and commits once: one fsync pays for the whole batch. Only then
-//! does it answer each caller through its oneshot. Each command runs inside its
-//! own SAVEPOINT, so a command that fails is rolled back alone and fails only its
-//! own caller; new requests queued side by side are written many to a
-//! statement ([`inserts`]), and a failed one still fails alone. Under load the
-//! batches grow by themselves (while one commit fsyncs, the next batch queues
-//! up); alone, a write costs one transaction as usual. The single writer also makes idempotent inserts race-free.
+//! Every write goes to ONE writer thread ([`writer`]) that owns the only
+//! read-write connection. The thread takes one command from its channel, then
+//! drains whatever else is already queued (up to [`writer::MAX_BATCH`]), runs
+//! them all in ONE transaction and commits once: one fsync pays for the whole
+//! batch. Only then does it answer each caller through its oneshot. Each
+//! command runs inside its own SAVEPOINT, so a command that fails is rolled
+//! back alone and fails only its own caller; new requests queued side by side
+//! are written many to a statement ([`inserts`]), and a failed one still fails
+//! alone. Under load the batches grow by themselves (while one commit fsyncs,
+//! the next batch queues up); alone, a write costs one transaction as usual.
+//! The single writer also makes idempotent inserts race-free.
 //!
-//! Reads run on tokio's blocking pool over a small pool of read-only
-//! connections with cached statements; WAL lets them run beside the writer.
+//! Reads run over a small pool of read-only connections ([`readers`]); WAL
+//! lets them run beside the writer. A read of one record by id runs on the
+//! calling task with the reader's own prepared statement, the others on
+//! tokio's blocking pool with cached statements.
 //!
 //! Dropping the store (or [`SqliteStore::close`]) closes the channel; the writer
 //! finishes everything already queued, then stops.
@@ -25,6 +28,7 @@ mod in_place;
 mod inserts;
 mod readers;
 mod schema;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,11 +38,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::types::Type;
-use rusqlite::{params, Connection, DropBehavior, OptionalExtension, Row, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
 use readers::{ById, ReadPool};
+use writer::{Counts, Job, Write};
 
 use super::{
     AdminQuery, Among, Backlog, Claim, Delivery, DeliveryUpdate, ErrorInfo, FormationCopy, Inserted, Lease, ListQuery,
@@ -46,11 +51,6 @@ use super::{
     SessionMessage, SessionSummary, Status, Store, StoreError, StoreHealth, StoreResult, WebhookState,
 };
 
-/// How long the writer waits with nothing to write before it copies the WAL
-/// into the database file (SQLite's own checkpoints run only as the WAL grows).
-const IDLE_CHECKPOINT_AFTER: Duration = Duration::from_millis(400);
-/// The most commands one transaction carries.
-const MAX_BATCH: usize = 512;
 /// The statements the writer connection keeps prepared.
 const WRITER_STATEMENTS: usize = 64;
 /// How long a connection waits on a lock before giving up.
@@ -119,7 +119,7 @@ impl SqliteStore {
             .spawn({
                 let counts = Counts { commits: commits.clone(), generation };
                 let health = health.clone();
-                move || writer_loop(conn, receiver, counts, health)
+                move || writer::writer_loop(conn, receiver, counts, health)
             })
             .map_err(|e| StoreError(format!("cannot start the writer thread: {e}")))?;
 
@@ -182,7 +182,7 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        self.queue(name, Box::new(Write { name, one_statement, op: Some(op), out: None, reply }), answer).await
+        self.queue(name, Box::new(Write::new(name, one_statement, op, reply)), answer).await
     }
 
     /// Queues `job` for the writer's next batch and waits for its `answer`.
@@ -240,92 +240,6 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-// ---------------------------------------------------------------------------
-// The writer
-
-/// A queued write, type-erased so one channel carries them all.
-trait Job: Send {
-    /// Runs inside the batch transaction and keeps its own result; true if it succeeded.
-    fn run(&mut self, conn: &Connection) -> bool;
-    /// Answers the caller once the fate of the batch is known.
-    fn answer(self: Box<Self>, batch: Result<(), &StoreError>);
-    /// The job's error when it says the storage itself failed (disk full, I/O, read-only).
-    fn storage_failure(&self) -> Option<String>;
-    /// Whether the job changes the database by one statement at most: SQLite
-    /// undoes a failed statement by itself, so such a job needs no savepoint.
-    fn is_one_statement(&self) -> bool;
-    /// The job as a new request, which the writer writes together with the
-    /// new requests queued beside it (see [`inserts`]).
-    fn as_insert(&mut self) -> Option<&mut inserts::InsertJob> {
-        None
-    }
-}
-
-/// A job's answer: its own error if it failed, else the batch's.
-fn settle<T>(name: &str, out: Option<rusqlite::Result<T>>, batch: Result<(), &StoreError>) -> StoreResult<T> {
-    match (out, batch) {
-        (Some(Err(e)), _) => Err(StoreError(format!("{name}: {e}"))),
-        (Some(Ok(value)), Ok(())) => Ok(value),
-        (_, Err(e)) => Err(StoreError(format!("{name}: transaction failed: {}", e.0))),
-        (None, Ok(())) => Err(StoreError(format!("{name}: was not run"))),
-    }
-}
-
-/// A job's error when it says the storage itself failed (see [`Job::storage_failure`]).
-fn storage_failure<T>(name: &str, out: &Option<rusqlite::Result<T>>) -> Option<String> {
-    match out {
-        Some(Err(e)) if is_storage_failure(e) => Some(format!("{name}: {e}")),
-        _ => None,
-    }
-}
-
-struct Write<T, F> {
-    name: &'static str,
-    /// See [`Job::is_one_statement`].
-    one_statement: bool,
-    op: Option<F>,
-    out: Option<rusqlite::Result<T>>,
-    reply: oneshot::Sender<StoreResult<T>>,
-}
-
-impl<T, F> Job for Write<T, F>
-where
-    T: Send,
-    F: FnOnce(&Connection) -> rusqlite::Result<T> + Send,
-{
-    fn run(&mut self, conn: &Connection) -> bool {
-        let out = match self.op.take() {
-            Some(op) => op(conn),
-            None => return false,
-        };
-        let ok = out.is_ok();
-        self.out = Some(out);
-        ok
-    }
-
-    fn answer(self: Box<Self>, batch: Result<(), &StoreError>) {
-        // The caller may have gone away (its future dropped); the write stands.
-        let _ = self.reply.send(settle(self.name, self.out, batch));
-    }
-
-    fn storage_failure(&self) -> Option<String> {
-        storage_failure(self.name, &self.out)
-    }
-
-    fn is_one_statement(&self) -> bool {
-        self.one_statement
-    }
-}
-
-/// Errors that come from the storage rather than from the request.
-fn is_storage_failure(err: &rusqlite::Error) -> bool {
-    use rusqlite::ErrorCode::*;
-    matches!(
-        err.sqlite_error_code(),
-        Some(DiskFull | SystemIoFailure | ReadOnly | CannotOpen | DatabaseCorrupt | NotADatabase | DatabaseBusy)
-    )
-}
-
 /// Writes one row and syncs it: proves the folder and the file take writes.
 fn probe_write(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
@@ -333,140 +247,6 @@ fn probe_write(conn: &Connection) -> rusqlite::Result<()> {
          INSERT INTO meta (key, value) VALUES ('opened_at', strftime('%s','now')) \
          ON CONFLICT (key) DO UPDATE SET value = excluded.value;",
     )
-}
-
-/// Notes the outcome of a batch: a failed commit marks the store unwritable
-/// until a later commit succeeds.
-fn note_health(health: &Mutex<StoreHealth>, outcome: &StoreResult<()>) {
-    let mut health = health.lock().unwrap_or_else(|e| e.into_inner());
-    match outcome {
-        Ok(()) => health.note_success(),
-        Err(e) => health.note_failure(&e.0),
-    }
-}
-
-/// What the writer counts for others.
-struct Counts {
-    /// Commits (see [`SqliteStore::commits`]).
-    commits: Arc<AtomicU64>,
-    /// The readers' generation (see [`ReadPool`]).
-    generation: Arc<AtomicU64>,
-}
-
-fn writer_loop(conn: Connection, queue: mpsc::Receiver<Box<dyn Job>>, counts: Counts, health: Arc<Mutex<StoreHealth>>) {
-    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
-    let mut inserts = inserts::Inserts::new(&conn);
-    // Whether commits may be left in the WAL that no checkpoint has copied.
-    let mut unsaved = false;
-    loop {
-        let first = if unsaved {
-            match queue.recv_timeout(IDLE_CHECKPOINT_AFTER) {
-                Ok(job) => job,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    unsaved = !idle_checkpoint(&conn, &counts.generation);
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        } else {
-            // `recv` fails only once every sender is gone and the queue is empty.
-            match queue.recv() {
-                Ok(job) => job,
-                Err(_) => break,
-            }
-        };
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let started = std::time::Instant::now();
-        let outcome = run_batch(&conn, &mut inserts, &mut batch);
-        crate::observability::metrics::store_batch(batch.len(), started.elapsed(), outcome.is_ok());
-        if let (Ok(()), Some(failure)) = (&outcome, batch.iter().find_map(|job| job.storage_failure())) {
-            // The batch committed, but a write in it failed for want of storage.
-            note_health(&health, &Err(StoreError(failure)));
-        } else {
-            note_health(&health, &outcome);
-        }
-
-        match &outcome {
-            Ok(()) => {
-                counts.commits.fetch_add(1, Ordering::Relaxed);
-                counts.generation.fetch_add(1, Ordering::Release);
-                unsaved = true;
-                tracing::trace!(writes = batch.len(), "store batch committed");
-            }
-            Err(e) => tracing::error!(writes = batch.len(), error = %e, "store batch failed"),
-        }
-        for job in batch.drain(..) {
-            job.answer(outcome.as_ref().map(|_| ()));
-        }
-    }
-    tracing::debug!("store writer stopped");
-}
-
-/// Copies what the WAL holds into the database file, without waiting on any
-/// reader (`PASSIVE`). When it all went, the readers' generation moves on, so
-/// their next snapshots read the file alone. True when nothing is left.
-fn idle_checkpoint(conn: &Connection, generation: &AtomicU64) -> bool {
-    // (busy, frames in the WAL, frames copied); -1s when not in WAL mode.
-    let checkpoint =
-        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?)));
-    match checkpoint {
-        Ok((frames, copied)) if copied >= frames => {
-            generation.fetch_add(1, Ordering::Release);
-            true
-        }
-        // A reader's snapshot still needs the WAL: tried again after the next idle wait.
-        Ok(_) => false,
-        Err(e) => {
-            tracing::debug!(error = %e, "idle checkpoint failed");
-            false
-        }
-    }
-}
-
-/// One transaction for the whole batch, one savepoint per job (but runs of new
-/// requests, written many to a statement: see [`inserts`]).
-fn run_batch(conn: &Connection, inserts: &mut inserts::Inserts, batch: &mut [Box<dyn Job>]) -> StoreResult<()> {
-    let failed = |e: rusqlite::Error| StoreError(e.to_string());
-    let rolled_back = || StoreError("the transaction was rolled back by a failed write".into());
-    // Unchecked: the prepared inserts borrow the connection too. The writer
-    // thread is its only user, and a transaction never outlives its batch.
-    let mut tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate).map_err(failed)?;
-    let mut next = 0;
-    while next < batch.len() {
-        let run: Vec<_> = batch[next..].iter_mut().map_while(|job| job.as_insert()).collect();
-        if !run.is_empty() {
-            next += run.len();
-            if !inserts::write(inserts, run) && tx.is_autocommit() {
-                return Err(rolled_back());
-            }
-            continue;
-        }
-        let job = &mut batch[next];
-        next += 1;
-        if job.is_one_statement() {
-            if !job.run(&tx) && tx.is_autocommit() {
-                // An I/O error or a full disk rolled the whole transaction back.
-                return Err(rolled_back());
-            }
-            continue;
-        }
-        let mut savepoint = tx.savepoint().map_err(failed)?;
-        if job.run(&savepoint) {
-            savepoint.commit().map_err(failed)?;
-        } else {
-            // Roll back to the savepoint and release it: only this job is undone.
-            savepoint.set_drop_behavior(DropBehavior::Rollback);
-            savepoint.finish().map_err(failed)?;
-        }
-    }
-    // On any error above, dropping `tx` rolls the whole batch back.
-    tx.commit().map_err(failed)
 }
 
 // ---------------------------------------------------------------------------
@@ -1499,7 +1279,7 @@ mod reader_snapshots {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while rows_in_file_alone(dir.path()) < 50 {
             assert!(std::time::Instant::now() < deadline, "the idle writer never copied the WAL into the file");
-            tokio::time::sleep(IDLE_CHECKPOINT_AFTER).await;
+            tokio::time::sleep(writer::IDLE_CHECKPOINT_AFTER).await;
         }
         // Readers start new snapshots (which read the file alone) and still see every write.
         assert_eq!(store.get("req_49").await.unwrap().map(|r| r.id).as_deref(), Some("req_49"));

@@ -85,8 +85,8 @@ pub(super) const JANITOR_EVERY: Duration = Duration::from_millis(250);
 
 impl ReadPool {
     /// The pool for the database at `path`, whose writer counts its
-    /// generations in `generation`. One reader is opened now, so a database readers cannot open
-    /// fails here, not at the first read.
+    /// generations in `generation`. One reader is opened now, so a database
+    /// readers cannot open fails here, not at the first read.
     pub(super) fn open(path: &Path, generation: Arc<AtomicU64>) -> rusqlite::Result<Arc<ReadPool>> {
         let pool = Arc::new(ReadPool {
             path: path.to_path_buf(),
