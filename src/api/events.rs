@@ -37,7 +37,7 @@ pub async fn stream_chat(state: AppState, accepted: Accepted) -> ApiResult<Respo
     let cancel_on_disconnect = !matches!(accepted.plan, Plan::Async);
     let Submitted { record, live, events, .. } =
         state.engine.submit(accepted.formation, accepted.request, crate::engine::Start::Follow).await?;
-    Ok(sse(state, record, live, events, cancel_on_disconnect))
+    Ok(sse(state, *record, live, events, cancel_on_disconnect))
 }
 
 /// `GET /api/{id}/v1/events/{session_id}/{request_id}`.
@@ -53,7 +53,7 @@ pub async fn follow_in_session(
             format!("request `{request_id}` not found in session `{session_id}`"),
         ));
     }
-    Ok(follow_record(state, record))
+    Ok(follow_record(state, *record))
 }
 
 /// `GET /api/{id}/v1/requests/{request_id}/events`.
@@ -63,7 +63,7 @@ pub async fn follow(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let record = find(&state, &id, &headers, &request_id).await?;
-    Ok(follow_record(state, record))
+    Ok(follow_record(state, *record))
 }
 
 /// Follows a request someone already made: never cancels it.

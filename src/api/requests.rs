@@ -28,12 +28,12 @@ pub async fn find(
     formation_id: &str,
     headers: &HeaderMap,
     request_id: &str,
-) -> ApiResult<RequestRecord> {
+) -> ApiResult<Box<RequestRecord>> {
     auth::authorize(state, formation_id, headers, Role::Client)?;
     let user = auth::user_id(headers, None)?;
     // A request running here is answered from memory; others from the store.
     let record = match state.engine.live(request_id) {
-        Some(live) => Some(live.snapshot_without_message()),
+        Some(live) => Some(Box::new(live.snapshot_without_message())),
         None => state.engine.store().get_without_message(request_id).await?,
     };
     record

@@ -58,7 +58,8 @@ const SESSION_TURNS: usize = 20;
 
 /// What `submit` did.
 pub struct Submitted {
-    pub record: RequestRecord,
+    /// Boxed, as [`Inserted`]'s records are: it is moved through several futures.
+    pub record: Box<RequestRecord>,
     /// The running request, when it runs in this process.
     pub live: Option<Arc<LiveRequest>>,
     /// The live request's events, subscribed before its work could publish any
@@ -238,14 +239,14 @@ impl Engine {
                         }
                         return Ok(Submitted { record, live: None, events: None });
                     }
-                    let (live, events) = engine.start(formation, record.clone(), follow);
+                    let (live, events) = engine.start(formation, (*record).clone(), follow);
                     Ok(Submitted { record, live: Some(live), events })
                 }
                 Inserted::Existing(record) if record.status.is_final() => {
                     Ok(Submitted { record, live: None, events: None })
                 }
                 Inserted::Existing(record) if start == Start::Queue => match engine.live(&record.id) {
-                    Some(live) => Ok(Submitted { record: live.snapshot(), live: Some(live), events: None }),
+                    Some(live) => Ok(Submitted { record: Box::new(live.snapshot()), live: Some(live), events: None }),
                     None => {
                         // Queued, or held by a server that may have stopped: the
                         // sweeper takes it on when it can.
@@ -256,10 +257,10 @@ impl Engine {
                 Inserted::Existing(record) => {
                     // Running here, or started here now (the claim decides if
                     // another server holds it).
-                    let (live, events) = engine.start(formation, record.clone(), follow);
-                    Ok(Submitted { record: live.snapshot(), live: Some(live), events })
+                    let (live, events) = engine.start(formation, (*record).clone(), follow);
+                    Ok(Submitted { record: Box::new(live.snapshot()), live: Some(live), events })
                 }
-                Inserted::KeyReused(record) => Err(SubmitError::KeyReused(Box::new(record))),
+                Inserted::KeyReused(record) => Err(SubmitError::KeyReused(record)),
             }
         });
         let submitted = accepting.await.map_err(|panic| {
@@ -569,7 +570,7 @@ mod progress_tests {
         for update in &updates {
             store.record_progress("r1", None, update).await.unwrap();
             apply_progress(&mut copy, update);
-            assert_eq!(store.get("r1").await.unwrap().unwrap(), copy);
+            assert_eq!(store.get("r1").await.unwrap().unwrap(), *copy);
         }
     }
 }

@@ -105,7 +105,7 @@ impl FormationServer {
         if let (false, Some(live)) = (args.wait.is_zero(), &live) {
             let progress = progress.map(|token| (token, context.peer.clone()));
             if let Some(finished) = self.wait(live, events, args.wait, progress, context).await {
-                record = finished;
+                *record = finished;
             }
         }
         if record.status.is_final() {

@@ -71,7 +71,7 @@ pub(crate) fn request(id: &str, created_at: i64) -> NewRequest {
 
 pub(super) fn created(inserted: Inserted) -> RequestRecord {
     match inserted {
-        Inserted::Created(record) => record,
+        Inserted::Created(record) => *record,
         Inserted::Existing(record) | Inserted::KeyReused(record) => {
             panic!("expected a new request, got existing {}", record.id)
         }
@@ -151,7 +151,7 @@ async fn every_field_round_trips(store: Arc<TestStore>) {
     assert_eq!(expected.duration_ms(), Some(3_000));
     // A status poll's read: every field but the message.
     let without_message = store.get_without_message("req_1").await.expect("get").expect("request exists");
-    assert_eq!(without_message, RequestRecord { message: String::new(), ..expected.clone() });
+    assert_eq!(*without_message, RequestRecord { message: String::new(), ..expected.clone() });
     assert_eq!(store.get_without_message("nope").await.expect("get"), None);
 
     // A failure keeps its error info.
@@ -174,7 +174,7 @@ async fn idempotency_key_is_per_formation_and_user(store: Arc<TestStore>) {
     };
     let first = created(store.put(keyed("req_a", "alice")).await.expect("insert"));
     match store.put(keyed("req_b", "alice")).await.expect("insert") {
-        Inserted::Existing(existing) => assert_eq!(existing, first),
+        Inserted::Existing(existing) => assert_eq!(*existing, first),
         other => panic!("expected the existing request, got {other:?}"),
     }
     assert_eq!(store.get("req_b").await.expect("get"), None);
@@ -315,7 +315,7 @@ async fn concurrent_same_key_inserts_tell_fingerprints_apart(store: Arc<TestStor
         answers.push(task.await.expect("task"));
     }
     let winners: Vec<&RequestRecord> =
-        answers.iter().filter_map(|a| if let Inserted::Created(r) = a { Some(r) } else { None }).collect();
+        answers.iter().filter_map(|a| if let Inserted::Created(r) = a { Some(&**r) } else { None }).collect();
     assert_eq!(winners.len(), 1, "exactly one is created");
     let winner = winners[0].clone();
     let winning = fingerprint(winner.id.trim_start_matches("req_").parse().expect("an id"));

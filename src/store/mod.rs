@@ -273,15 +273,18 @@ impl Outcome {
 
 /// What `insert` did.
 #[derive(Debug, Clone, PartialEq)]
+///
+/// Each record is boxed: an answer passes through many futures on its way to
+/// the caller, and each move of a 512-byte record copied all of it.
 pub enum Inserted {
     /// A new request was stored.
-    Created(RequestRecord),
+    Created(Box<RequestRecord>),
     /// The idempotency key matched an earlier request of the same formation and
     /// user: that one is returned and nothing new is stored.
-    Existing(RequestRecord),
+    Existing(Box<RequestRecord>),
     /// The idempotency key matched an earlier request that asked something
     /// else (another fingerprint): nothing is stored.
-    KeyReused(RequestRecord),
+    KeyReused(Box<RequestRecord>),
 }
 
 impl Inserted {
@@ -290,7 +293,7 @@ impl Inserted {
     /// one under a reused key. Rows from before fingerprints were kept match
     /// any request.
     pub(crate) fn key_held_by(
-        holder: RequestRecord,
+        holder: Box<RequestRecord>,
         holder_fingerprint: Option<String>,
         asked: &NewRequest,
     ) -> Inserted {
@@ -542,8 +545,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// One request by id, with its `message` left empty: what a status poll
     /// shows, at a cost that does not grow with the message (up to 1 MB).
-    async fn get_without_message(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
-        let mut record = self.get(id).await?;
+    /// Boxed, as [`Inserted`]'s records are.
+    async fn get_without_message(&self, id: &str) -> StoreResult<Option<Box<RequestRecord>>> {
+        let mut record = self.get(id).await?.map(Box::new);
         if let Some(record) = &mut record {
             record.message = String::new();
         }

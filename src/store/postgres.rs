@@ -167,7 +167,7 @@ impl PgStore {
         .await;
         let inserted = self.note("insert", inserted)?;
         if inserted.rows_affected() > 0 {
-            return Ok(Inserted::Created(RequestRecord::accepted(request)));
+            return Ok(Inserted::Created(Box::new(RequestRecord::accepted(request))));
         }
         self.existing(request).await
     }
@@ -188,7 +188,7 @@ impl PgStore {
             .ok_or_else(|| StoreError("insert: the idempotency key is taken but its request is gone".into()))?;
         let existing = decode("insert", record_from_row(&row))?;
         let fingerprint: Option<String> = decode("insert", row.try_get("fingerprint"))?;
-        Ok(Inserted::key_held_by(existing, fingerprint, &request))
+        Ok(Inserted::key_held_by(Box::new(existing), fingerprint, &request))
     }
 }
 
@@ -390,7 +390,7 @@ impl Store for PgStore {
         // Group commit: the batch's statement is committed when this answers.
         let (request, written) = self.inserts.write(request, holder, lease_ms).await?;
         match written {
-            batch::Written::Created => Ok(Inserted::Created(RequestRecord::accepted(request))),
+            batch::Written::Created => Ok(Inserted::Created(Box::new(RequestRecord::accepted(request)))),
             batch::Written::Skipped => self.existing(request).await,
             batch::Written::Alone => self.insert_alone(request, holder, lease_ms).await,
         }
@@ -401,10 +401,11 @@ impl Store for PgStore {
         decode("get", row.and_then(|row| row.as_ref().map(record_from_row).transpose()))
     }
 
-    async fn get_without_message(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
+    async fn get_without_message(&self, id: &str) -> StoreResult<Option<Box<RequestRecord>>> {
         let sql = concat!("SELECT ", record_columns!("'' AS message"), "WHERE r.id = $1");
         let row = sqlx::query(sql).bind(id).fetch_optional(&self.pool).await;
         decode("get_without_message", row.and_then(|row| row.as_ref().map(record_from_row).transpose()))
+            .map(|record| record.map(Box::new))
     }
 
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<RequestRecord>> {

@@ -222,7 +222,7 @@ impl SqliteStore {
     /// few pages of the memory map) runs on this thread: cheaper than a
     /// hand-off to the blocking pool, and short enough not to hold up the tasks
     /// behind it.
-    async fn record_by_id(&self, name: &'static str, query: ById, id: &str) -> StoreResult<Option<RequestRecord>> {
+    async fn record_by_id(&self, name: &'static str, query: ById, id: &str) -> StoreResult<Option<Box<RequestRecord>>> {
         let _turn = self.readers.free.acquire().await.map_err(|_| StoreError(format!("{name}: closed")))?;
         self.readers.record_by_id(query, id).map_err(|e| StoreError(format!("{name}: {e}")))
     }
@@ -392,10 +392,10 @@ impl Store for SqliteStore {
     }
 
     async fn get(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
-        self.record_by_id("get", ById::Record, id).await
+        Ok(self.record_by_id("get", ById::Record, id).await?.map(|record| *record))
     }
 
-    async fn get_without_message(&self, id: &str) -> StoreResult<Option<RequestRecord>> {
+    async fn get_without_message(&self, id: &str) -> StoreResult<Option<Box<RequestRecord>>> {
         self.record_by_id("get_without_message", ById::State, id).await
     }
 

@@ -80,8 +80,8 @@ impl Job for InsertJob {
     fn answer(self: Box<Self>, batch: Result<(), &StoreError>) {
         let InsertJob { request, out, reply, .. } = *self;
         let result = settle("insert", out, batch).map(|found| match found {
-            Found::Existing(holder, fingerprint) => Inserted::key_held_by(*holder, fingerprint, &request),
-            Found::Created => Inserted::Created(RequestRecord::accepted(request)),
+            Found::Existing(holder, fingerprint) => Inserted::key_held_by(holder, fingerprint, &request),
+            Found::Created => Inserted::Created(Box::new(RequestRecord::accepted(request))),
         });
         // The caller may have gone away (its future dropped); the write stands.
         let _ = reply.send(result);

@@ -167,9 +167,9 @@ impl ReadPool {
 
     /// The record `query` finds by `id`, read with the reader's own statement.
     /// The caller holds a `free` permit.
-    pub(super) fn record_by_id(&self, query: ById, id: &str) -> rusqlite::Result<Option<RequestRecord>> {
+    pub(super) fn record_by_id(&self, query: ById, id: &str) -> rusqlite::Result<Option<Box<RequestRecord>>> {
         let mut reader = self.get()?;
-        let out = reader.by_id[query as usize].query_row([id], record_from_row).optional();
+        let out = reader.by_id[query as usize].query_row([id], |row| record_from_row(row).map(Box::new)).optional();
         self.put(reader);
         out
     }
