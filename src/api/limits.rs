@@ -1,5 +1,5 @@
-//! Limits on what a client sends, and the shape of every error answer, in one
-//! middleware ([`guard`]): request headers over
+//! Limits on what a client sends, and the shape of every error answer, applied
+//! around every route by [`super::edge`]: request headers over
 //! [`MAX_HEADER_BYTES`](crate::http_server::MAX_HEADER_BYTES) are a 431
 //! `headers_too_large`; any error answer that is not JSON yet (a rejection
 //! from axum or tower) is put into the envelope with a stable code; and a
@@ -11,36 +11,54 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::http::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::{HeaderValue, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::error::{ApiError, Code};
 use crate::http_server::MAX_HEADER_BYTES;
 
-/// Refuses oversized headers; puts a non-JSON error answer into the envelope,
-/// and an error for an SSE caller into an SSE frame.
-pub async fn guard(request: Request, next: Next) -> Response {
-    let size = header_bytes(&request);
+/// What [`admit`] learnt of a request that its answer's shape depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct Asked {
+    /// The caller asked for Server-Sent Events: an error goes to it as a frame.
+    wants_sse: bool,
+}
+
+/// Checks a request before its route runs: `Err` is the answer for one
+/// refused here (headers over the limit), still to be [`reshape`]d.
+pub fn admit(request: &Request) -> (Asked, Result<(), Response>) {
+    let size = header_bytes(request);
     let wants_sse =
         request.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("text/event-stream"));
-    let response = if size > MAX_HEADER_BYTES {
-        ApiError::new(
+    let admitted = if size > MAX_HEADER_BYTES {
+        Err(ApiError::new(
             Code::HeadersTooLarge,
             format!("the request headers take {size} bytes; at most {MAX_HEADER_BYTES} are accepted"),
         )
-        .into_response()
+        .into_response())
     } else {
-        next.run(request).await
+        Ok(())
     };
+    (Asked { wants_sse }, admitted)
+}
+
+/// Whether `response` must be reshaped (by [`reshape`]): an error that is
+/// not JSON yet, or one for an SSE caller. Successes and SSE streams never are.
+pub fn needs_reshaping(response: &Response, asked: Asked) -> bool {
     if response.status().as_u16() < 400 {
-        return response;
+        return false;
     }
+    match response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("") {
+        "text/event-stream" => false,
+        json if json.starts_with("application/json") => asked.wants_sse,
+        _ => true,
+    }
+}
+
+/// An error answer in the envelope, and for an SSE caller in an SSE frame.
+pub async fn reshape(response: Response, asked: Asked) -> Response {
     let content_type = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if content_type == "text/event-stream" {
-        return response;
-    }
     let response = if content_type.starts_with("application/json") { response } else { enveloped(response).await };
-    if wants_sse {
+    if asked.wants_sse {
         as_sse_error(response).await
     } else {
         response

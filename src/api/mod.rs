@@ -6,6 +6,7 @@ pub mod auth;
 pub mod body;
 pub mod chat;
 pub mod config;
+pub mod edge;
 pub mod envelope;
 pub mod events;
 pub mod extract;
@@ -23,9 +24,7 @@ pub mod views;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request};
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +33,6 @@ use tower::ServiceBuilder;
 
 use crate::engine::Engine;
 use crate::error::{ApiError, Code};
-use crate::observability::http::Timing;
 use crate::registry::Registry;
 
 /// What every handler can reach: one `Arc`, so the clone each request takes
@@ -74,8 +72,8 @@ pub struct Shared {
 }
 
 /// All routes. Each formation route is registered under its full path (no
-/// nested router), and all pass one middleware, [`edge`]: every router and
-/// layer costs each request a clone and a boxed future.
+/// nested router), and all pass one layer, [`edge`]: every router and layer
+/// costs each request something.
 pub fn router(state: AppState) -> Router {
     const BASE: &str = "/api/{formation_id}/v1";
     let routes: [(&str, axum::routing::MethodRouter<AppState>); 26] = [
@@ -114,22 +112,9 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{BASE}/mcp"), crate::mcp::route(&state))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(
-            ServiceBuilder::new().layer(middleware::from_fn(edge)).layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES)),
-        )
+        .layer(ServiceBuilder::new().layer(edge::EdgeLayer).layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES)))
         .with_state(state.clone());
     root::mount(app, state)
-}
-
-/// Around every route: HTTP metrics, and the limits and error shapes of
-/// [`limits::guard`], except on the MCP route, whose answers are JSON-RPC or
-/// SSE as rmcp makes them.
-async fn edge(request: Request, next: Next) -> Response {
-    let timing = Timing::start(&request);
-    let response =
-        if timing.route().ends_with("/mcp") { next.run(request).await } else { limits::guard(request, next).await };
-    timing.finish(response.status().as_u16());
-    response
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {

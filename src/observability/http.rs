@@ -1,6 +1,6 @@
 //! HTTP metrics: every answer counted by method, route template (axum's
 //! `MatchedPath`, never the raw path) and status class, and timed. Recorded by
-//! the API's one middleware (`api::edge`) around each route.
+//! the API's one layer (`api::edge`) around each route.
 
 use std::time::Instant;
 
