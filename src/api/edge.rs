@@ -50,22 +50,24 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let timing = Some(Timing::start(&request));
-        if timing.as_ref().is_some_and(|t| t.route().ends_with("/mcp")) {
-            return EdgeFuture { timing, asked: None, state: State::Route { future: self.inner.call(request) } };
+        let timing = Timing::start(&request);
+        if timing.route().ends_with("/mcp") {
+            let state = State::Route { future: self.inner.call(request) };
+            return EdgeFuture { timing: Some(timing), asked: None, state };
         }
         let (asked, admitted) = limits::admit(&request);
         let state = match admitted {
             Ok(()) => State::Route { future: self.inner.call(request) },
             Err(refusal) => State::Reshaping { future: Box::pin(limits::reshape(refusal, asked)) },
         };
-        EdgeFuture { timing, asked: Some(asked), state }
+        EdgeFuture { timing: Some(timing), asked: Some(asked), state }
     }
 }
 
 pin_project_lite::pin_project! {
     /// The answer of an [`Edge`]: the route's, reshaped if it must be, timed.
     pub struct EdgeFuture<F> {
+        // Taken when the answer is recorded, once.
         timing: Option<Timing>,
         // `None` on the MCP route: its answers are left as they are.
         asked: Option<Asked>,
