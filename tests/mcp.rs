@@ -451,6 +451,20 @@ async fn keys_users_and_hosts_are_checked() {
     assert_ne!(raw(Some(&key), Some("mcp.example.com")).await.unwrap().status(), 403);
     assert_ne!(raw(Some(&key), Some("localhost:1234")).await.unwrap().status(), 403);
 
+    // A body is bounded as on every other route (1 MiB): a ping padded past it
+    // is refused, on a client of its own (the server closes the connection).
+    let padded = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"ping"{}}}"#, " ".repeat(1024 * 1024));
+    let too_large = reqwest::Client::new()
+        .post(mcp_url(&server))
+        .header("Accept", "application/json, text/event-stream")
+        .header("Content-Type", "application/json")
+        .header("Authorization", format!("Bearer {key}"))
+        .body(padded)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_large.status(), 413);
+
     // Executions belong to formation and user, not to the MCP session.
     let alice = connect(&server, "alice", Protocol::Stateless, Client::default()).await;
     let id = start(&alice, "worker", "gate private").await;

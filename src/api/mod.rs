@@ -24,12 +24,9 @@ pub mod views;
 
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
-
-use tower::ServiceBuilder;
 
 use crate::engine::Engine;
 use crate::error::{ApiError, Code};
@@ -73,7 +70,9 @@ pub struct Shared {
 
 /// All routes. Each formation route is registered under its full path (no
 /// nested router), and all pass one layer, [`edge`]: every router and layer
-/// costs each request something.
+/// costs each request something. Bodies are bounded where they are read, at
+/// [`body::MAX_BODY_BYTES`] (`body::RawBody`, and the MCP service's own limit),
+/// so no body-limit layer stands in front of every route.
 pub fn router(state: AppState) -> Router {
     const BASE: &str = "/api/{formation_id}/v1";
     let routes: [(&str, axum::routing::MethodRouter<AppState>); 26] = [
@@ -112,7 +111,7 @@ pub fn router(state: AppState) -> Router {
         .route(&format!("{BASE}/mcp"), crate::mcp::route(&state))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(ServiceBuilder::new().layer(edge::EdgeLayer).layer(DefaultBodyLimit::max(body::MAX_BODY_BYTES)))
+        .layer(edge::EdgeLayer)
         .with_state(state.clone());
     root::mount(app, state)
 }

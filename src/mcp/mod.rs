@@ -74,7 +74,8 @@ pub fn exposed(formation: &Formation) -> Option<&[String]> {
 pub fn route(state: &AppState) -> MethodRouter<AppState> {
     let config = StreamableHttpServerConfig::default()
         .with_allowed_hosts(state.mcp_allowed_hosts.iter().cloned())
-        .with_cancellation_token(state.shutdown.child_token());
+        .with_cancellation_token(state.shutdown.child_token())
+        .with_max_request_body_bytes(crate::api::body::MAX_BODY_BYTES);
     let config = if state.mcp_allowed_hosts.is_empty() { config.disable_allowed_hosts() } else { config };
     let handler_state = state.clone();
     let service: StreamableHttpService<FormationServer, LocalSessionManager> = StreamableHttpService::new(
