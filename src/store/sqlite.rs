@@ -22,12 +22,20 @@
 //! Dropping the store (or [`SqliteStore::close`]) closes the channel; the writer
 //! finishes everything already queued, then stops.
 //!
-//! The schema and its migrations are in [`schema`].
+//! The schema and its migrations are in [`schema`], the decoding of rows in
+//! [`rows`]. The trait's methods are here but for those of [`leases`],
+//! [`deliveries`] (the webhook outbox), [`admin`], [`sessions`] and [`copies`].
 
+mod admin;
+mod copies;
+mod deliveries;
 mod in_place;
 mod inserts;
+mod leases;
 mod readers;
+mod rows;
 mod schema;
+mod sessions;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -37,18 +45,17 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::types::Type;
-use rusqlite::{params, Connection, OptionalExtension, Row};
-use serde::de::DeserializeOwned;
+use rusqlite::{params, Connection};
 use tokio::sync::oneshot;
 
 use readers::{ById, ReadPool};
+use rows::{record_from_row, sql_limit, to_json};
 use writer::{Counts, Job, Write};
 
 use super::{
-    AdminQuery, Among, Backlog, Claim, Delivery, DeliveryUpdate, ErrorInfo, FormationCopy, Inserted, Lease, ListQuery,
-    Mode, NewDelivery, NewRequest, NewSessionMessage, Outcome, Owner, Progress, RequestRecord, RequestResult, Reruns,
-    SessionMessage, SessionSummary, Status, Store, StoreError, StoreHealth, StoreResult, WebhookState,
+    AdminQuery, Among, Backlog, Claim, Delivery, DeliveryUpdate, FormationCopy, Inserted, Lease, ListQuery,
+    NewDelivery, NewRequest, NewSessionMessage, Outcome, Owner, Progress, RequestRecord, Reruns, SessionMessage,
+    SessionSummary, Status, Store, StoreError, StoreHealth, StoreResult,
 };
 
 /// The statements the writer connection keeps prepared.
@@ -250,138 +257,6 @@ fn probe_write(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 // ---------------------------------------------------------------------------
-// Rows
-
-fn conversion_error(column: usize, err: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(err))
-}
-
-fn json_column<T: DeserializeOwned>(row: &Row, column: usize) -> rusqlite::Result<Option<T>> {
-    let text: Option<String> = row.get(column)?;
-    text.map(|text| serde_json::from_str(&text).map_err(|e| conversion_error(column, e))).transpose()
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("unknown status {0:?}")]
-struct UnknownStatus(String);
-
-/// The column's text, borrowed from the row (a status or a mode is parsed,
-/// not kept, so it need not be copied into a `String` first).
-fn text_column<'row>(row: &'row Row, column: usize) -> rusqlite::Result<&'row str> {
-    row.get_ref(column)?.as_str().map_err(|e| conversion_error(column, e))
-}
-
-fn status_column(row: &Row, column: usize) -> rusqlite::Result<Status> {
-    let text = text_column(row, column)?;
-    Status::parse(text).ok_or_else(|| conversion_error(column, UnknownStatus(text.to_owned())))
-}
-
-fn mode_column(row: &Row, column: usize) -> rusqlite::Result<Mode> {
-    let text = text_column(row, column)?;
-    Mode::parse(text).ok_or_else(|| conversion_error(column, UnknownStatus(text.to_owned())))
-}
-
-/// The positions of [`select_records!`]'s columns: read by position, a row
-/// costs no name lookups (each is a scan of the column names).
-mod col {
-    pub const ID: usize = 0;
-    pub const FORMATION_ID: usize = 1;
-    pub const FORMATION_VERSION: usize = 2;
-    pub const USER_ID: usize = 3;
-    pub const SESSION_ID: usize = 4;
-    pub const AGENT_ID: usize = 5;
-    pub const MESSAGE: usize = 6;
-    pub const MODE: usize = 7;
-    pub const ANSWERED_ASYNC: usize = 8;
-    pub const ESTIMATED_SECONDS: usize = 9;
-    pub const IDEMPOTENCY_KEY: usize = 10;
-    pub const WEBHOOK_URL: usize = 11;
-    pub const WORKFLOW_TIMEOUT_MS: usize = 12;
-    pub const STATUS: usize = 13;
-    pub const PROGRESS: usize = 14;
-    pub const CURRENT_STEP: usize = 15;
-    pub const TOTAL_STEPS: usize = 16;
-    pub const COMPLETED_STEPS: usize = 17;
-    pub const STATUS_MESSAGE: usize = 18;
-    pub const RESULT_TEXT: usize = 19;
-    pub const ARTIFACTS: usize = 20;
-    pub const ERROR: usize = 21;
-    pub const ATTEMPTS: usize = 22;
-    pub const CREATED_AT: usize = 23;
-    pub const STARTED_AT: usize = 24;
-    pub const COMPLETED_AT: usize = 25;
-    pub const FINGERPRINT: usize = 26;
-    pub const WEBHOOK_STATUS: usize = 27;
-    pub const WEBHOOK_ATTEMPTS: usize = 28;
-    pub const WEBHOOK_LAST_ERROR: usize = 29;
-}
-
-/// A row of [`select_records!`].
-fn record_from_row(row: &Row) -> rusqlite::Result<RequestRecord> {
-    let result = match row.get::<_, Option<String>>(col::RESULT_TEXT)? {
-        Some(text) => Some(RequestResult { text, artifacts: json_column(row, col::ARTIFACTS)?.unwrap_or_default() }),
-        None => None,
-    };
-    let webhook = match row.get::<_, Option<String>>(col::WEBHOOK_STATUS)? {
-        Some(status) => Some(WebhookState {
-            status,
-            attempts: row.get(col::WEBHOOK_ATTEMPTS)?,
-            last_error: row.get(col::WEBHOOK_LAST_ERROR)?,
-        }),
-        None => None,
-    };
-    Ok(RequestRecord {
-        id: row.get(col::ID)?,
-        formation_id: row.get(col::FORMATION_ID)?,
-        formation_version: row.get(col::FORMATION_VERSION)?,
-        user_id: row.get(col::USER_ID)?,
-        session_id: row.get(col::SESSION_ID)?,
-        agent_id: row.get(col::AGENT_ID)?,
-        message: row.get(col::MESSAGE)?,
-        mode: mode_column(row, col::MODE)?,
-        answered_async: row.get(col::ANSWERED_ASYNC)?,
-        estimated_seconds: row.get(col::ESTIMATED_SECONDS)?,
-        idempotency_key: row.get(col::IDEMPOTENCY_KEY)?,
-        webhook_url: row.get(col::WEBHOOK_URL)?,
-        workflow_timeout_ms: row.get(col::WORKFLOW_TIMEOUT_MS)?,
-        status: status_column(row, col::STATUS)?,
-        progress: row.get(col::PROGRESS)?,
-        current_step: row.get(col::CURRENT_STEP)?,
-        total_steps: row.get(col::TOTAL_STEPS)?,
-        completed_steps: row.get(col::COMPLETED_STEPS)?,
-        status_message: row.get(col::STATUS_MESSAGE)?,
-        result,
-        error: json_column::<ErrorInfo>(row, col::ERROR)?,
-        attempts: row.get(col::ATTEMPTS)?,
-        created_at: row.get(col::CREATED_AT)?,
-        started_at: row.get(col::STARTED_AT)?,
-        completed_at: row.get(col::COMPLETED_AT)?,
-        webhook,
-    })
-}
-
-fn delivery_from_row(row: &Row) -> rusqlite::Result<Delivery> {
-    Ok(Delivery {
-        id: row.get("id")?,
-        request_id: row.get("request_id")?,
-        formation_id: row.get("formation_id")?,
-        url: row.get("url")?,
-        attempts: row.get("attempts")?,
-        next_attempt_at: row.get("next_attempt_at")?,
-        status: row.get("status")?,
-        last_error: row.get("last_error")?,
-    })
-}
-
-fn sql_limit(limit: usize) -> i64 {
-    i64::try_from(limit).unwrap_or(i64::MAX)
-}
-
-fn to_json(name: &str, value: &impl serde::Serialize) -> StoreResult<String> {
-    serde_json::to_string(value).map_err(|e| StoreError(format!("{name}: cannot encode JSON: {e}")))
-}
-
-// ---------------------------------------------------------------------------
 // The trait
 
 #[async_trait]
@@ -416,68 +291,19 @@ impl Store for SqliteStore {
     }
 
     async fn claim(&self, id: &str, owner: &Owner, now: i64, lease_ms: i64) -> StoreResult<Option<Claim>> {
-        let (id, owner) = (id.to_owned(), owner.to_owned());
-        self.write_one("claim", move |conn| {
-            conn.prepare_cached(
-                "UPDATE requests SET status = 'processing', attempts = attempts + 1, \
-                 started_at = COALESCE(started_at, ?2), lease_owner = ?3, lease_epoch = lease_epoch + 1, \
-                 lease_expires_at = ?2 + ?4 \
-                 WHERE id = ?1 AND status IN ('pending', 'processing') \
-                 AND (lease_owner IS NULL OR lease_owner = ?3 OR lease_expires_at <= ?2) \
-                 RETURNING attempts, lease_epoch",
-            )?
-            .query_row(params![id, now, owner, lease_ms], |row| {
-                Ok(Claim { attempt: row.get(0)?, lease: Lease { epoch: row.get(1)? } })
-            })
-            .optional()
-        })
-        .await
+        self.take_lease(id, owner, now, lease_ms).await
     }
 
     async fn renew_leases(&self, owner: &Owner, now: i64, lease_ms: i64) -> StoreResult<Vec<String>> {
-        let owner = owner.to_owned();
-        self.write("renew_leases", move |conn| {
-            conn.prepare_cached(
-                "UPDATE requests SET lease_expires_at = ?2 + ?3 \
-                 WHERE lease_owner = ?1 AND status IN ('pending', 'processing') RETURNING id",
-            )?
-            .query_map(params![owner, now, lease_ms], |row| row.get(0))?
-            .collect()
-        })
-        .await
+        self.extend_leases(owner, now, lease_ms).await
     }
 
     async fn release(&self, id: &str, lease: Lease) -> StoreResult<bool> {
-        let id = id.to_owned();
-        self.write("release", move |conn| {
-            let changed = conn
-                .prepare_cached(
-                    "UPDATE requests SET lease_owner = NULL, lease_expires_at = NULL \
-                     WHERE id = ?1 AND lease_epoch = ?2 AND status IN ('pending', 'processing')",
-                )?
-                .execute(params![id, lease.epoch])?;
-            Ok(changed > 0)
-        })
-        .await
+        self.give_back(id, lease).await
     }
 
     async fn clear_others_leases(&self, owner: &Owner) -> StoreResult<u64> {
-        let owner = owner.to_owned();
-        self.write("clear_others_leases", move |conn| {
-            let requests = conn
-                .prepare_cached(
-                    "UPDATE requests SET lease_owner = NULL, lease_expires_at = NULL \
-                     WHERE lease_owner IS NOT NULL AND lease_owner != ?1 AND status IN ('pending', 'processing')",
-                )?
-                .execute([&owner])?;
-            conn.prepare_cached(
-                "UPDATE deliveries SET claimed_by = NULL, claim_expires_at = NULL \
-                 WHERE claimed_by IS NOT NULL AND claimed_by != ?1 AND status = 'pending'",
-            )?
-            .execute([&owner])?;
-            Ok(requests as u64)
-        })
-        .await
+        self.clear_leases_of_others(owner).await
     }
 
     async fn record_progress(&self, id: &str, fence: Option<Lease>, progress: &Progress) -> StoreResult<bool> {
@@ -659,55 +485,11 @@ impl Store for SqliteStore {
         limit: usize,
         claim_ms: i64,
     ) -> StoreResult<Vec<Delivery>> {
-        // Most polls find nothing due: a read answers them without a write.
-        let any_due = self
-            .read("claim_deliveries", move |conn| {
-                conn.prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?1 \
-                     AND (claimed_by IS NULL OR claim_expires_at <= ?1))",
-                )?
-                .query_row([now], |row| row.get::<_, bool>(0))
-            })
-            .await?;
-        if !any_due {
-            return Ok(Vec::new());
-        }
-        let owner = owner.to_owned();
-        self.write("claim_deliveries", move |conn| {
-            let mut claimed: Vec<Delivery> = conn
-                .prepare_cached(
-                    "UPDATE deliveries SET claimed_by = ?1, claim_expires_at = ?2 + ?4 \
-                     WHERE id IN (SELECT id FROM deliveries WHERE status = 'pending' AND next_attempt_at <= ?2 \
-                     AND (claimed_by IS NULL OR claim_expires_at <= ?2) ORDER BY created_at, id LIMIT ?3) \
-                     RETURNING *",
-                )?
-                .query_map(params![owner, now, sql_limit(limit), claim_ms], delivery_from_row)?
-                .collect::<rusqlite::Result<_>>()?;
-            claimed.sort_by(|a, b| (a.next_attempt_at, &a.id).cmp(&(b.next_attempt_at, &b.id)));
-            Ok(claimed)
-        })
-        .await
+        self.claim_due_deliveries(owner, now, limit, claim_ms).await
     }
 
     async fn record_delivery(&self, id: &str, owner: &Owner, update: &DeliveryUpdate) -> StoreResult<bool> {
-        let (id, owner) = (id.to_owned(), owner.to_owned());
-        let (status, error, next_attempt_at) = match update.clone() {
-            DeliveryUpdate::Delivered => ("delivered", None, None),
-            DeliveryUpdate::Retry { error, next_attempt_at } => ("pending", Some(error), Some(next_attempt_at)),
-            DeliveryUpdate::Failed { error } => ("failed", Some(error), None),
-        };
-        self.write("record_delivery", move |conn| {
-            // Only a pending delivery this owner holds moves: delivered and failed are final.
-            let changed = conn
-                .prepare_cached(
-                    "UPDATE deliveries SET attempts = attempts + 1, status = ?2, last_error = ?3, \
-                     next_attempt_at = COALESCE(?4, next_attempt_at), claimed_by = NULL, claim_expires_at = NULL \
-                     WHERE id = ?1 AND status = 'pending' AND claimed_by = ?5",
-                )?
-                .execute(params![id, status, error, next_attempt_at, owner])?;
-            Ok(changed > 0)
-        })
-        .await
+        self.record_delivery_attempt(id, owner, update).await
     }
 
     fn health(&self) -> StoreHealth {
@@ -715,113 +497,33 @@ impl Store for SqliteStore {
     }
 
     async fn admin_list(&self, query: &AdminQuery) -> StoreResult<Vec<RequestRecord>> {
-        let query = query.clone();
-        self.read("admin_list", move |conn| {
-            conn.prepare_cached(select_records!(
-                "WHERE r.formation_id = ?1 AND (?2 IS NULL OR r.status = ?2) \
-                 AND (?3 IS NULL OR r.agent_id = ?3) AND (?4 IS NULL OR r.user_id = ?4) \
-                 AND (?5 IS NULL OR r.created_at >= ?5) AND (?6 IS NULL OR r.created_at < ?6) \
-                 ORDER BY r.created_at DESC, r.id DESC LIMIT ?7"
-            ))?
-            .query_map(
-                params![
-                    query.formation_id,
-                    query.status.map(Status::as_str),
-                    query.agent_id,
-                    query.user_id,
-                    query.since,
-                    query.until,
-                    sql_limit(query.limit)
-                ],
-                record_from_row,
-            )?
-            .collect()
-        })
-        .await
+        self.list_for_admin(query).await
     }
 
     async fn backlog(&self, formation_id: &str) -> StoreResult<Backlog> {
-        let formation_id = formation_id.to_owned();
-        self.read("backlog", move |conn| {
-            let mut backlog = Backlog::default();
-            let mut statement = conn.prepare_cached(
-                "SELECT status, COUNT(*) FROM requests \
-                 WHERE status IN ('pending', 'processing') AND formation_id = ?1 GROUP BY status",
-            )?;
-            let mut rows = statement.query([formation_id])?;
-            while let Some(row) = rows.next()? {
-                let count: i64 = row.get(1)?;
-                match status_column(row, 0)? {
-                    Status::Pending => backlog.pending = count as u64,
-                    _ => backlog.processing = count as u64,
-                }
-            }
-            Ok(backlog)
-        })
-        .await
+        self.count_backlog(formation_id).await
     }
 
     async fn outbox_stats(&self, now: i64) -> StoreResult<Option<super::OutboxStats>> {
-        self.read("outbox_stats", move |conn| {
-            let (pending, oldest): (i64, Option<i64>) = conn
-                .prepare_cached("SELECT COUNT(*), MIN(created_at) FROM deliveries WHERE status = 'pending'")?
-                .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            let oldest_age_ms = oldest.map_or(0, |at| now.saturating_sub(at).max(0) as u64);
-            Ok(Some(super::OutboxStats { pending: pending.max(0) as u64, oldest_age_ms }))
-        })
-        .await
+        self.measure_outbox(now).await
     }
 
     async fn delivery_of(&self, request_id: &str) -> StoreResult<Option<Delivery>> {
-        let request_id = request_id.to_owned();
-        self.read("delivery_of", move |conn| {
-            conn.prepare_cached("SELECT * FROM deliveries WHERE request_id = ?1")?
-                .query_row([request_id], delivery_from_row)
-                .optional()
-        })
-        .await
+        self.find_delivery(request_id).await
     }
 
     async fn retry_delivery(&self, request_id: &str, now: i64) -> StoreResult<Option<Delivery>> {
-        let request_id = request_id.to_owned();
-        self.write("retry_delivery", move |conn| {
-            conn.prepare_cached(
-                "UPDATE deliveries SET status = 'pending', next_attempt_at = ?2 \
-                 WHERE request_id = ?1 AND status IN ('pending', 'failed')",
-            )?
-            .execute(params![request_id, now])?;
-            conn.prepare_cached("SELECT * FROM deliveries WHERE request_id = ?1")?
-                .query_row([request_id], delivery_from_row)
-                .optional()
-        })
-        .await
+        self.make_delivery_due(request_id, now).await
     }
 
     async fn link_rerun(&self, request_id: &str, original_id: &str) -> StoreResult<()> {
-        let (request_id, original_id) = (request_id.to_owned(), original_id.to_owned());
-        self.write("link_rerun", move |conn| {
-            conn.prepare_cached("INSERT OR IGNORE INTO reruns (request_id, original_id) VALUES (?1, ?2)")?
-                .execute(params![request_id, original_id])?;
-            Ok(())
-        })
-        .await
+        self.save_rerun_link(request_id, original_id).await
     }
 
     async fn reruns(&self, request_id: &str) -> StoreResult<Reruns> {
-        let request_id = request_id.to_owned();
-        self.read("reruns", move |conn| {
-            let rerun_of = conn
-                .prepare_cached("SELECT original_id FROM reruns WHERE request_id = ?1")?
-                .query_row([&request_id], |row| row.get(0))
-                .optional()?;
-            let rerun_as = conn
-                .prepare_cached("SELECT request_id FROM reruns WHERE original_id = ?1 ORDER BY request_id DESC")?
-                .query_map([&request_id], |row| row.get(0))?
-                .collect::<rusqlite::Result<Vec<String>>>()?;
-            Ok(Reruns { rerun_of, rerun_as })
-        })
-        .await
+        self.find_reruns(request_id).await
     }
+
     async fn sessions(
         &self,
         formation_id: &str,
@@ -829,16 +531,7 @@ impl Store for SqliteStore {
         active_only: bool,
         limit: usize,
     ) -> StoreResult<Vec<SessionSummary>> {
-        let (formation_id, user_id) = (formation_id.to_owned(), user_id.to_owned());
-        self.read("sessions", move |conn| {
-            conn.prepare_cached(&format!(
-                "{SESSIONS_SQL} HAVING NOT ?5 OR active_requests > 0 \
-                 ORDER BY last_activity DESC, session_id DESC LIMIT ?4"
-            ))?
-            .query_map(params![formation_id, user_id, None::<String>, sql_limit(limit), active_only], session_from_row)?
-            .collect()
-        })
-        .await
+        self.list_sessions(formation_id, user_id, active_only, limit).await
     }
 
     async fn session(
@@ -847,13 +540,7 @@ impl Store for SqliteStore {
         user_id: &str,
         session_id: &str,
     ) -> StoreResult<Option<SessionSummary>> {
-        let (formation_id, user_id, session_id) = (formation_id.to_owned(), user_id.to_owned(), session_id.to_owned());
-        self.read("session", move |conn| {
-            conn.prepare_cached(&format!("{SESSIONS_SQL} HAVING NOT ?5 LIMIT ?4"))?
-                .query_row(params![formation_id, user_id, session_id, 1, false], session_from_row)
-                .optional()
-        })
-        .await
+        self.find_session(formation_id, user_id, session_id).await
     }
 
     async fn session_messages(
@@ -864,41 +551,7 @@ impl Store for SqliteStore {
         before: Option<i64>,
         limit: usize,
     ) -> StoreResult<Vec<SessionMessage>> {
-        let (formation_id, user_id, session_id) = (formation_id.to_owned(), user_id.to_owned(), session_id.to_owned());
-        let before = before.unwrap_or(i64::MAX);
-        self.read("session_messages", move |conn| {
-            // Newest first, reversed below. Ties of one millisecond: seeds first,
-            // then by request (ids are time-ordered), its question before its answer.
-            let mut messages = conn
-                .prepare_cached(
-                    "SELECT role, content, request_id, agent_id, status, ts FROM ( \
-                       SELECT 'user' AS role, message AS content, id AS request_id, agent_id, status, \
-                              created_at AS ts, 1 AS rank, id AS k FROM requests \
-                        WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 \
-                       UNION ALL \
-                       SELECT 'assistant', result_text, id, agent_id, status, completed_at, 2, id FROM requests \
-                        WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 AND status = 'completed' \
-                       UNION ALL \
-                       SELECT role, content, NULL, agent_id, NULL, created_at, 0, printf('%020d', seq) \
-                         FROM session_messages WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 \
-                     ) WHERE ts < ?5 ORDER BY ts DESC, rank = 0, k DESC, rank DESC LIMIT ?4",
-                )?
-                .query_map(params![formation_id, user_id, session_id, sql_limit(limit), before], |row| {
-                    let status: Option<String> = row.get(4)?;
-                    Ok(SessionMessage {
-                        role: row.get(0)?,
-                        content: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
-                        request_id: row.get(2)?,
-                        agent_id: row.get(3)?,
-                        status: status.as_deref().and_then(Status::parse),
-                        timestamp: row.get(5)?,
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<SessionMessage>>>()?;
-            messages.reverse();
-            Ok(messages)
-        })
-        .await
+        self.list_session_messages(formation_id, user_id, session_id, before, limit).await
     }
 
     async fn restore_session(
@@ -908,31 +561,7 @@ impl Store for SqliteStore {
         session_id: &str,
         messages: Vec<NewSessionMessage>,
     ) -> StoreResult<()> {
-        let (formation_id, user_id, session_id) = (formation_id.to_owned(), user_id.to_owned(), session_id.to_owned());
-        self.write("restore_session", move |conn| {
-            conn.prepare_cached(
-                "DELETE FROM session_messages WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3",
-            )?
-            .execute(params![formation_id, user_id, session_id])?;
-            let mut insert = conn.prepare_cached(
-                "INSERT INTO session_messages (formation_id, user_id, session_id, seq, role, content, agent_id, \
-                 created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?;
-            for (seq, message) in messages.iter().enumerate() {
-                insert.execute(params![
-                    formation_id,
-                    user_id,
-                    session_id,
-                    seq as i64,
-                    message.role,
-                    message.content,
-                    message.agent_id,
-                    message.timestamp
-                ])?;
-            }
-            Ok(())
-        })
-        .await
+        self.reseed_session(formation_id, user_id, session_id, messages).await
     }
 
     async fn lifecycle_since(
@@ -955,333 +584,13 @@ impl Store for SqliteStore {
     }
 
     async fn publish_copies(&self, owner: &Owner, copies: &[(String, String)], now: i64) -> StoreResult<()> {
-        let (owner, copies) = (owner.to_owned(), copies.to_vec());
-        self.write("publish_copies", move |conn| {
-            // One savepoint: the owner's rows are replaced as a whole.
-            conn.prepare_cached("DELETE FROM formation_copies WHERE owner = ?1")?.execute(params![owner])?;
-            let mut insert = conn.prepare_cached(
-                "INSERT OR REPLACE INTO formation_copies (formation_id, owner, revision, seen_at) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for (formation_id, revision) in &copies {
-                insert.execute(params![formation_id, owner, revision, now])?;
-            }
-            Ok(())
-        })
-        .await
+        self.replace_copies(owner, copies, now).await
     }
 
     async fn formation_copies(&self, since: i64) -> StoreResult<Vec<FormationCopy>> {
-        self.read("formation_copies", move |conn| {
-            conn.prepare_cached(
-                "SELECT formation_id, owner, revision, seen_at FROM formation_copies \
-                 WHERE seen_at >= ?1 ORDER BY formation_id, owner",
-            )?
-            .query_map(params![since], |row| {
-                Ok(FormationCopy {
-                    formation_id: row.get(0)?,
-                    owner: row.get(1)?,
-                    revision: row.get(2)?,
-                    seen_at: row.get(3)?,
-                })
-            })?
-            .collect()
-        })
-        .await
-    }
-}
-
-/// A user's sessions (`?3` NULL: all, else the one named), as `session_from_row` reads
-/// them: from their requests and seeded messages. Callers add `HAVING` (on `?5`)
-/// and `LIMIT ?4`.
-const SESSIONS_SQL: &str = "SELECT session_id, MIN(first) AS created_at, MAX(last) AS last_activity, \
-     SUM(messages) AS message_count, SUM(requests) AS request_count, SUM(active) AS active_requests FROM ( \
-       SELECT session_id, created_at AS first, MAX(created_at, COALESCE(completed_at, created_at)) AS last, \
-              1 + (status = 'completed') AS messages, 1 AS requests, \
-              status IN ('pending', 'processing') AS active FROM requests \
-        WHERE formation_id = ?1 AND user_id = ?2 AND session_id IS NOT NULL \
-          AND (?3 IS NULL OR session_id = ?3) \
-       UNION ALL \
-       SELECT session_id, created_at, created_at, 1, 0, 0 FROM session_messages \
-        WHERE formation_id = ?1 AND user_id = ?2 AND (?3 IS NULL OR session_id = ?3) \
-     ) GROUP BY session_id";
-
-fn session_from_row(row: &Row) -> rusqlite::Result<SessionSummary> {
-    Ok(SessionSummary {
-        session_id: row.get("session_id")?,
-        created_at: row.get("created_at")?,
-        last_activity: row.get("last_activity")?,
-        message_count: row.get::<_, i64>("message_count")?.max(0) as u64,
-        request_count: row.get::<_, i64>("request_count")?.max(0) as u64,
-        active_requests: row.get::<_, i64>("active_requests")?.max(0) as u64,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::contract_tests::{completed, created, delivery, request, Simple};
-    use std::sync::Arc;
-
-    fn open() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(&dir.path().join("data")).expect("open store");
-        (dir, store)
-    }
-
-    async fn get(store: &SqliteStore, id: &str) -> RequestRecord {
-        store.get(id).await.expect("get").expect("request exists")
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_inserts_all_land_and_are_group_committed() {
-        const TASKS: usize = 50;
-        const PER_TASK: usize = 10;
-        let (_dir, store) = open();
-        let store = Arc::new(store);
-        let before = store.commits();
-        let tasks: Vec<_> = (0..TASKS)
-            .map(|t| {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    let inserts = (0..PER_TASK).map(|i| {
-                        let store = store.clone();
-                        async move {
-                            let n = (t * PER_TASK + i) as i64;
-                            store.put(request(&format!("req_{t}_{i}"), n)).await
-                        }
-                    });
-                    for inserted in futures::future::join_all(inserts).await {
-                        created(inserted.expect("insert"));
-                    }
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.expect("task");
-        }
-        let inserts = (TASKS * PER_TASK) as u64;
-        let commits = store.commits() - before;
-        eprintln!("{inserts} concurrent inserts in {commits} commits");
-        assert!(commits < inserts, "writes were not batched: {commits} commits for {inserts} inserts");
-
-        for t in 0..TASKS {
-            for i in 0..PER_TASK {
-                let id = format!("req_{t}_{i}");
-                assert_eq!(get(&store, &id).await.id, id);
-            }
-        }
-        let all = store
-            .list(&ListQuery { formation_id: "f1".into(), user_id: "alice".into(), status: None, limit: 10_000 })
-            .await
-            .expect("list");
-        assert_eq!(all.len(), TASKS * PER_TASK);
-    }
-
-    #[tokio::test]
-    async fn a_failing_write_fails_only_its_caller() {
-        let (_dir, store) = open();
-        store.put(request("dup", 1)).await.expect("insert");
-        // Queue many writes at once so they share batches with the failing ones.
-        let before = store.commits();
-        let writes = (0..100).map(|i| {
-            let id = if i % 10 == 0 { "dup".to_owned() } else { format!("ok_{i}") };
-            store.put(request(&id, 2))
-        });
-        let results = futures::future::join_all(writes).await;
-        let commits = store.commits() - before;
-        assert!(commits < 100, "failing writes shared batches: {commits} commits");
-        for (i, result) in results.into_iter().enumerate() {
-            if i % 10 == 0 {
-                let err = result.expect_err("duplicate id must fail");
-                assert!(err.to_string().contains("insert"), "{err}");
-            } else {
-                created(result.expect("insert"));
-                assert!(store.get(&format!("ok_{i}")).await.expect("get").is_some());
-            }
-        }
-        assert_eq!(get(&store, "dup").await.created_at, 1, "the original is untouched");
-    }
-
-    #[tokio::test]
-    async fn everything_survives_a_restart() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (done, running, waiting) = {
-            let store = SqliteStore::open(dir.path()).expect("open");
-            store.put(request("req_done", 1)).await.expect("insert");
-            store.put(request("req_running", 2)).await.expect("insert");
-            store.put(request("req_waiting", 3)).await.expect("insert");
-            store.start_attempt("req_running", 5).await.expect("start");
-            store.start_attempt("req_done", 5).await.expect("start");
-            store.end("req_done", &completed("ok"), 9, delivery("wh_1")).await.expect("finish");
-            let records =
-                (get(&store, "req_done").await, get(&store, "req_running").await, get(&store, "req_waiting").await);
-            store.close();
-            assert!(store.put(request("late", 10)).await.is_err(), "writes fail once closed");
-            records
-        };
-        let store = SqliteStore::open(dir.path()).expect("reopen");
-        assert_eq!(get(&store, "req_done").await, done);
-        let unfinished = store.unfinished().await.expect("unfinished");
-        assert_eq!(unfinished, vec![running, waiting]);
-        assert_eq!(store.due_deliveries(i64::MAX, 10).await.expect("due").len(), 1);
-        // And it still takes writes.
-        created(store.put(request("req_new", 11)).await.expect("insert"));
-    }
-
-    #[tokio::test]
-    async fn open_rejects_a_newer_schema() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        drop(SqliteStore::open(dir.path()).expect("open"));
-        let conn = Connection::open(dir.path().join(DB_FILE)).expect("raw open");
-        conn.pragma_update(None, "user_version", 99).expect("bump version");
-        drop(conn);
-        let err = SqliteStore::open(dir.path()).expect_err("newer schema must be refused");
-        assert!(err.to_string().contains("schema version 99"), "{err}");
-        // Reopening an up-to-date database applies nothing and works.
-        let dir = tempfile::tempdir().expect("temp dir");
-        drop(SqliteStore::open(dir.path()).expect("open"));
-        SqliteStore::open(dir.path()).expect("reopen");
+        self.list_copies(since).await
     }
 }
 
 #[cfg(test)]
-mod query_plans {
-    /// The plan SQLite picks for `sql`, one line per step.
-    fn plan(sql: &str) -> String {
-        let dir = tempfile::tempdir().unwrap();
-        let store = super::SqliteStore::open(dir.path()).unwrap();
-        let conn = rusqlite::Connection::open(store.path()).unwrap();
-        let mut explain = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        // Parameters left unbound are NULL; the plan does not depend on them.
-        let mut rows = explain.raw_query();
-        let mut steps = Vec::new();
-        while let Some(row) = rows.next().unwrap() {
-            steps.push(row.get::<_, String>(3).unwrap());
-        }
-        steps.join("\n")
-    }
-
-    /// The sweeper reads the queue each time room is made: it must cost the
-    /// rows it returns, not the length of the queue.
-    #[test]
-    fn the_queue_is_read_by_seeks_of_its_index_not_by_scans() {
-        let claimable = plan(super::CLAIMABLE_IN_FORMATION);
-        assert!(claimable.contains("SEARCH r USING INDEX requests_queue (formation_id=?)"), "{claimable}");
-        let formations = plan(crate::store::UNFINISHED_FORMATIONS);
-        assert!(!formations.contains("SCAN requests"), "{formations}");
-        assert_eq!(
-            formations.matches("SEARCH requests USING COVERING INDEX requests_queue").count(),
-            2,
-            "{formations}"
-        );
-    }
-}
-
-#[cfg(test)]
-mod column_positions {
-    use super::col;
-
-    #[test]
-    fn select_records_columns_are_where_record_from_row_reads_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = super::SqliteStore::open(dir.path()).unwrap();
-        let conn = rusqlite::Connection::open(store.path()).unwrap();
-        let statement = conn.prepare(select_records!("")).unwrap();
-        let expected = [
-            (col::ID, "id"),
-            (col::FORMATION_ID, "formation_id"),
-            (col::FORMATION_VERSION, "formation_version"),
-            (col::USER_ID, "user_id"),
-            (col::SESSION_ID, "session_id"),
-            (col::AGENT_ID, "agent_id"),
-            (col::MESSAGE, "message"),
-            (col::MODE, "mode"),
-            (col::ANSWERED_ASYNC, "answered_async"),
-            (col::ESTIMATED_SECONDS, "estimated_seconds"),
-            (col::IDEMPOTENCY_KEY, "idempotency_key"),
-            (col::WEBHOOK_URL, "webhook_url"),
-            (col::WORKFLOW_TIMEOUT_MS, "workflow_timeout_ms"),
-            (col::STATUS, "status"),
-            (col::PROGRESS, "progress"),
-            (col::CURRENT_STEP, "current_step"),
-            (col::TOTAL_STEPS, "total_steps"),
-            (col::COMPLETED_STEPS, "completed_steps"),
-            (col::STATUS_MESSAGE, "status_message"),
-            (col::RESULT_TEXT, "result_text"),
-            (col::ARTIFACTS, "artifacts"),
-            (col::ERROR, "error"),
-            (col::ATTEMPTS, "attempts"),
-            (col::CREATED_AT, "created_at"),
-            (col::STARTED_AT, "started_at"),
-            (col::COMPLETED_AT, "completed_at"),
-            (col::FINGERPRINT, "fingerprint"),
-            (col::WEBHOOK_STATUS, "webhook_status"),
-            (col::WEBHOOK_ATTEMPTS, "webhook_attempts"),
-            (col::WEBHOOK_LAST_ERROR, "webhook_last_error"),
-        ];
-        assert_eq!(statement.column_count(), expected.len());
-        for (position, name) in expected {
-            assert_eq!(statement.column_name(position).unwrap(), name, "column {position}");
-        }
-    }
-}
-
-#[cfg(test)]
-mod reader_snapshots {
-    use super::*;
-    use crate::store::contract_tests::{created, request};
-
-    #[tokio::test]
-    async fn a_read_sees_every_write_answered_before_it_and_idle_snapshots_end() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        for i in 0..20 {
-            let id = format!("req_{i}");
-            // The reader's snapshot from the last round is now stale: the insert is seen.
-            created(store.insert(request(&id, i), None, 1_000).await.unwrap());
-            assert_eq!(store.get(&id).await.unwrap().map(|r| r.id), Some(id.clone()), "round {i}");
-        }
-        // An idle reader holds a snapshot; once the writer commits again, the
-        // janitor ends it, so it does not hold the WAL back.
-        store.get("req_0").await.unwrap();
-        let holding = |store: &SqliteStore| {
-            store.readers.idle.lock().unwrap().iter().filter(|r| !r.conn().is_autocommit()).count()
-        };
-        assert!(holding(&store) > 0, "a reader keeps its snapshot between reads");
-        created(store.insert(request("req_last", 99), None, 1_000).await.unwrap());
-        tokio::time::sleep(readers::JANITOR_EVERY * 3).await;
-        assert_eq!(holding(&store), 0, "stale snapshots of idle readers end");
-    }
-
-    /// The rows `requests` holds in a copy of the database file alone (no
-    /// WAL); 0 for a copy taken while a checkpoint was writing the file.
-    fn rows_in_file_alone(dir: &Path) -> i64 {
-        let copy = dir.join("copy.db");
-        std::fs::copy(dir.join(DB_FILE), &copy).unwrap();
-        let count = Connection::open(&copy)
-            .and_then(|conn| conn.query_row("SELECT count(*) FROM requests", [], |row| row.get(0)));
-        std::fs::remove_file(&copy).unwrap();
-        count.unwrap_or(0)
-    }
-
-    #[tokio::test]
-    async fn once_the_writer_is_idle_the_database_file_holds_every_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).unwrap();
-        // A reader holds a snapshot from before the writes, as a poll leaves one.
-        store.get("req_none").await.unwrap();
-        // 50 commits of a row each stay far below the 1,000 WAL pages at
-        // which SQLite checkpoints by itself: only the idle writer copies them.
-        for i in 0..50 {
-            created(store.insert(request(&format!("req_{i}"), i), None, 1_000).await.unwrap());
-        }
-        // The janitor ends the stale snapshot; the writer then checkpoints it all.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while rows_in_file_alone(dir.path()) < 50 {
-            assert!(std::time::Instant::now() < deadline, "the idle writer never copied the WAL into the file");
-            tokio::time::sleep(writer::IDLE_CHECKPOINT_AFTER).await;
-        }
-        // Readers start new snapshots (which read the file alone) and still see every write.
-        assert_eq!(store.get("req_49").await.unwrap().map(|r| r.id).as_deref(), Some("req_49"));
-    }
-}
+mod tests;

@@ -17,8 +17,8 @@ use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::in_place::InPlace;
+use super::rows::{col, record_from_row};
 use super::writer::{settle, storage_failure, Job};
-use super::{col, record_from_row};
 use crate::store::{Inserted, Mode, NewRequest, RequestRecord, StoreError, StoreResult};
 
 /// The chunk sizes, largest first: a run is cut into the largest that fit, so

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Statement};
 
-use super::{record_from_row, BUSY_TIMEOUT, MMAP_BYTES};
+use super::rows::record_from_row;
+use super::{BUSY_TIMEOUT, MMAP_BYTES};
 use crate::store::RequestRecord;
 
 /// Read-only connections: at most this many reads run at once; the rest wait

@@ -1,0 +1,151 @@
+//! Rows as the SQLite store reads them: records, deliveries and session summaries
+//! decoded by column, and the few values it encodes.
+
+use rusqlite::types::Type;
+use rusqlite::Row;
+use serde::de::DeserializeOwned;
+
+use crate::store::{
+    Delivery, ErrorInfo, Mode, RequestRecord, RequestResult, SessionSummary, Status, StoreError, StoreResult,
+    WebhookState,
+};
+
+fn conversion_error(column: usize, err: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(err))
+}
+
+fn json_column<T: DeserializeOwned>(row: &Row, column: usize) -> rusqlite::Result<Option<T>> {
+    let text: Option<String> = row.get(column)?;
+    text.map(|text| serde_json::from_str(&text).map_err(|e| conversion_error(column, e))).transpose()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown status {0:?}")]
+struct UnknownStatus(String);
+
+/// The column's text, borrowed from the row (a status or a mode is parsed,
+/// not kept, so it need not be copied into a `String` first).
+fn text_column<'row>(row: &'row Row, column: usize) -> rusqlite::Result<&'row str> {
+    row.get_ref(column)?.as_str().map_err(|e| conversion_error(column, e))
+}
+
+pub(super) fn status_column(row: &Row, column: usize) -> rusqlite::Result<Status> {
+    let text = text_column(row, column)?;
+    Status::parse(text).ok_or_else(|| conversion_error(column, UnknownStatus(text.to_owned())))
+}
+
+fn mode_column(row: &Row, column: usize) -> rusqlite::Result<Mode> {
+    let text = text_column(row, column)?;
+    Mode::parse(text).ok_or_else(|| conversion_error(column, UnknownStatus(text.to_owned())))
+}
+
+/// The positions of [`select_records!`]'s columns: read by position, a row
+/// costs no name lookups (each is a scan of the column names).
+pub(super) mod col {
+    pub const ID: usize = 0;
+    pub const FORMATION_ID: usize = 1;
+    pub const FORMATION_VERSION: usize = 2;
+    pub const USER_ID: usize = 3;
+    pub const SESSION_ID: usize = 4;
+    pub const AGENT_ID: usize = 5;
+    pub const MESSAGE: usize = 6;
+    pub const MODE: usize = 7;
+    pub const ANSWERED_ASYNC: usize = 8;
+    pub const ESTIMATED_SECONDS: usize = 9;
+    pub const IDEMPOTENCY_KEY: usize = 10;
+    pub const WEBHOOK_URL: usize = 11;
+    pub const WORKFLOW_TIMEOUT_MS: usize = 12;
+    pub const STATUS: usize = 13;
+    pub const PROGRESS: usize = 14;
+    pub const CURRENT_STEP: usize = 15;
+    pub const TOTAL_STEPS: usize = 16;
+    pub const COMPLETED_STEPS: usize = 17;
+    pub const STATUS_MESSAGE: usize = 18;
+    pub const RESULT_TEXT: usize = 19;
+    pub const ARTIFACTS: usize = 20;
+    pub const ERROR: usize = 21;
+    pub const ATTEMPTS: usize = 22;
+    pub const CREATED_AT: usize = 23;
+    pub const STARTED_AT: usize = 24;
+    pub const COMPLETED_AT: usize = 25;
+    pub const FINGERPRINT: usize = 26;
+    pub const WEBHOOK_STATUS: usize = 27;
+    pub const WEBHOOK_ATTEMPTS: usize = 28;
+    pub const WEBHOOK_LAST_ERROR: usize = 29;
+}
+
+/// A row of [`select_records!`].
+pub(super) fn record_from_row(row: &Row) -> rusqlite::Result<RequestRecord> {
+    let result = match row.get::<_, Option<String>>(col::RESULT_TEXT)? {
+        Some(text) => Some(RequestResult { text, artifacts: json_column(row, col::ARTIFACTS)?.unwrap_or_default() }),
+        None => None,
+    };
+    let webhook = match row.get::<_, Option<String>>(col::WEBHOOK_STATUS)? {
+        Some(status) => Some(WebhookState {
+            status,
+            attempts: row.get(col::WEBHOOK_ATTEMPTS)?,
+            last_error: row.get(col::WEBHOOK_LAST_ERROR)?,
+        }),
+        None => None,
+    };
+    Ok(RequestRecord {
+        id: row.get(col::ID)?,
+        formation_id: row.get(col::FORMATION_ID)?,
+        formation_version: row.get(col::FORMATION_VERSION)?,
+        user_id: row.get(col::USER_ID)?,
+        session_id: row.get(col::SESSION_ID)?,
+        agent_id: row.get(col::AGENT_ID)?,
+        message: row.get(col::MESSAGE)?,
+        mode: mode_column(row, col::MODE)?,
+        answered_async: row.get(col::ANSWERED_ASYNC)?,
+        estimated_seconds: row.get(col::ESTIMATED_SECONDS)?,
+        idempotency_key: row.get(col::IDEMPOTENCY_KEY)?,
+        webhook_url: row.get(col::WEBHOOK_URL)?,
+        workflow_timeout_ms: row.get(col::WORKFLOW_TIMEOUT_MS)?,
+        status: status_column(row, col::STATUS)?,
+        progress: row.get(col::PROGRESS)?,
+        current_step: row.get(col::CURRENT_STEP)?,
+        total_steps: row.get(col::TOTAL_STEPS)?,
+        completed_steps: row.get(col::COMPLETED_STEPS)?,
+        status_message: row.get(col::STATUS_MESSAGE)?,
+        result,
+        error: json_column::<ErrorInfo>(row, col::ERROR)?,
+        attempts: row.get(col::ATTEMPTS)?,
+        created_at: row.get(col::CREATED_AT)?,
+        started_at: row.get(col::STARTED_AT)?,
+        completed_at: row.get(col::COMPLETED_AT)?,
+        webhook,
+    })
+}
+
+pub(super) fn delivery_from_row(row: &Row) -> rusqlite::Result<Delivery> {
+    Ok(Delivery {
+        id: row.get("id")?,
+        request_id: row.get("request_id")?,
+        formation_id: row.get("formation_id")?,
+        url: row.get("url")?,
+        attempts: row.get("attempts")?,
+        next_attempt_at: row.get("next_attempt_at")?,
+        status: row.get("status")?,
+        last_error: row.get("last_error")?,
+    })
+}
+
+pub(super) fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+pub(super) fn to_json(name: &str, value: &impl serde::Serialize) -> StoreResult<String> {
+    serde_json::to_string(value).map_err(|e| StoreError(format!("{name}: cannot encode JSON: {e}")))
+}
+
+pub(super) fn session_from_row(row: &Row) -> rusqlite::Result<SessionSummary> {
+    Ok(SessionSummary {
+        session_id: row.get("session_id")?,
+        created_at: row.get("created_at")?,
+        last_activity: row.get("last_activity")?,
+        message_count: row.get::<_, i64>("message_count")?.max(0) as u64,
+        request_count: row.get::<_, i64>("request_count")?.max(0) as u64,
+        active_requests: row.get::<_, i64>("active_requests")?.max(0) as u64,
+    })
+}
