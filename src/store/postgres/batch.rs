@@ -21,7 +21,7 @@ use std::time::Instant;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
-use super::note_on;
+use super::connection::note_on;
 use crate::store::{Mode, NewRequest, StoreError, StoreHealth, StoreResult};
 
 /// The most requests one statement carries.
