@@ -19,9 +19,10 @@ fn json_column<T: DeserializeOwned>(row: &Row, column: usize) -> rusqlite::Resul
     text.map(|text| serde_json::from_str(&text).map_err(|e| conversion_error(column, e))).transpose()
 }
 
+/// A stored status or mode this build does not know (the column names which).
 #[derive(Debug, thiserror::Error)]
-#[error("unknown status {0:?}")]
-struct UnknownStatus(String);
+#[error("unknown {0} {1:?}")]
+struct UnknownValue(&'static str, String);
 
 /// The column's text, borrowed from the row (a status or a mode is parsed,
 /// not kept, so it need not be copied into a `String` first).
@@ -31,12 +32,12 @@ fn text_column<'row>(row: &'row Row, column: usize) -> rusqlite::Result<&'row st
 
 pub(super) fn status_column(row: &Row, column: usize) -> rusqlite::Result<Status> {
     let text = text_column(row, column)?;
-    Status::parse(text).ok_or_else(|| conversion_error(column, UnknownStatus(text.to_owned())))
+    Status::parse(text).ok_or_else(|| conversion_error(column, UnknownValue("status", text.to_owned())))
 }
 
 fn mode_column(row: &Row, column: usize) -> rusqlite::Result<Mode> {
     let text = text_column(row, column)?;
-    Mode::parse(text).ok_or_else(|| conversion_error(column, UnknownStatus(text.to_owned())))
+    Mode::parse(text).ok_or_else(|| conversion_error(column, UnknownValue("mode", text.to_owned())))
 }
 
 /// The positions of [`select_records!`]'s columns: read by position, a row

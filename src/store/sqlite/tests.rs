@@ -111,6 +111,20 @@ async fn everything_survives_a_restart() {
     created(store.put(request("req_new", 11)).await.expect("insert"));
 }
 
+/// A mode this build does not know (written by a newer one, or by hand) is a
+/// read error that names it as a mode, not a record with a guessed mode.
+#[tokio::test]
+async fn an_unknown_mode_is_named_in_the_read_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(dir.path()).expect("open");
+    store.put(request("req_odd", 1)).await.expect("insert");
+    let conn = Connection::open(dir.path().join(DB_FILE)).expect("raw open");
+    conn.execute("UPDATE requests SET mode = 'turbo' WHERE id = 'req_odd'", []).expect("set mode");
+    drop(conn);
+    let err = store.get("req_odd").await.expect_err("an unknown mode must not be read");
+    assert!(err.to_string().contains(r#"unknown mode "turbo""#), "{err}");
+}
+
 #[tokio::test]
 async fn open_rejects_a_newer_schema() {
     let dir = tempfile::tempdir().expect("temp dir");
