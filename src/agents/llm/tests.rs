@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::agents::Turn;
+use crate::formation::ToolSpec;
 use crate::testing::{formation_with_agents, llm_agent, FakeLlm, Reply};
 use axum::routing::post;
 use axum::{Json, Router};
