@@ -4,6 +4,8 @@
 //! Every problem becomes a [`Diagnostic`] naming the file and, where the YAML
 //! source allows, the line and column of the offending key or item.
 
+mod source;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use source::{read_document, Source};
 
 use super::config::{
     default_max_concurrent, AgentKind, AgentSpec, ApiKeys, AsyncSettings, LlmSettings, McpSettings, OverlordSettings,
@@ -109,63 +113,6 @@ fn duplicate_id(file: &Path, id: &str, first: &Path) -> Diagnostic {
     match position {
         Some((line, column)) => diagnostic.at(line, column),
         None => diagnostic,
-    }
-}
-
-/// A file being loaded, with where each node of its YAML is.
-struct Source {
-    path: PathBuf,
-    bytes: Vec<u8>,
-    positions: Positions,
-}
-
-impl Source {
-    /// An error at `pointer`, located at its key or item (or nearest ancestor).
-    fn error(&self, pointer: &str, message: impl Into<String>) -> Diagnostic {
-        self.locate(Diagnostic::error(&self.path, display_path(pointer), message), pointer)
-    }
-
-    fn warning(&self, pointer: &str, message: impl Into<String>) -> Diagnostic {
-        self.locate(Diagnostic::warning(&self.path, display_path(pointer), message), pointer)
-    }
-
-    fn locate(&self, diagnostic: Diagnostic, pointer: &str) -> Diagnostic {
-        match self.positions.find(pointer) {
-            Some((line, column)) => diagnostic.at(line, column),
-            None => diagnostic,
-        }
-    }
-}
-
-/// Reads a file that must hold one YAML mapping.
-fn read_document(path: &Path) -> Result<(Source, Value), Vec<Diagnostic>> {
-    let fail = |message: String| vec![Diagnostic::error(path, "(root)", message)];
-    let bytes = fs::read(path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
-    let text = std::str::from_utf8(&bytes).map_err(|e| fail(format!("{} is not UTF-8 text: {e}", path.display())))?;
-    let value: Value = serde_yaml::from_str(text).map_err(|e| vec![yaml_error(path, &e)])?;
-    if !value.is_object() {
-        return Err(fail(format!("expected a mapping of sections (`id: ...`), found {}", kind_of(&value))));
-    }
-    let positions = Positions::parse(text);
-    Ok((Source { path: path.to_path_buf(), bytes, positions }, value))
-}
-
-fn yaml_error(path: &Path, e: &serde_yaml::Error) -> Diagnostic {
-    let diagnostic = Diagnostic::error(path, "(root)", format!("malformed YAML: {e}"));
-    match e.location() {
-        Some(l) => diagnostic.at(l.line(), l.column()),
-        None => diagnostic,
-    }
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "an empty document",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "a mapping",
     }
 }
 
