@@ -361,3 +361,54 @@ async fn each_webhook_is_delivered_once_under_load() {
         per_request.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
     });
 }
+
+/// An agent that reads its request, then reports progress six times, further
+/// apart than the engine's writes of progress (each report is written).
+const STEPS: &str = r#"#!/usr/bin/env python3
+import json, sys, time
+json.load(sys.stdin)
+for i in range(1, 7):
+    print(json.dumps({"progress": i * 15, "step": f"step {i} of six"}), flush=True)
+    time.sleep(0.55)
+print(json.dumps({"result": "done"}), flush=True)
+"#;
+
+/// Bytes the process has handed to `write` and its kin so far (`wchar`).
+fn bytes_written(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");
+    let line = io.lines().find_map(|line| line.strip_prefix("wchar:")).expect("a wchar line");
+    line.trim().parse().expect("a number")
+}
+
+/// Progress of a request with a long message does not write the message
+/// again: it is written when accepted (to the WAL, then into the database
+/// file) and handed to the agent once. Kept in the request's row, each
+/// progress report wrote it again whole, overflow pages and all.
+#[tokio::test]
+async fn progress_of_a_request_with_a_long_message_does_not_write_the_message_again() {
+    const LONG: usize = 900_000;
+    let fx = Fixture::new();
+    fx.script("f/steps.py", STEPS);
+    let agents = "async:\n  mode: async\nagents:\n  - id: steps\n    command: [\"python3\", \"steps.py\"]\n";
+    fx.write("f/formation.afs", &formation_yaml("f", agents));
+    let server = fx.start();
+    let caller = server.caller("f", "u1");
+    let mut written = Vec::new();
+    for message in ["short".to_owned(), "m".repeat(LONG)] {
+        let before = bytes_written(server.pid());
+        let (status, body, _) = caller.chat(json!({ "message": message })).await;
+        assert_eq!(status, 202, "{body}");
+        let ended = caller.finished(&request_id(&body)).await;
+        assert_eq!(ended["status"], "completed", "{ended}");
+        assert_eq!(ended["current_step"], "step 6 of six", "every report was recorded: {ended}");
+        written.push(bytes_written(server.pid()) - before);
+    }
+    let extra = written[1].saturating_sub(written[0]);
+    eprintln!("bytes written: {} for the short message, {} for the {LONG}-byte one", written[0], written[1]);
+    assert!(
+        extra < 5 * LONG as u64,
+        "the long message cost {extra} bytes of writes beyond the short one's {} (limit {})",
+        written[0],
+        5 * LONG
+    );
+}

@@ -4,7 +4,8 @@
 //! `records`), never in SQL, so a PostgreSQL implementation can stand beside it.
 
 /// The record columns of `requests r LEFT JOIN deliveries d`, with `$message`
-/// for the message: `r.message`, or `'' AS message` where it is not read.
+/// for the message: `r.message`, `'' AS message` where it is not read, or
+/// (SQLite) an expression that finds it where it is kept.
 /// Only a request that has ended can have a delivery (`finish` makes it), so
 /// the join looks for one only then: its key is NULL for a request that has
 /// not ended, and a NULL key is never looked up, so a poll of a queued request
@@ -12,7 +13,7 @@
 /// status test ran only after the search: SQLite evaluates a left join's
 /// `ON` terms on the outer table inside the inner loop.)
 macro_rules! record_columns {
-    ($message:literal) => {
+    ($message:expr) => {
         // The order is fixed: the SQLite store reads these by position (`sqlite::col`).
         concat!(
             "r.id, r.formation_id, r.formation_version, r.user_id, r.session_id, r.agent_id, ",

@@ -26,6 +26,24 @@
 //! [`rows`]. The trait's methods are here but for those of [`leases`],
 //! [`deliveries`] (the webhook outbox), [`admin`], [`sessions`] and [`copies`].
 
+/// A request's message (of `requests r`) where the SQLite store keeps it: in
+/// its row, or, when the row holds `''` (a message of
+/// [`inserts::OUT_OF_LINE_BYTES`] or more), in `request_messages` (see [`schema`]).
+macro_rules! stored_message {
+    () => {
+        "CASE WHEN r.message <> '' THEN r.message \
+         ELSE COALESCE((SELECT m.message FROM request_messages m WHERE m.id = r.id), '') END"
+    };
+}
+
+/// `SELECT <every record column> FROM requests r LEFT JOIN deliveries d <tail>`,
+/// the message read where it is kept.
+macro_rules! select_stored_records {
+    ($tail:literal) => {
+        concat!("SELECT ", record_columns!(concat!(stored_message!(), " AS message")), $tail)
+    };
+}
+
 mod admin;
 mod copies;
 mod deliveries;
@@ -70,7 +88,7 @@ const MMAP_BYTES: i64 = 256 * 1024 * 1024;
 
 /// A formation's claimable requests (`?4`), oldest first: its range of the
 /// queue index, whose size is what the formation's queue holds.
-const CLAIMABLE_IN_FORMATION: &str = select_records!(
+const CLAIMABLE_IN_FORMATION: &str = select_stored_records!(
     "WHERE r.formation_id = ?4 AND r.status IN ('pending', 'processing') \
      AND (r.lease_owner IS NULL OR (r.lease_owner != ?1 AND r.lease_expires_at <= ?2)) \
      ORDER BY r.created_at, r.id LIMIT ?3"
@@ -277,7 +295,7 @@ impl Store for SqliteStore {
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<RequestRecord>> {
         let query = query.clone();
         self.read("list", move |conn| {
-            conn.prepare_cached(select_records!(
+            conn.prepare_cached(select_stored_records!(
                 "WHERE r.formation_id = ?1 AND r.user_id = ?2 AND (?3 IS NULL OR r.status = ?3) \
                  ORDER BY r.created_at DESC, r.id DESC LIMIT ?4"
             ))?
@@ -462,12 +480,14 @@ impl Store for SqliteStore {
         self.read("session_turns", move |conn| {
             // The latest `limit` turns, newest first; reversed below.
             let mut turns = conn
-                .prepare_cached(
-                    "SELECT message, result_text FROM requests \
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    stored_message!(),
+                    " AS message, result_text FROM requests r \
                      WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 \
                      AND status = 'completed' \
-                     ORDER BY created_at DESC, id DESC LIMIT ?4",
-                )?
+                     ORDER BY created_at DESC, id DESC LIMIT ?4"
+                ))?
                 .query_map(params![formation_id, user_id, session_id, sql_limit(limit)], |row| {
                     Ok((row.get(0)?, row.get::<_, Option<String>>(1)?.unwrap_or_default()))
                 })?
@@ -573,7 +593,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Vec<RequestRecord>> {
         let (formation_id, user_id) = (formation_id.to_owned(), user_id.to_owned());
         self.read("lifecycle_since", move |conn| {
-            conn.prepare_cached(select_records!(
+            conn.prepare_cached(select_stored_records!(
                 "WHERE r.formation_id = ?1 AND r.user_id = ?2 AND (r.created_at >= ?3 OR r.completed_at >= ?3) \
                  ORDER BY r.created_at, r.id LIMIT ?4"
             ))?

@@ -12,7 +12,7 @@ impl SqliteStore {
     pub(super) async fn list_for_admin(&self, query: &AdminQuery) -> StoreResult<Vec<RequestRecord>> {
         let query = query.clone();
         self.read("admin_list", move |conn| {
-            conn.prepare_cached(select_records!(
+            conn.prepare_cached(select_stored_records!(
                 "WHERE r.formation_id = ?1 AND (?2 IS NULL OR r.status = ?2) \
                  AND (?3 IS NULL OR r.agent_id = ?3) AND (?4 IS NULL OR r.user_id = ?4) \
                  AND (?5 IS NULL OR r.created_at >= ?5) AND (?6 IS NULL OR r.created_at < ?6) \

@@ -28,6 +28,17 @@ const CHUNKS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
 /// The values each row binds.
 const COLUMNS: usize = 17;
 
+/// A message this long or longer is kept in `request_messages`, its request's
+/// row holding `''`: an update of the row then never writes it again. (A row
+/// past about a page spills into overflow pages, all of which an update that
+/// changes the row's size writes again.) Shorter messages stay in the row,
+/// which costs an accept no second insert.
+pub(super) const OUT_OF_LINE_BYTES: usize = 4096;
+
+fn is_out_of_line(request: &NewRequest) -> bool {
+    request.message.len() >= OUT_OF_LINE_BYTES
+}
+
 /// The `INSERT` of `rows` rows.
 fn insert_sql(rows: usize) -> String {
     let row = format!("({}, 'pending')", vec!["?"; COLUMNS].join(", "));
@@ -91,6 +102,7 @@ impl Job for InsertJob {
         storage_failure("insert", &self.out)
     }
 
+    /// One statement, or a long message's two, which [`write_one`] undoes together.
     fn is_one_statement(&self) -> bool {
         true
     }
@@ -112,7 +124,8 @@ pub(super) fn write(inserts: &mut Inserts, mut run: Vec<&mut InsertJob>) -> bool
         let which = CHUNKS.iter().position(|&size| size <= rest.len()).unwrap_or(CHUNKS.len() - 1);
         let (mut chunk, tail) = rest.split_at_mut(CHUNKS[which]);
         rest = tail;
-        if chunk.len() > 1 && keys_are_free(conn, chunk).unwrap_or(false) {
+        let all_in_line = chunk.iter().all(|job| !is_out_of_line(&job.request));
+        if chunk.len() > 1 && all_in_line && keys_are_free(conn, chunk).unwrap_or(false) {
             let before = conn.total_changes();
             let outcome = insert_rows(inserts, which, chunk.iter().map(|job| &**job));
             if outcome.is_err() && conn.is_autocommit() {
@@ -147,14 +160,36 @@ pub(super) fn write(inserts: &mut Inserts, mut run: Vec<&mut InsertJob>) -> bool
     all_written
 }
 
-/// One new request: the earlier request that holds its key, else its row written.
+/// One new request: the earlier request that holds its key, else its row
+/// written (and its message beside it, if that is kept out of the row).
 fn write_one(inserts: &mut Inserts, job: &InsertJob) -> rusqlite::Result<Found> {
-    if job.request.idempotency_key.is_some() {
-        if let Some((record, fingerprint)) = holder_of_key(inserts.conn, &job.request)? {
+    let conn = inserts.conn;
+    let request = &job.request;
+    if request.idempotency_key.is_some() {
+        if let Some((record, fingerprint)) = holder_of_key(conn, request)? {
             return Ok(Found::Existing(Box::new(record), fingerprint));
         }
     }
-    insert_rows(inserts, CHUNKS.len() - 1, std::iter::once(job))?;
+    if !is_out_of_line(request) {
+        insert_rows(inserts, CHUNKS.len() - 1, std::iter::once(job))?;
+        return Ok(Found::Created);
+    }
+    // The message first: if it cannot be written, neither is the row.
+    conn.prepare_cached("INSERT OR FAIL INTO request_messages (id, message) VALUES (?1, ?2)")?
+        .execute((&request.id, &request.message))?;
+    if let Err(e) = insert_rows(inserts, CHUNKS.len() - 1, std::iter::once(job)) {
+        // Only the row's statement failed (the transaction goes on): take the
+        // message back, so the job changes nothing, as one statement would.
+        if !conn.is_autocommit() {
+            let taken_back = conn
+                .prepare_cached("DELETE FROM request_messages WHERE id = ?1")
+                .and_then(|mut s| s.execute([&request.id]));
+            if let Err(left) = taken_back {
+                tracing::warn!(request = %request.id, error = %left, "a message is left without its request");
+            }
+        }
+        return Err(e);
+    }
     Ok(Found::Created)
 }
 
@@ -223,7 +258,7 @@ fn insert_rows<'a>(
             values.text(&request.user_id)?;
             values.opt_text(request.session_id.as_deref())?;
             values.text(&request.agent_id)?;
-            values.text(&request.message)?;
+            values.text(if is_out_of_line(request) { "" } else { &request.message })?;
             values.text(request.mode.as_str())?;
             values.int(i64::from(request.mode == Mode::Async))?;
             values.real(request.estimated_seconds)?;
@@ -241,11 +276,13 @@ fn insert_rows<'a>(
 
 /// The request that holds `request`'s idempotency key, with its fingerprint.
 fn holder_of_key(conn: &Connection, request: &NewRequest) -> rusqlite::Result<Option<(RequestRecord, Option<String>)>> {
-    conn.prepare_cached(select_records!("WHERE r.formation_id = ?1 AND r.user_id = ?2 AND r.idempotency_key = ?3"))?
-        .query_row((&request.formation_id, &request.user_id, &request.idempotency_key), |row| {
-            Ok((record_from_row(row)?, row.get::<_, Option<String>>(col::FINGERPRINT)?))
-        })
-        .optional()
+    conn.prepare_cached(select_stored_records!(
+        "WHERE r.formation_id = ?1 AND r.user_id = ?2 AND r.idempotency_key = ?3"
+    ))?
+    .query_row((&request.formation_id, &request.user_id, &request.idempotency_key), |row| {
+        Ok((record_from_row(row)?, row.get::<_, Option<String>>(col::FINGERPRINT)?))
+    })
+    .optional()
 }
 
 #[cfg(test)]

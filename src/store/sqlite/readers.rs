@@ -113,7 +113,7 @@ impl ReadPool {
         // `request_states` is the same without the message (see `get_without_message`).
         conn.execute_batch(concat!(
             "CREATE TEMP VIEW request_records AS ",
-            select_records!(""),
+            select_stored_records!(""),
             "; CREATE TEMP VIEW request_states AS SELECT ",
             record_columns!("'' AS message"),
         ))?;

@@ -40,7 +40,7 @@ fn mode_column(row: &Row, column: usize) -> rusqlite::Result<Mode> {
     Mode::parse(text).ok_or_else(|| conversion_error(column, UnknownValue("mode", text.to_owned())))
 }
 
-/// The positions of [`select_records!`]'s columns: read by position, a row
+/// The positions of [`select_stored_records!`]'s columns: read by position, a row
 /// costs no name lookups (each is a scan of the column names).
 pub(super) mod col {
     pub const ID: usize = 0;
@@ -75,7 +75,7 @@ pub(super) mod col {
     pub const WEBHOOK_LAST_ERROR: usize = 29;
 }
 
-/// A row of [`select_records!`].
+/// A row of [`select_stored_records!`].
 pub(super) fn record_from_row(row: &Row) -> rusqlite::Result<RequestRecord> {
     let result = match row.get::<_, Option<String>>(col::RESULT_TEXT)? {
         Some(text) => Some(RequestResult { text, artifacts: json_column(row, col::ARTIFACTS)?.unwrap_or_default() }),

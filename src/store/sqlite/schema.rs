@@ -130,6 +130,23 @@ CREATE INDEX requests_held ON requests (lease_owner)
     ),
     Migration::Code(checks_as_comparisons),
     Migration::Sql(MESSAGE_LAST),
+    Migration::Sql(
+        r#"
+-- Long messages, kept out of their request's row (which then holds ''): every
+-- update of a row whose size changes (progress, a claim, a lease, the end)
+-- writes the row again whole, overflow pages and all. Keyed by the request's
+-- id, which is time-ordered, so an insert appends.
+CREATE TABLE request_messages (
+    id      TEXT PRIMARY KEY,
+    message TEXT NOT NULL
+) WITHOUT ROWID;
+-- A request and its message go together: a purge deletes both. (A rebuild of
+-- `requests` drops this trigger with the table: it must create it again.)
+CREATE TRIGGER request_messages_go_with_their_request AFTER DELETE ON requests
+    WHEN OLD.message = ''
+    BEGIN DELETE FROM request_messages WHERE id = OLD.id; END;
+"#,
+    ),
 ];
 
 /// `requests` rebuilt with its large values last, per the procedure of

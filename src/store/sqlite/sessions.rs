@@ -74,10 +74,12 @@ impl SqliteStore {
             // Newest first, reversed below. Ties of one millisecond: seeds first,
             // then by request (ids are time-ordered), its question before its answer.
             let mut messages = conn
-                .prepare_cached(
+                .prepare_cached(concat!(
                     "SELECT role, content, request_id, agent_id, status, ts FROM ( \
-                       SELECT 'user' AS role, message AS content, id AS request_id, agent_id, status, \
-                              created_at AS ts, 1 AS rank, id AS k FROM requests \
+                       SELECT 'user' AS role, ",
+                    stored_message!(),
+                    " AS content, id AS request_id, agent_id, status, \
+                              created_at AS ts, 1 AS rank, id AS k FROM requests r \
                         WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 \
                        UNION ALL \
                        SELECT 'assistant', result_text, id, agent_id, status, completed_at, 2, id FROM requests \
@@ -85,8 +87,8 @@ impl SqliteStore {
                        UNION ALL \
                        SELECT role, content, NULL, agent_id, NULL, created_at, 0, printf('%020d', seq) \
                          FROM session_messages WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 \
-                     ) WHERE ts < ?5 ORDER BY ts DESC, rank = 0, k DESC, rank DESC LIMIT ?4",
-                )?
+                     ) WHERE ts < ?5 ORDER BY ts DESC, rank = 0, k DESC, rank DESC LIMIT ?4"
+                ))?
                 .query_map(params![formation_id, user_id, session_id, sql_limit(limit), before], |row| {
                     let status: Option<String> = row.get(4)?;
                     Ok(SessionMessage {

@@ -111,6 +111,66 @@ async fn everything_survives_a_restart() {
     created(store.put(request("req_new", 11)).await.expect("insert"));
 }
 
+/// A long message is kept beside its request's row (which holds `''`), so
+/// updates of the row never write it again; it is read back wherever a
+/// message is read, and goes with its request. A request that is not written
+/// (an id taken) leaves no message behind, and an idempotent replay none either.
+#[tokio::test]
+async fn a_long_message_is_kept_beside_its_row_and_goes_with_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(dir.path()).expect("open");
+    let long = "m".repeat(900_000);
+    let with = |id: &str, message: &str, key: Option<&str>| {
+        let mut new = request(id, 1);
+        new.message = message.to_owned();
+        new.session_id = Some("s1".into());
+        new.idempotency_key = key.map(str::to_owned);
+        new
+    };
+    created(store.put(with("req_long", &long, Some("k1"))).await.expect("insert"));
+    created(store.put(request("req_short", 2)).await.expect("insert"));
+    let at_limit = "x".repeat(inserts::OUT_OF_LINE_BYTES);
+    // An id taken by a request whose message is in its row: the long message
+    // is written first, then taken back when the row cannot be.
+    store.put(with("req_short", &at_limit, None)).await.expect_err("the id is taken");
+    store.put(with("req_long", &at_limit, None)).await.expect_err("the id is taken");
+    match store.put(with("req_again", &at_limit, Some("k1"))).await.expect("replay") {
+        Inserted::Existing(record) | Inserted::KeyReused(record) => assert_eq!(record.message, long),
+        Inserted::Created(record) => panic!("the key is held, yet {} was created", record.id),
+    }
+    let messages_beside = |raw: &Connection| -> Vec<(String, i64)> {
+        let mut rows = raw.prepare("SELECT id, length(message) FROM request_messages ORDER BY id").unwrap();
+        rows.query_map([], |row| Ok((row.get(0)?, row.get(1)?))).unwrap().collect::<Result<_, _>>().unwrap()
+    };
+    let raw = Connection::open(dir.path().join(DB_FILE)).expect("raw open");
+    assert_eq!(messages_beside(&raw), vec![("req_long".to_owned(), 900_000)]);
+    let in_row: String = raw.query_row("SELECT message FROM requests WHERE id = 'req_long'", [], |r| r.get(0)).unwrap();
+    assert_eq!(in_row, "");
+
+    // Read back by id, in lists, in the queue, and as a session's history.
+    assert_eq!(get(&store, "req_long").await.message, long);
+    assert_eq!(get(&store, "req_short").await.message, "message of req_short");
+    let query = ListQuery { formation_id: "f1".into(), user_id: "alice".into(), status: None, limit: 10 };
+    let listed = store.list(&query).await.expect("list");
+    assert!(listed.iter().any(|r| r.id == "req_long" && r.message == long));
+    let unfinished = store.unfinished().await.expect("unfinished");
+    assert!(unfinished.iter().any(|r| r.id == "req_long" && r.message == long));
+    store.start_attempt("req_long", 5).await.expect("start");
+    for step in 0..5 {
+        let progress = Progress { progress: Some(f64::from(step) * 20.0), ..Default::default() };
+        assert!(store.progress("req_long", &progress).await.expect("progress"));
+    }
+    store.end("req_long", &completed("done"), 9, None).await.expect("finish");
+    let turns = store.session_turns("f1", "alice", "s1", 10).await.expect("turns");
+    assert_eq!(turns, vec![(long.clone(), "done".to_owned())]);
+    let history = store.session_messages("f1", "alice", "s1", None, 10).await.expect("messages");
+    assert_eq!(history.first().map(|m| m.content.len()), Some(900_000));
+
+    // Purged with its request.
+    assert_eq!(store.purge_finished_before(None, i64::MAX).await.expect("purge"), 1);
+    assert_eq!(messages_beside(&raw), vec![]);
+}
+
 /// A mode this build does not know (written by a newer one, or by hand) is a
 /// read error that names it as a mode, not a record with a guessed mode.
 #[tokio::test]
@@ -180,7 +240,7 @@ mod column_positions {
         let dir = tempfile::tempdir().unwrap();
         let store = super::SqliteStore::open(dir.path()).unwrap();
         let conn = rusqlite::Connection::open(store.path()).unwrap();
-        let statement = conn.prepare(select_records!("")).unwrap();
+        let statement = conn.prepare(select_stored_records!("")).unwrap();
         let expected = [
             (col::ID, "id"),
             (col::FORMATION_ID, "formation_id"),
