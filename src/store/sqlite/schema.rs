@@ -135,7 +135,8 @@ CREATE INDEX requests_held ON requests (lease_owner)
 -- Long messages, kept out of their request's row (which then holds ''): every
 -- update of a row whose size changes (progress, a claim, a lease, the end)
 -- writes the row again whole, overflow pages and all. Keyed by the request's
--- id, which is time-ordered, so an insert appends.
+-- id, which is time-ordered, so an insert appends. Messages stored before
+-- stay in their rows, where they are read as before.
 CREATE TABLE request_messages (
     id      TEXT PRIMARY KEY,
     message TEXT NOT NULL
