@@ -473,4 +473,6 @@ pub trait Store: Send + Sync + 'static {
 }
 
 #[cfg(test)]
+mod message_tests;
+#[cfg(test)]
 mod session_tests;
