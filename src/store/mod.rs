@@ -29,8 +29,10 @@ macro_rules! record_columns {
     };
 }
 
-/// `SELECT <every record column> FROM requests r LEFT JOIN deliveries d <tail>`:
-/// the same query shape in both SQL stores (defined before them to be in scope).
+/// `SELECT <every record column> FROM requests r LEFT JOIN deliveries d <tail>`,
+/// the message read from the row: PostgreSQL's query. The SQLite store, which
+/// keeps a long message beside its row, reads the same shape through
+/// `select_stored_records!` (defined here, before both, to be in scope).
 macro_rules! select_records {
     ($tail:literal) => {
         concat!("SELECT ", record_columns!("r.message"), $tail)
