@@ -452,7 +452,8 @@ async fn keys_users_and_hosts_are_checked() {
     assert_ne!(raw(Some(&key), Some("localhost:1234")).await.unwrap().status(), 403);
 
     // A body is bounded as on every other route (1 MiB): a ping padded past it
-    // is refused, on a client of its own (the server closes the connection).
+    // is refused with the API's code, on a client of its own (the server
+    // closes the connection).
     let padded = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"ping"{}}}"#, " ".repeat(1024 * 1024));
     let too_large = reqwest::Client::new()
         .post(mcp_url(&server))
@@ -464,6 +465,7 @@ async fn keys_users_and_hosts_are_checked() {
         .await
         .unwrap();
     assert_eq!(too_large.status(), 413);
+    assert_eq!(common::json(too_large).await.1["code"], "payload_too_large");
 
     // Executions belong to formation and user, not to the MCP session.
     let alice = connect(&server, "alice", Protocol::Stateless, Client::default()).await;

@@ -69,14 +69,22 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     }
 }
 
+/// The refusal of a body past [`MAX_BODY_BYTES`] (413 `payload_too_large`).
+pub fn too_large() -> ApiError {
+    ApiError::new(Code::PayloadTooLarge, format!("the request body is larger than {MAX_BODY_BYTES} bytes"))
+}
+
+/// Whether `body` declares a length past [`MAX_BODY_BYTES`].
+pub fn declared_too_large(body: &Body) -> bool {
+    body.size_hint().lower() > MAX_BODY_BYTES as u64
+}
+
 /// Reads `body` whole, refusing it past [`MAX_BODY_BYTES`] (by its declared
 /// length before reading any of it). A body that arrives in one piece, as a
 /// small JSON body does, is that piece: not copied, not collected.
 async fn read_whole(body: Body) -> Result<Bytes, ApiError> {
-    let too_large =
-        || ApiError::new(Code::PayloadTooLarge, format!("the request body is larger than {MAX_BODY_BYTES} bytes"));
     let broken = |e: axum::Error| ApiError::new(Code::InvalidRequest, format!("cannot read the request body: {e}"));
-    if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
+    if declared_too_large(&body) {
         return Err(too_large());
     }
     let mut pieces = body.into_data_stream();

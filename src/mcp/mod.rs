@@ -26,6 +26,7 @@ use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, Stream
 use tower::ServiceExt;
 
 use crate::api::auth::{self, Role};
+use crate::api::body;
 use crate::api::AppState;
 use crate::error::{ApiError, Code};
 use crate::formation::Formation;
@@ -75,7 +76,7 @@ pub fn route(state: &AppState) -> MethodRouter<AppState> {
     let config = StreamableHttpServerConfig::default()
         .with_allowed_hosts(state.mcp_allowed_hosts.iter().cloned())
         .with_cancellation_token(state.shutdown.child_token())
-        .with_max_request_body_bytes(crate::api::body::MAX_BODY_BYTES);
+        .with_max_request_body_bytes(body::MAX_BODY_BYTES);
     let config = if state.mcp_allowed_hosts.is_empty() { config.disable_allowed_hosts() } else { config };
     let handler_state = state.clone();
     let service: StreamableHttpService<FormationServer, LocalSessionManager> = StreamableHttpService::new(
@@ -94,6 +95,11 @@ async fn endpoint(
     mut request: Request,
     service: StreamableHttpService<FormationServer, LocalSessionManager>,
 ) -> Response {
+    // A body declared past the limit gets the API's own 413; one sent without
+    // a length is cut by the MCP service at the same size (a plain-text 413).
+    if body::declared_too_large(request.body()) {
+        return body::too_large().into_response();
+    }
     let headers = request.headers_mut();
     // `Authorization: Bearer <key>` is the client key, as MCP clients send it.
     if auth::header(headers, auth::CLIENT_KEY).is_none() {
