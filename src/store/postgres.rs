@@ -419,21 +419,7 @@ impl Store for PgStore {
         session_id: &str,
         limit: usize,
     ) -> StoreResult<Vec<(String, String)>> {
-        let rows = sqlx::query_as::<_, (String, Option<String>)>(
-            "SELECT message, result_text FROM requests \
-             WHERE formation_id = $1 AND user_id = $2 AND session_id = $3 AND status = 'completed' \
-             ORDER BY created_at DESC, id DESC LIMIT $4",
-        )
-        .bind(formation_id)
-        .bind(user_id)
-        .bind(session_id)
-        .bind(sql_limit(limit))
-        .fetch_all(&self.pool)
-        .await;
-        let mut turns: Vec<(String, String)> =
-            decode("session_turns", rows)?.into_iter().map(|(m, a)| (m, a.unwrap_or_default())).collect();
-        turns.reverse();
-        Ok(turns)
+        self.past_turns(formation_id, user_id, session_id, limit).await
     }
 
     async fn claim_deliveries(

@@ -1,5 +1,5 @@
 //! The PostgreSQL store's sessions: listed and read from their requests and seeded
-//! messages, and reseeded by a restore.
+//! messages, reseeded by a restore, and their past turns (an agent's history).
 
 use sqlx::Row;
 
@@ -149,5 +149,30 @@ impl PgStore {
         }
         let committed = tx.commit().await;
         self.note("restore_session", committed)
+    }
+
+    /// `Store::session_turns`.
+    pub(super) async fn past_turns(
+        &self,
+        formation_id: &str,
+        user_id: &str,
+        session_id: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, String)>> {
+        let rows = sqlx::query_as::<_, (String, Option<String>)>(
+            "SELECT message, result_text FROM requests \
+             WHERE formation_id = $1 AND user_id = $2 AND session_id = $3 AND status = 'completed' \
+             ORDER BY created_at DESC, id DESC LIMIT $4",
+        )
+        .bind(formation_id)
+        .bind(user_id)
+        .bind(session_id)
+        .bind(sql_limit(limit))
+        .fetch_all(&self.pool)
+        .await;
+        let mut turns: Vec<(String, String)> =
+            decode("session_turns", rows)?.into_iter().map(|(m, a)| (m, a.unwrap_or_default())).collect();
+        turns.reverse();
+        Ok(turns)
     }
 }

@@ -1,5 +1,5 @@
 //! The SQLite store's sessions: listed and read from their requests and seeded
-//! messages, and reseeded by a restore.
+//! messages, reseeded by a restore, and their past turns (an agent's history).
 
 use rusqlite::{params, OptionalExtension};
 
@@ -138,6 +138,36 @@ impl SqliteStore {
                 ])?;
             }
             Ok(())
+        })
+        .await
+    }
+
+    /// `Store::session_turns`.
+    pub(super) async fn past_turns(
+        &self,
+        formation_id: &str,
+        user_id: &str,
+        session_id: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<(String, String)>> {
+        let (formation_id, user_id, session_id) = (formation_id.to_owned(), user_id.to_owned(), session_id.to_owned());
+        self.read("session_turns", move |conn| {
+            // The latest `limit` turns, newest first; reversed below.
+            let mut turns = conn
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    stored_message!(),
+                    " AS message, result_text FROM requests r \
+                     WHERE formation_id = ?1 AND user_id = ?2 AND session_id = ?3 \
+                     AND status = 'completed' \
+                     ORDER BY created_at DESC, id DESC LIMIT ?4"
+                ))?
+                .query_map(params![formation_id, user_id, session_id, sql_limit(limit)], |row| {
+                    Ok((row.get(0)?, row.get::<_, Option<String>>(1)?.unwrap_or_default()))
+                })?
+                .collect::<rusqlite::Result<Vec<(String, String)>>>()?;
+            turns.reverse();
+            Ok(turns)
         })
         .await
     }
