@@ -196,8 +196,8 @@ fn wait_seconds(value: &Value, threshold_seconds: f64) -> Result<Duration, BadAr
             format!("`wait_seconds` must be between 0 and {max} (this formation's async threshold, at most an hour), got {seconds}"),
         ));
     }
-    Duration::try_from_secs_f64(seconds)
-        .map_err(|e| bad("invalid_wait_seconds", format!("`wait_seconds` {seconds} is not a duration: {e}")))
+    crate::time::seconds(seconds)
+        .ok_or_else(|| bad("invalid_wait_seconds", format!("`wait_seconds` {seconds} is not a duration")))
 }
 
 /// The `execution_id` argument of the execution tools.
