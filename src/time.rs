@@ -50,34 +50,65 @@ pub fn now_ms() -> i64 {
 }
 
 /// An RFC 3339 rendering of a millisecond timestamp, for humans and JSON:
-/// `2026-11-22T04:52:07.123Z`. Written digit by digit for years 0 to 9999
-/// (chrono's formatter costs a status poll about 700 instructions a date);
-/// chrono writes the rest.
+/// `2026-11-22T04:52:07.123Z`.
 pub fn rfc3339(ms: i64) -> String {
-    use chrono::{Datelike, Timelike};
-    let at = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
-    let year = at.year();
-    if !(0..=9999).contains(&year) {
-        return at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    }
-    let mut text = *b"0000-00-00T00:00:00.000Z";
-    let mut put = |at: usize, value: u32, digits: usize| {
-        let mut value = value;
-        for i in (at..at + digits).rev() {
-            text[i] = b'0' + (value % 10) as u8;
-            value /= 10;
+    Rfc3339::new(ms).as_str().to_owned()
+}
+
+/// A time as RFC 3339 text with milliseconds, `2026-11-22T04:52:07.123Z`,
+/// held without allocating (a status document writes three). Written digit by
+/// digit for years 0 to 9999 (chrono's formatter costs a status poll about 700
+/// instructions a date); chrono writes the rest.
+#[derive(Clone, Copy)]
+pub struct Rfc3339 {
+    text: [u8; Rfc3339::CAPACITY],
+    len: u8,
+}
+
+impl Rfc3339 {
+    /// Chrono's widest: `+262143-12-31T23:59:59.999Z`.
+    const CAPACITY: usize = 32;
+
+    pub fn new(ms: i64) -> Rfc3339 {
+        use chrono::{Datelike, Timelike};
+        let at = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
+        let mut text = [0u8; Rfc3339::CAPACITY];
+        let year = at.year();
+        if !(0..=9999).contains(&year) {
+            let wide = at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            let len = wide.len().min(Rfc3339::CAPACITY);
+            text[..len].copy_from_slice(&wide.as_bytes()[..len]);
+            return Rfc3339 { text, len: len as u8 };
         }
-    };
-    put(0, year as u32, 4);
-    put(5, at.month(), 2);
-    put(8, at.day(), 2);
-    put(11, at.hour(), 2);
-    put(14, at.minute(), 2);
-    put(17, at.second(), 2);
-    // A leap second's nanoseconds run past 999,999,999; chrono never makes one from a timestamp.
-    put(20, (at.nanosecond() / 1_000_000).min(999), 3);
-    // Digits and separators: always UTF-8.
-    std::str::from_utf8(&text).unwrap_or_default().to_owned()
+        text[..24].copy_from_slice(b"0000-00-00T00:00:00.000Z");
+        let mut put = |at: usize, value: u32, digits: usize| {
+            let mut value = value;
+            for i in (at..at + digits).rev() {
+                text[i] = b'0' + (value % 10) as u8;
+                value /= 10;
+            }
+        };
+        put(0, year as u32, 4);
+        put(5, at.month(), 2);
+        put(8, at.day(), 2);
+        put(11, at.hour(), 2);
+        put(14, at.minute(), 2);
+        put(17, at.second(), 2);
+        // A leap second's nanoseconds run past 999,999,999; chrono never makes one from a timestamp.
+        put(20, (at.nanosecond() / 1_000_000).min(999), 3);
+        Rfc3339 { text, len: 24 }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Digits and separators, or chrono's ASCII: always UTF-8.
+        std::str::from_utf8(&self.text[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl serde::Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 /// The delay a `Retry-After` header value asks for: seconds (fractions allowed)

@@ -14,7 +14,7 @@ use super::body::Headers;
 use super::{envelope, views, AppState};
 use crate::engine::CancelError;
 use crate::error::{ApiError, ApiResult, Code};
-use crate::store::{ListQuery, RequestRecord, Status};
+use crate::store::{ListQuery, RequestRecord, RequestState, Status};
 
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
@@ -36,19 +36,37 @@ pub async fn find(
         Some(live) => Some(Box::new(live.snapshot_without_message())),
         None => state.engine.store().get_without_message(request_id).await?,
     };
-    record
-        .filter(|r| r.formation_id == formation_id && r.user_id == user)
-        .ok_or_else(|| ApiError::new(Code::RequestNotFound, format!("request `{request_id}` not found")))
+    record.filter(|r| r.formation_id == formation_id && r.user_id == user).ok_or_else(|| not_found(request_id))
 }
 
+fn not_found(request_id: &str) -> ApiError {
+    ApiError::new(Code::RequestNotFound, format!("request `{request_id}` not found"))
+}
+
+/// The status document of the caller's request, as [`find`] finds it, written
+/// from the state the store lends (a poll builds no record).
 pub async fn get(
     State(state): State<AppState>,
     Path((id, request_id)): Path<(String, String)>,
     Headers(headers): Headers,
 ) -> ApiResult<Response> {
-    let record = find(&state, &id, &headers, &request_id).await?;
-    let status = views::RequestStatus::of(&record);
-    Ok(envelope::ok_written("request.status", Some(&record.id), None, |buf| status.write(buf)))
+    auth::authorize(&state, &id, &headers, Role::Client)?;
+    let user = auth::user_id(&headers, None)?;
+    let mut answer = None;
+    let mut show = |request: &RequestState<'_>| {
+        if request.formation_id == id && request.user_id == user {
+            let status = views::RequestStatus::of(request);
+            answer = Some(envelope::ok_written("request.status", Some(request.id), None, |buf| status.write(buf)));
+        }
+    };
+    // A request running here is answered from memory; others from the store.
+    match state.engine.live(&request_id) {
+        Some(live) => show(&RequestState::of(&live.snapshot_without_message())),
+        None => {
+            state.engine.store().show_state(&request_id, &mut show).await?;
+        }
+    }
+    answer.ok_or_else(|| not_found(&request_id))
 }
 
 #[derive(Debug, Deserialize)]

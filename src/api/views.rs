@@ -4,11 +4,11 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::json::Object;
-use crate::store::{ErrorInfo, Mode, RequestRecord, RequestResult, WebhookState};
-use crate::time::rfc3339;
+use crate::store::{ErrorInfo, Mode, RequestRecord, RequestResult, RequestState, WebhookState};
+use crate::time::Rfc3339;
 
 /// The status document of a request (`GET /requests/{id}`), serialised
-/// straight from the record (a poll builds no `Value` tree).
+/// straight from its state (a poll builds no `Value` tree, nor a record).
 #[derive(Serialize)]
 pub struct RequestStatus<'a> {
     request_id: &'a str,
@@ -29,39 +29,39 @@ pub struct RequestStatus<'a> {
     attempts: u32,
     processing_mode: Mode,
     estimated_seconds: f64,
-    created_at: String,
-    started_at: Option<String>,
-    completed_at: Option<String>,
+    created_at: Rfc3339,
+    started_at: Option<Rfc3339>,
+    completed_at: Option<Rfc3339>,
     duration_ms: Option<i64>,
     webhook: Option<&'a WebhookState>,
 }
 
 impl<'a> RequestStatus<'a> {
-    pub fn of(record: &'a RequestRecord) -> RequestStatus<'a> {
+    pub fn of(state: &RequestState<'a>) -> RequestStatus<'a> {
         RequestStatus {
-            request_id: &record.id,
-            id: &record.id,
-            formation_id: &record.formation_id,
-            formation_version: &record.formation_version,
-            user_id: &record.user_id,
-            session_id: record.session_id.as_deref(),
-            agent_id: &record.agent_id,
-            status: record.status.as_str(),
-            progress: record.progress,
-            current_step: record.current_step.as_deref(),
-            total_steps: record.total_steps,
-            completed_steps: record.completed_steps,
-            message: record.status_message.as_deref(),
-            result: record.result.as_ref(),
-            error: record.error.as_ref(),
-            attempts: record.attempts,
-            processing_mode: record.mode,
-            estimated_seconds: record.estimated_seconds,
-            created_at: rfc3339(record.created_at),
-            started_at: record.started_at.map(rfc3339),
-            completed_at: record.completed_at.map(rfc3339),
-            duration_ms: record.duration_ms(),
-            webhook: record.webhook.as_ref(),
+            request_id: state.id,
+            id: state.id,
+            formation_id: state.formation_id,
+            formation_version: state.formation_version,
+            user_id: state.user_id,
+            session_id: state.session_id,
+            agent_id: state.agent_id,
+            status: state.status.as_str(),
+            progress: state.progress,
+            current_step: state.current_step,
+            total_steps: state.total_steps,
+            completed_steps: state.completed_steps,
+            message: state.status_message,
+            result: state.result,
+            error: state.error,
+            attempts: state.attempts,
+            processing_mode: state.mode,
+            estimated_seconds: state.estimated_seconds,
+            created_at: Rfc3339::new(state.created_at),
+            started_at: state.started_at.map(Rfc3339::new),
+            completed_at: state.completed_at.map(Rfc3339::new),
+            duration_ms: state.duration_ms(),
+            webhook: state.webhook,
         }
     }
 }
@@ -90,9 +90,9 @@ impl RequestStatus<'_> {
             .value("attempts", &self.attempts)
             .str("processing_mode", self.processing_mode.as_str())
             .value("estimated_seconds", &self.estimated_seconds)
-            .str("created_at", &self.created_at)
-            .opt_str("started_at", self.started_at.as_deref())
-            .opt_str("completed_at", self.completed_at.as_deref())
+            .str("created_at", self.created_at.as_str())
+            .opt_str("started_at", self.started_at.as_ref().map(Rfc3339::as_str))
+            .opt_str("completed_at", self.completed_at.as_ref().map(Rfc3339::as_str))
             .value("duration_ms", &self.duration_ms)
             .value("webhook", &self.webhook);
         object.end();
@@ -101,7 +101,7 @@ impl RequestStatus<'_> {
 
 /// [`RequestStatus`] as a `Value`, for callers that add to it.
 pub fn request_status(record: &RequestRecord) -> Value {
-    serde_json::to_value(RequestStatus::of(record)).unwrap_or(Value::Null)
+    serde_json::to_value(RequestStatus::of(&RequestState::of(record))).unwrap_or(Value::Null)
 }
 
 /// The `data` of a synchronous chat answer.
@@ -153,7 +153,7 @@ mod tests {
         ended.webhook =
             Some(WebhookState { status: "failed".into(), attempts: 5, last_error: Some("HTTP 500".into()) });
         for record in [queued, ended] {
-            let status = RequestStatus::of(&record);
+            let status = RequestStatus::of(&RequestState::of(&record));
             let mut written = Vec::new();
             status.write(&mut written);
             assert_eq!(String::from_utf8(written).unwrap(), serde_json::to_string(&status).unwrap());

@@ -43,6 +43,7 @@ mod ids;
 pub mod postgres;
 mod records;
 pub mod sqlite;
+mod state;
 
 #[cfg(test)]
 mod admin_tests;
@@ -59,6 +60,7 @@ pub use records::{
     Claim, ErrorInfo, Inserted, Lease, Mode, NewRequest, Outcome, Progress, RequestRecord, RequestResult, Status,
     WebhookState,
 };
+pub use state::{RequestState, ShowState};
 
 /// Whether the store is taking writes, as last seen.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -295,6 +297,18 @@ pub trait Store: Send + Sync + 'static {
         Ok(record)
     }
 
+    /// Shows `show` the state of request `id` (all of it but its message) and
+    /// says whether there is such a request: a status poll's read. The state is
+    /// lent, not returned, so a store that can lend it from the row it reads
+    /// builds no record for it.
+    async fn show_state(&self, id: &str, show: &mut ShowState<'_>) -> StoreResult<bool> {
+        let record = self.get_without_message(id).await?;
+        if let Some(record) = &record {
+            show(&RequestState::of(record));
+        }
+        Ok(record.is_some())
+    }
+
     /// A user's requests in a formation, newest first.
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<RequestRecord>>;
 
@@ -478,3 +492,5 @@ pub trait Store: Send + Sync + 'static {
 mod message_tests;
 #[cfg(test)]
 mod session_tests;
+#[cfg(test)]
+mod state_tests;

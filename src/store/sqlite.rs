@@ -73,7 +73,7 @@ use writer::{Counts, Job, Write};
 use super::{
     AdminQuery, Among, Backlog, Claim, Delivery, DeliveryUpdate, FormationCopy, Inserted, Lease, ListQuery,
     NewDelivery, NewRequest, NewSessionMessage, Outcome, Owner, Progress, RequestRecord, Reruns, SessionMessage,
-    SessionSummary, Status, Store, StoreError, StoreHealth, StoreResult,
+    SessionSummary, ShowState, Status, Store, StoreError, StoreHealth, StoreResult,
 };
 
 /// The statements the writer connection keeps prepared.
@@ -290,6 +290,11 @@ impl Store for SqliteStore {
 
     async fn get_without_message(&self, id: &str) -> StoreResult<Option<Box<RequestRecord>>> {
         self.record_by_id("get_without_message", ById::State, id).await
+    }
+
+    async fn show_state(&self, id: &str, show: &mut ShowState<'_>) -> StoreResult<bool> {
+        let _turn = self.readers.free.acquire().await.map_err(|_| StoreError("show_state: closed".into()))?;
+        self.readers.state_by_id(id, show).map_err(|e| StoreError(format!("show_state: {e}")))
     }
 
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<RequestRecord>> {

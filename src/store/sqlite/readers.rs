@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Statement};
 
-use super::rows::record_from_row;
+use super::rows::{record_from_row, state_from_row, STATE_BY_ID};
 use super::{BUSY_TIMEOUT, MMAP_BYTES};
-use crate::store::RequestRecord;
+use crate::store::{RequestRecord, ShowState};
 
 /// Read-only connections: at most this many reads run at once; the rest wait
 /// for one to be free rather than opening (and warming) a connection each.
@@ -45,6 +45,8 @@ pub(super) struct Reader {
     /// statement cache: hashing its text, taking it out and putting it back).
     /// Declared before `conn`, so they are dropped (finalized) before it.
     by_id: [Statement<'static>; 2],
+    /// [`STATE_BY_ID`], prepared the same way: what a status poll reads.
+    state: Statement<'static>,
     /// Boxed: the statements above point at it, so it must never move. Private
     /// to this module, which never moves it out nor replaces it.
     conn: Box<Connection>,
@@ -128,7 +130,8 @@ impl ReadPool {
             Ok(unsafe { std::mem::transmute::<Statement<'_>, Statement<'static>>(statement) })
         };
         let by_id = [prepare(ById::SQL[0])?, prepare(ById::SQL[1])?];
-        Ok(Reader { by_id, conn, seen: 0 })
+        let state = prepare(STATE_BY_ID)?;
+        Ok(Reader { by_id, state, conn, seen: 0 })
     }
 
     /// A reader whose snapshot holds every commit made so far.
@@ -173,6 +176,16 @@ impl ReadPool {
         let out = reader.by_id[query as usize].query_row([id], |row| record_from_row(row).map(Box::new)).optional();
         self.put(reader);
         out
+    }
+
+    /// Shows `show` the state of request `id`, read with the reader's own
+    /// statement; false when there is no such request. The caller holds a
+    /// `free` permit.
+    pub(super) fn state_by_id(&self, id: &str, show: &mut ShowState<'_>) -> rusqlite::Result<bool> {
+        let mut reader = self.get()?;
+        let out = reader.state.query_row([id], |row| state_from_row(row, id, show)).optional();
+        self.put(reader);
+        out.map(|found| found.is_some())
     }
 
     /// Ends the stale snapshots of idle readers every [`JANITOR_EVERY`], until

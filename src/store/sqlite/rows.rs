@@ -6,8 +6,8 @@ use rusqlite::Row;
 use serde::de::DeserializeOwned;
 
 use crate::store::{
-    Delivery, ErrorInfo, Mode, RequestRecord, RequestResult, SessionSummary, Status, StoreError, StoreResult,
-    WebhookState,
+    Delivery, ErrorInfo, Mode, RequestRecord, RequestResult, RequestState, SessionSummary, ShowState, Status,
+    StoreError, StoreResult, WebhookState,
 };
 
 fn conversion_error(column: usize, err: impl std::error::Error + Send + Sync + 'static) -> rusqlite::Error {
@@ -15,8 +15,8 @@ fn conversion_error(column: usize, err: impl std::error::Error + Send + Sync + '
 }
 
 fn json_column<T: DeserializeOwned>(row: &Row, column: usize) -> rusqlite::Result<Option<T>> {
-    let text: Option<String> = row.get(column)?;
-    text.map(|text| serde_json::from_str(&text).map_err(|e| conversion_error(column, e))).transpose()
+    let text = opt_text_column(row, column)?;
+    text.map(|text| serde_json::from_str(text).map_err(|e| conversion_error(column, e))).transpose()
 }
 
 /// A stored status or mode this build does not know (the column names which).
@@ -28,6 +28,11 @@ struct UnknownValue(&'static str, String);
 /// not kept, so it need not be copied into a `String` first).
 fn text_column<'row>(row: &'row Row, column: usize) -> rusqlite::Result<&'row str> {
     row.get_ref(column)?.as_str().map_err(|e| conversion_error(column, e))
+}
+
+/// The column's text, borrowed, or `None` for NULL.
+fn opt_text_column<'row>(row: &'row Row, column: usize) -> rusqlite::Result<Option<&'row str>> {
+    row.get_ref(column)?.as_str_or_null().map_err(|e| conversion_error(column, e))
 }
 
 pub(super) fn status_column(row: &Row, column: usize) -> rusqlite::Result<Status> {
@@ -117,6 +122,91 @@ pub(super) fn record_from_row(row: &Row) -> rusqlite::Result<RequestRecord> {
         completed_at: row.get(col::COMPLETED_AT)?,
         webhook,
     })
+}
+
+/// A request's state by id, for [`state_from_row`]: only the columns a status
+/// poll shows (no id, which the caller has; no message), in the order of
+/// [`state_col`], with the delivery joined as in `record_columns!`.
+pub(super) const STATE_BY_ID: &str = "SELECT r.formation_id, r.formation_version, r.user_id, r.session_id, \
+     r.agent_id, r.mode, r.estimated_seconds, r.status, r.progress, r.current_step, r.total_steps, \
+     r.completed_steps, r.status_message, r.result_text, r.artifacts, r.error, r.attempts, r.created_at, \
+     r.started_at, r.completed_at, d.status, d.attempts, d.last_error \
+     FROM requests r LEFT JOIN deliveries d \
+     ON d.request_id = CASE WHEN r.status <> 'pending' AND r.status <> 'processing' THEN r.id END \
+     WHERE r.id = ?1";
+
+/// The positions of [`STATE_BY_ID`]'s columns.
+mod state_col {
+    pub const FORMATION_ID: usize = 0;
+    pub const FORMATION_VERSION: usize = 1;
+    pub const USER_ID: usize = 2;
+    pub const SESSION_ID: usize = 3;
+    pub const AGENT_ID: usize = 4;
+    pub const MODE: usize = 5;
+    pub const ESTIMATED_SECONDS: usize = 6;
+    pub const STATUS: usize = 7;
+    pub const PROGRESS: usize = 8;
+    pub const CURRENT_STEP: usize = 9;
+    pub const TOTAL_STEPS: usize = 10;
+    pub const COMPLETED_STEPS: usize = 11;
+    pub const STATUS_MESSAGE: usize = 12;
+    pub const RESULT_TEXT: usize = 13;
+    pub const ARTIFACTS: usize = 14;
+    pub const ERROR: usize = 15;
+    pub const ATTEMPTS: usize = 16;
+    pub const CREATED_AT: usize = 17;
+    pub const STARTED_AT: usize = 18;
+    pub const COMPLETED_AT: usize = 19;
+    pub const WEBHOOK_STATUS: usize = 20;
+    pub const WEBHOOK_ATTEMPTS: usize = 21;
+    pub const WEBHOOK_LAST_ERROR: usize = 22;
+}
+
+/// Shows `show` the state of request `id` in a row of [`STATE_BY_ID`], its text
+/// borrowed from the row. Only an ended request's result, error and delivery
+/// are decoded into values of their own.
+pub(super) fn state_from_row(row: &Row, id: &str, show: &mut ShowState<'_>) -> rusqlite::Result<()> {
+    use state_col as c;
+    let result = match opt_text_column(row, c::RESULT_TEXT)? {
+        Some(text) => Some(RequestResult {
+            text: text.to_owned(),
+            artifacts: json_column(row, c::ARTIFACTS)?.unwrap_or_default(),
+        }),
+        None => None,
+    };
+    let error = json_column::<ErrorInfo>(row, c::ERROR)?;
+    let webhook = match opt_text_column(row, c::WEBHOOK_STATUS)? {
+        Some(status) => Some(WebhookState {
+            status: status.to_owned(),
+            attempts: row.get(c::WEBHOOK_ATTEMPTS)?,
+            last_error: row.get(c::WEBHOOK_LAST_ERROR)?,
+        }),
+        None => None,
+    };
+    show(&RequestState {
+        id,
+        formation_id: text_column(row, c::FORMATION_ID)?,
+        formation_version: text_column(row, c::FORMATION_VERSION)?,
+        user_id: text_column(row, c::USER_ID)?,
+        session_id: opt_text_column(row, c::SESSION_ID)?,
+        agent_id: text_column(row, c::AGENT_ID)?,
+        mode: mode_column(row, c::MODE)?,
+        estimated_seconds: row.get(c::ESTIMATED_SECONDS)?,
+        status: status_column(row, c::STATUS)?,
+        progress: row.get(c::PROGRESS)?,
+        current_step: opt_text_column(row, c::CURRENT_STEP)?,
+        total_steps: row.get(c::TOTAL_STEPS)?,
+        completed_steps: row.get(c::COMPLETED_STEPS)?,
+        status_message: opt_text_column(row, c::STATUS_MESSAGE)?,
+        result: result.as_ref(),
+        error: error.as_ref(),
+        attempts: row.get(c::ATTEMPTS)?,
+        created_at: row.get(c::CREATED_AT)?,
+        started_at: row.get(c::STARTED_AT)?,
+        completed_at: row.get(c::COMPLETED_AT)?,
+        webhook: webhook.as_ref(),
+    });
+    Ok(())
 }
 
 pub(super) fn delivery_from_row(row: &Row) -> rusqlite::Result<Delivery> {
