@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Statement};
 
-use super::rows::{record_from_row, state_from_row, STATE_BY_ID};
+use super::rows::{record_from_row, state_from_row, DELIVERY_STATE_BY_ID, STATE_BY_ID};
 use super::{BUSY_TIMEOUT, MMAP_BYTES};
 use crate::store::{RequestRecord, ShowState};
 
@@ -45,8 +45,10 @@ pub(super) struct Reader {
     /// statement cache: hashing its text, taking it out and putting it back).
     /// Declared before `conn`, so they are dropped (finalized) before it.
     by_id: [Statement<'static>; 2],
-    /// [`STATE_BY_ID`], prepared the same way: what a status poll reads.
+    /// [`STATE_BY_ID`] and [`DELIVERY_STATE_BY_ID`], prepared the same way:
+    /// what a status poll reads.
     state: Statement<'static>,
+    delivery_state: Statement<'static>,
     /// Boxed: the statements above point at it, so it must never move. Private
     /// to this module, which never moves it out nor replaces it.
     conn: Box<Connection>,
@@ -130,8 +132,8 @@ impl ReadPool {
             Ok(unsafe { std::mem::transmute::<Statement<'_>, Statement<'static>>(statement) })
         };
         let by_id = [prepare(ById::SQL[0])?, prepare(ById::SQL[1])?];
-        let state = prepare(STATE_BY_ID)?;
-        Ok(Reader { by_id, state, conn, seen: 0 })
+        let (state, delivery_state) = (prepare(STATE_BY_ID)?, prepare(DELIVERY_STATE_BY_ID)?);
+        Ok(Reader { by_id, state, delivery_state, conn, seen: 0 })
     }
 
     /// A reader whose snapshot holds every commit made so far.
@@ -183,7 +185,8 @@ impl ReadPool {
     /// `free` permit.
     pub(super) fn state_by_id(&self, id: &str, show: &mut ShowState<'_>) -> rusqlite::Result<bool> {
         let mut reader = self.get()?;
-        let out = reader.state.query_row([id], |row| state_from_row(row, id, show)).optional();
+        let Reader { state, delivery_state, .. } = &mut reader;
+        let out = state.query_row([id], |row| state_from_row(row, id, delivery_state, show)).optional();
         self.put(reader);
         out.map(|found| found.is_some())
     }

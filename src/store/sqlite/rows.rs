@@ -2,7 +2,7 @@
 //! decoded by column, and the few values it encodes.
 
 use rusqlite::types::Type;
-use rusqlite::Row;
+use rusqlite::{OptionalExtension, Row, Statement};
 use serde::de::DeserializeOwned;
 
 use crate::store::{
@@ -126,14 +126,17 @@ pub(super) fn record_from_row(row: &Row) -> rusqlite::Result<RequestRecord> {
 
 /// A request's state by id, for [`state_from_row`]: only the columns a status
 /// poll shows (no id, which the caller has; no message), in the order of
-/// [`state_col`], with the delivery joined as in `record_columns!`.
-pub(super) const STATE_BY_ID: &str = "SELECT r.formation_id, r.formation_version, r.user_id, r.session_id, \
-     r.agent_id, r.mode, r.estimated_seconds, r.status, r.progress, r.current_step, r.total_steps, \
-     r.completed_steps, r.status_message, r.result_text, r.artifacts, r.error, r.attempts, r.created_at, \
-     r.started_at, r.completed_at, d.status, d.attempts, d.last_error \
-     FROM requests r LEFT JOIN deliveries d \
-     ON d.request_id = CASE WHEN r.status <> 'pending' AND r.status <> 'processing' THEN r.id END \
-     WHERE r.id = ?1";
+/// [`state_col`]. Its delivery is read only for an ended request, with
+/// [`DELIVERY_STATE_BY_ID`]: a poll of a queued request opens no cursor on
+/// the deliveries.
+pub(super) const STATE_BY_ID: &str = "SELECT formation_id, formation_version, user_id, session_id, agent_id, \
+     mode, estimated_seconds, status, progress, current_step, total_steps, completed_steps, status_message, \
+     result_text, artifacts, error, attempts, created_at, started_at, completed_at \
+     FROM requests WHERE id = ?1";
+
+/// The state of an ended request's webhook delivery, if it has one.
+pub(super) const DELIVERY_STATE_BY_ID: &str =
+    "SELECT status, attempts, last_error FROM deliveries WHERE request_id = ?1";
 
 /// The positions of [`STATE_BY_ID`]'s columns.
 mod state_col {
@@ -157,16 +160,20 @@ mod state_col {
     pub const CREATED_AT: usize = 17;
     pub const STARTED_AT: usize = 18;
     pub const COMPLETED_AT: usize = 19;
-    pub const WEBHOOK_STATUS: usize = 20;
-    pub const WEBHOOK_ATTEMPTS: usize = 21;
-    pub const WEBHOOK_LAST_ERROR: usize = 22;
 }
 
 /// Shows `show` the state of request `id` in a row of [`STATE_BY_ID`], its text
 /// borrowed from the row. Only an ended request's result, error and delivery
-/// are decoded into values of their own.
-pub(super) fn state_from_row(row: &Row, id: &str, show: &mut ShowState<'_>) -> rusqlite::Result<()> {
+/// (read with `delivery`, [`DELIVERY_STATE_BY_ID`]) are decoded into values of
+/// their own.
+pub(super) fn state_from_row(
+    row: &Row,
+    id: &str,
+    delivery: &mut Statement,
+    show: &mut ShowState<'_>,
+) -> rusqlite::Result<()> {
     use state_col as c;
+    let status = status_column(row, c::STATUS)?;
     let result = match opt_text_column(row, c::RESULT_TEXT)? {
         Some(text) => Some(RequestResult {
             text: text.to_owned(),
@@ -175,13 +182,15 @@ pub(super) fn state_from_row(row: &Row, id: &str, show: &mut ShowState<'_>) -> r
         None => None,
     };
     let error = json_column::<ErrorInfo>(row, c::ERROR)?;
-    let webhook = match opt_text_column(row, c::WEBHOOK_STATUS)? {
-        Some(status) => Some(WebhookState {
-            status: status.to_owned(),
-            attempts: row.get(c::WEBHOOK_ATTEMPTS)?,
-            last_error: row.get(c::WEBHOOK_LAST_ERROR)?,
-        }),
-        None => None,
+    // Only `finish` makes a delivery, in the transaction that ends the request.
+    let webhook = if status.is_final() {
+        delivery
+            .query_row([id], |row| {
+                Ok(WebhookState { status: row.get(0)?, attempts: row.get(1)?, last_error: row.get(2)? })
+            })
+            .optional()?
+    } else {
+        None
     };
     show(&RequestState {
         id,
@@ -192,7 +201,7 @@ pub(super) fn state_from_row(row: &Row, id: &str, show: &mut ShowState<'_>) -> r
         agent_id: text_column(row, c::AGENT_ID)?,
         mode: mode_column(row, c::MODE)?,
         estimated_seconds: row.get(c::ESTIMATED_SECONDS)?,
-        status: status_column(row, c::STATUS)?,
+        status,
         progress: row.get(c::PROGRESS)?,
         current_step: opt_text_column(row, c::CURRENT_STEP)?,
         total_steps: row.get(c::TOTAL_STEPS)?,
