@@ -11,7 +11,8 @@
 # engine --no-run`). N accepts (default 2000) are counted after 400 uncounted,
 # from C keep-alive connections (default 8; the bench uses 64, where the
 # writer's batches are larger). KIND=poll counts status polls instead, cycling
-# over 2,400 queued requests accepted first. Prints instructions per request, in all and per
+# over 2,400 queued requests accepted first; KIND=poll-ended the same over
+# 2,400 requests that have ended (their agent answers at once). Prints instructions per request, in all and per
 # thread (the busiest first); KEEP=DIR keeps callgrind's files. Kernel work is not counted. Needs valgrind and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,8 @@ SERVER="${1:-target/release/muxi-rt}"
 N="${2:-2000}"
 CONNECTIONS="${CONNECTIONS:-8}"
 KIND="${KIND:-accept}"
+AGENT="sleep 600"
+[ "$KIND" = poll-ended ] && AGENT="echo done"
 KEY="client-count-0123456789"
 WORK="$(mktemp -d -t muxi-count-XXXXXX)"
 trap 'kill "$PID" 2>/dev/null || true; pkill -f "$WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -36,7 +39,7 @@ async: {mode: async}
 agents:
   - id: sleeper
     estimated_seconds: 600
-    command: ["sh", "-c", "sleep 600", "$WORK"]
+    command: ["sh", "-c", "$AGENT", "$WORK"]
 EOF
 
 if [ "$SERVER" = floor ]; then
@@ -60,23 +63,28 @@ done
 # status polls cycling over the kept ids (KIND=poll), from $CONNECTIONS clients.
 load() {
   python3 - "$ADDR" "$2" "$KEY" "$CONNECTIONS" "$1" "$WORK/ids" <<'PY'
-import http.client, json, sys, threading, urllib.parse
+import http.client, json, sys, threading, time, urllib.parse
 addr, n, key, c = urllib.parse.urlsplit(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 kind, ids_file = sys.argv[5], sys.argv[6]
 body = '{"message": "summarise the benchmark please", "async": true}'
 headers = {"content-type": "application/json", "x-muxi-client-key": key, "x-muxi-user-id": "count-user"}
-ids = (open(ids_file).read().split() or ["req_floor"]) if kind == "poll" else []  # the floor keeps no ids
+ids = (open(ids_file).read().split() or ["req_floor"]) if kind.startswith("poll") else []  # the floor keeps no ids
 accepted = []
 def client(k):
     conn = http.client.HTTPConnection(addr.hostname, addr.port)
     for i in range(n // c):
-        if kind == "poll":
+        if kind.startswith("poll"):
             conn.request("GET", f"/api/count/v1/requests/{ids[(i * c + k) % len(ids)]}", headers=headers)
         else:
             conn.request("POST", "/api/count/v1/chat", body, headers)
         answer = conn.getresponse()
         text = answer.read()
         assert answer.status < 300, answer.status
+        if kind == "poll-ended":  # wait for the request to end: it is polled again
+            while b'"status":"completed"' not in text:
+                time.sleep(0.05)
+                conn.request("GET", f"/api/count/v1/requests/{ids[(i * c + k) % len(ids)]}", headers=headers)
+                text = conn.getresponse().read()
         if kind == "accept" and b'"request_id"' in text:  # the floor answers with a rowid
             accepted.append(json.loads(text)["data"]["request_id"])
 threads = [threading.Thread(target=client, args=(k,)) for k in range(c)]
@@ -88,7 +96,10 @@ PY
 }
 
 load accept 400
-if [ "$KIND" = poll ]; then load accept 2000; load poll 400; fi
+case "$KIND" in
+  poll) load accept 2000; load poll 400 ;;
+  poll-ended) load accept 2000; load poll-ended 2400 ;;  # every one, until it has ended
+esac
 callgrind_control -i on "$PID" > /dev/null 2>&1
 load "$KIND" "$N"
 callgrind_control -d "$PID" > /dev/null 2>&1
