@@ -190,8 +190,13 @@ impl RequestRecord {
 
     /// Time from start (or acceptance, if it never started) to the end.
     pub fn duration_ms(&self) -> Option<i64> {
-        self.completed_at.map(|end| end - self.started_at.unwrap_or(self.created_at))
+        duration_ms(self.created_at, self.started_at, self.completed_at)
     }
+}
+
+/// Time from start (or acceptance, if it never started) to the end, if it has ended.
+pub(super) fn duration_ms(created_at: i64, started_at: Option<i64>, completed_at: Option<i64>) -> Option<i64> {
+    completed_at.map(|end| end - started_at.unwrap_or(created_at))
 }
 
 /// A progress update; `None` fields keep their stored value.

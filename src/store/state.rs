@@ -63,6 +63,6 @@ impl<'a> RequestState<'a> {
 
     /// Time from start (or acceptance, if it never started) to the end.
     pub fn duration_ms(&self) -> Option<i64> {
-        self.completed_at.map(|end| end - self.started_at.unwrap_or(self.created_at))
+        super::records::duration_ms(self.created_at, self.started_at, self.completed_at)
     }
 }

@@ -80,12 +80,20 @@ pub(super) mod col {
     pub const WEBHOOK_LAST_ERROR: usize = 29;
 }
 
+/// A request's result, from its text and artifacts columns (none while the text is NULL).
+fn result_columns(row: &Row, text: usize, artifacts: usize) -> rusqlite::Result<Option<RequestResult>> {
+    match opt_text_column(row, text)? {
+        Some(text) => Ok(Some(RequestResult {
+            text: text.to_owned(),
+            artifacts: json_column(row, artifacts)?.unwrap_or_default(),
+        })),
+        None => Ok(None),
+    }
+}
+
 /// A row of [`select_stored_records!`].
 pub(super) fn record_from_row(row: &Row) -> rusqlite::Result<RequestRecord> {
-    let result = match row.get::<_, Option<String>>(col::RESULT_TEXT)? {
-        Some(text) => Some(RequestResult { text, artifacts: json_column(row, col::ARTIFACTS)?.unwrap_or_default() }),
-        None => None,
-    };
+    let result = result_columns(row, col::RESULT_TEXT, col::ARTIFACTS)?;
     let webhook = match row.get::<_, Option<String>>(col::WEBHOOK_STATUS)? {
         Some(status) => Some(WebhookState {
             status,
@@ -174,13 +182,7 @@ pub(super) fn state_from_row(
 ) -> rusqlite::Result<()> {
     use state_col as c;
     let status = status_column(row, c::STATUS)?;
-    let result = match opt_text_column(row, c::RESULT_TEXT)? {
-        Some(text) => Some(RequestResult {
-            text: text.to_owned(),
-            artifacts: json_column(row, c::ARTIFACTS)?.unwrap_or_default(),
-        }),
-        None => None,
-    };
+    let result = result_columns(row, c::RESULT_TEXT, c::ARTIFACTS)?;
     let error = json_column::<ErrorInfo>(row, c::ERROR)?;
     // Only `finish` makes a delivery, in the transaction that ends the request.
     let webhook = if status.is_final() {
