@@ -7,6 +7,7 @@
 //! -> `store` (progress, result) -> `webhooks` (signed delivery from an outbox).
 
 pub mod agents;
+pub mod allocator;
 pub mod api;
 pub mod cli;
 pub mod console;

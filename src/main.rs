@@ -10,11 +10,9 @@ use muxi_rt::cli;
 use muxi_rt::formation::{self, Diagnostic};
 use muxi_rt::server::{serve, ServeConfig};
 
-/// mimalloc: per-thread heaps instead of glibc malloc's shared arenas and
-/// locks, which the accept path's small allocations were paying for (see
-/// docs/benchmarks.md).
+/// mimalloc (see `muxi_rt::allocator`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: muxi_rt::allocator::Mimalloc = muxi_rt::allocator::Mimalloc;
 
 #[derive(Parser)]
 #[command(name = "muxi-rt", version, about = "Runs MUXI agent formations, with durable async execution")]
