@@ -54,6 +54,7 @@ mod readers;
 mod rows;
 mod schema;
 mod sessions;
+mod transaction;
 mod writer;
 
 use std::path::{Path, PathBuf};

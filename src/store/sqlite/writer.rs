@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, DropBehavior, Transaction, TransactionBehavior};
+use rusqlite::Connection;
 use tokio::sync::oneshot;
 
+use super::transaction::Batch;
 use crate::store::{StoreError, StoreHealth, StoreResult};
 
 /// How long the writer waits with nothing to write before it copies the WAL
@@ -217,15 +218,13 @@ fn idle_checkpoint(conn: &Connection, generation: &AtomicU64) -> bool {
 fn run_batch(conn: &Connection, inserts: &mut super::inserts::Inserts, batch: &mut [Box<dyn Job>]) -> StoreResult<()> {
     let failed = |e: rusqlite::Error| StoreError(e.to_string());
     let rolled_back = || StoreError("the transaction was rolled back by a failed write".into());
-    // Unchecked: the prepared inserts borrow the connection too. The writer
-    // thread is its only user, and a transaction never outlives its batch.
-    let mut tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate).map_err(failed)?;
+    let tx = Batch::begin(conn).map_err(failed)?;
     let mut next = 0;
     while next < batch.len() {
         let run: Vec<_> = batch[next..].iter_mut().map_while(|job| job.as_insert()).collect();
         if !run.is_empty() {
             next += run.len();
-            if !super::inserts::write(inserts, run) && tx.is_autocommit() {
+            if !super::inserts::write(inserts, run) && tx.was_rolled_back() {
                 return Err(rolled_back());
             }
             continue;
@@ -233,20 +232,14 @@ fn run_batch(conn: &Connection, inserts: &mut super::inserts::Inserts, batch: &m
         let job = &mut batch[next];
         next += 1;
         if job.is_one_statement() {
-            if !job.run(&tx) && tx.is_autocommit() {
+            if !job.run(conn) && tx.was_rolled_back() {
                 // An I/O error or a full disk rolled the whole transaction back.
                 return Err(rolled_back());
             }
             continue;
         }
-        let mut savepoint = tx.savepoint().map_err(failed)?;
-        if job.run(&savepoint) {
-            savepoint.commit().map_err(failed)?;
-        } else {
-            // Roll back to the savepoint and release it: only this job is undone.
-            savepoint.set_drop_behavior(DropBehavior::Rollback);
-            savepoint.finish().map_err(failed)?;
-        }
+        // Only this job is undone if it fails.
+        tx.savepoint(|conn| job.run(conn)).map_err(failed)?;
     }
     // On any error above, dropping `tx` rolls the whole batch back.
     tx.commit().map_err(failed)
