@@ -7,15 +7,19 @@
 //! `shutdown`, stop accepting, let in-flight requests finish, close idle
 //! keep-alive connections.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use axum::Router;
+use axum::http::Request;
+use axum::response::Response;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tower::Service;
 
 /// How long a client may take to send its request headers, or its body.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,13 +49,18 @@ pub fn read_timeout() -> Duration {
     })
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then waits for the
-/// connections to finish their requests (the caller bounds that wait).
-pub async fn serve(
+/// Serves `service` (a router, or the API's front door before one) on
+/// `listener` until `shutdown` resolves, then waits for the connections to
+/// finish their requests (the caller bounds that wait).
+pub async fn serve<S>(
     listener: TcpListener,
-    router: Router,
+    service: S,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    S: Service<Request<Incoming>, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(read_timeout()).max_header_size(HYPER_MAX_HEADER_BYTES);
     let graceful = GracefulShutdown::new();
@@ -70,7 +79,7 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let service = TowerToHyperService::new(service.clone());
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(err) = connection.await {

@@ -110,7 +110,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // Tests and scripts read this line to find the port.
     println!("muxi-rt listening on http://{addr}");
 
-    let app = api::router(state);
+    let app = api::router(state.clone());
     let app = if config.console { app.merge(crate::console::router()) } else { app };
     let metrics = crate::observability::endpoint::MetricsState {
         store: store.clone(),
@@ -134,6 +134,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     if config.metrics {
         crate::observability::endpoint::spawn_upkeep(shutdown.clone());
     }
+    // The two routes clients call most are answered in front of the router.
+    let app = api::front::Front::new(state, app);
     let server = crate::http_server::serve(listener, app, {
         let shutdown = shutdown.clone();
         async move {

@@ -19,9 +19,8 @@ pub struct JsonBody<T>(pub T);
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let RawBody(bytes) = RawBody::from_request(req, state).await?;
-        parse(&bytes).map(JsonBody)
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        read_json(req.into_body()).await.map(JsonBody)
     }
 }
 
@@ -58,15 +57,25 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
-        let timeout = crate::http_server::read_timeout();
-        match tokio::time::timeout(timeout, read_whole(req.into_body())).await {
-            Ok(read) => read.map(RawBody),
-            Err(_) => Err(ApiError::new(
-                Code::BodyReadTimeout,
-                format!("the request body was not received within {} s", timeout.as_secs()),
-            )),
-        }
+        read(req.into_body()).await.map(RawBody)
     }
+}
+
+/// A body read whole, within the read timeout and [`MAX_BODY_BYTES`].
+pub async fn read(body: Body) -> Result<Bytes, ApiError> {
+    let timeout = crate::http_server::read_timeout();
+    match tokio::time::timeout(timeout, read_whole(body)).await {
+        Ok(read) => read,
+        Err(_) => Err(ApiError::new(
+            Code::BodyReadTimeout,
+            format!("the request body was not received within {} s", timeout.as_secs()),
+        )),
+    }
+}
+
+/// A body read as [`read`] does and parsed as [`parse`] does.
+pub async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    parse(&read(body).await?)
 }
 
 /// The refusal of a body past [`MAX_BODY_BYTES`] (413 `payload_too_large`).

@@ -148,18 +148,25 @@ pub(crate) fn fingerprint(
     Some(hex::encode(&hash.finalize()[..16]))
 }
 
+/// `POST .../chat`: [`answer`].
 pub async fn chat(
     State(state): State<AppState>,
     Path(id): Path<String>,
     HeadersAndJson(headers, body): HeadersAndJson<ChatBody>,
 ) -> ApiResult<Response> {
-    let formation = auth::authorize(&state, &id, &headers, Role::Client)?;
+    answer(&state, &id, &headers, body).await
+}
+
+/// A chat to formation `id`, answered per its plan (or as a stream). Also
+/// answered by the front door (`super::front`), past the router.
+pub async fn answer(state: &AppState, id: &str, headers: &HeaderMap, body: ChatBody) -> ApiResult<Response> {
+    let formation = auth::authorize(state, id, headers, Role::Client)?;
     let stream = body.stream;
-    let accepted = accept(&state, formation, &headers, body).await?;
+    let accepted = accept(state, formation, headers, body).await?;
     if stream {
-        return super::events::stream_chat(state, accepted).await;
+        return super::events::stream_chat(state.clone(), accepted).await;
     }
-    run_and_answer(&state, accepted).await
+    run_and_answer(state, accepted).await
 }
 
 /// Submits an accepted request and answers per its plan (shared with triggers).

@@ -55,13 +55,20 @@ where
             let state = State::Route { future: self.inner.call(request) };
             return EdgeFuture { timing: Some(timing), asked: None, state };
         }
-        let (asked, admitted) = limits::admit(&request);
-        let state = match admitted {
-            Ok(()) => State::Route { future: self.inner.call(request) },
-            Err(refusal) => State::Reshaping { future: Box::pin(limits::reshape(refusal, asked)) },
-        };
-        EdgeFuture { timing: Some(timing), asked: Some(asked), state }
+        enter(timing, request, |request| self.inner.call(request))
     }
+}
+
+/// `request`, matched to a route (`timing` names it) and answered by `route`,
+/// through the edge's checks, metrics and error shapes: what [`Edge`] does for
+/// a route of the router, for the front door's own (`super::front`).
+pub fn enter<F>(timing: Timing, request: Request, route: impl FnOnce(Request) -> F) -> EdgeFuture<F> {
+    let (asked, admitted) = limits::admit(&request);
+    let state = match admitted {
+        Ok(()) => State::Route { future: route(request) },
+        Err(refusal) => State::Reshaping { future: Box::pin(limits::reshape(refusal, asked)) },
+    };
+    EdgeFuture { timing: Some(timing), asked: Some(asked), state }
 }
 
 pin_project_lite::pin_project! {

@@ -12,6 +12,7 @@ pub mod events;
 pub mod extract;
 pub mod feed;
 pub mod formations;
+pub mod front;
 pub mod json;
 pub mod limits;
 pub mod params;

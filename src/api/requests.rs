@@ -43,15 +43,21 @@ fn not_found(request_id: &str) -> ApiError {
     ApiError::new(Code::RequestNotFound, format!("request `{request_id}` not found"))
 }
 
-/// The status document of the caller's request, as [`find`] finds it, written
-/// from the state the store lends (a poll builds no record).
+/// `GET .../requests/{request_id}`: [`status`].
 pub async fn get(
     State(state): State<AppState>,
     Path((id, request_id)): Path<(String, String)>,
     Headers(headers): Headers,
 ) -> ApiResult<Response> {
-    auth::authorize(&state, &id, &headers, Role::Client)?;
-    let user = auth::user_id(&headers, None)?;
+    status(&state, &id, &request_id, &headers).await
+}
+
+/// The status document of the caller's request, as [`find`] finds it, written
+/// from the state the store lends (a poll builds no record). Also answered by
+/// the front door (`super::front`), past the router.
+pub async fn status(state: &AppState, id: &str, request_id: &str, headers: &HeaderMap) -> ApiResult<Response> {
+    auth::authorize(state, id, headers, Role::Client)?;
+    let user = auth::user_id(headers, None)?;
     let mut answer = None;
     let mut show = |request: &RequestState<'_>| {
         if request.formation_id == id && request.user_id == user {
@@ -60,13 +66,13 @@ pub async fn get(
         }
     };
     // A request running here is answered from memory; others from the store.
-    match state.engine.live(&request_id) {
+    match state.engine.live(request_id) {
         Some(live) => show(&RequestState::of(&live.snapshot_without_message())),
         None => {
-            state.engine.store().show_state(&request_id, &mut show).await?;
+            state.engine.store().show_state(request_id, &mut show).await?;
         }
     }
-    answer.ok_or_else(|| not_found(&request_id))
+    answer.ok_or_else(|| not_found(request_id))
 }
 
 #[derive(Debug, Deserialize)]

@@ -11,21 +11,38 @@ use axum::http::Method;
 pub struct Timing {
     started: Instant,
     method: Method,
-    route: Option<MatchedPath>,
+    route: Route,
+}
+
+/// The route template a request was matched to.
+enum Route {
+    /// By axum's router.
+    Matched(MatchedPath),
+    /// By the API's front door, which matches its routes itself.
+    Named(&'static str),
+    /// By neither: an answer of the fallback.
+    Unmatched,
 }
 
 impl Timing {
+    /// Timing of a request matched by axum's router (or by none).
     pub fn start(request: &Request) -> Timing {
-        Timing {
-            started: Instant::now(),
-            method: request.method().clone(),
-            route: request.extensions().get::<MatchedPath>().cloned(),
-        }
+        let route = request.extensions().get::<MatchedPath>().cloned().map_or(Route::Unmatched, Route::Matched);
+        Timing { started: Instant::now(), method: request.method().clone(), route }
+    }
+
+    /// Timing of a request matched to `route` (its template) without the router.
+    pub fn start_named(request: &Request, route: &'static str) -> Timing {
+        Timing { started: Instant::now(), method: request.method().clone(), route: Route::Named(route) }
     }
 
     /// The route template; `unmatched` for an answer of the fallback.
     pub fn route(&self) -> &str {
-        self.route.as_ref().map_or("unmatched", MatchedPath::as_str)
+        match &self.route {
+            Route::Matched(path) => path.as_str(),
+            Route::Named(route) => route,
+            Route::Unmatched => "unmatched",
+        }
     }
 
     /// Records the answer in `muxi_http_requests_total` and its latency.
