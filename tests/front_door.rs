@@ -94,4 +94,21 @@ async fn the_front_door_answers_as_the_router_does() {
         assert_eq!(answers[0].0, answers[1].0, "{method} {front} {body:?}");
         same(&answers[0].1, &answers[1].1, &format!("{method} {front} {body:?}"));
     }
+
+    // Both ways are counted under the router's route templates, never a raw path.
+    let metrics = http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let count = |route: &str, method: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("muxi_http_requests_total{"))
+            .filter(|l| l.contains(&format!("route=\"{route}\"")) && l.contains(&format!("method=\"{method}\"")))
+            .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
+            .sum()
+    };
+    // Three chats (the default formation's too, answered by the formation's
+    // route), and four refusals by each way.
+    assert_eq!(count("/api/{formation_id}/v1/chat", "POST"), 3.0 + 8.0, "{metrics}");
+    // Three polls, and three refusals by each way.
+    assert_eq!(count("/api/{formation_id}/v1/requests/{request_id}", "GET"), 3.0 + 6.0, "{metrics}");
+    assert!(!metrics.contains("route=\"/api/f/"), "raw paths are never labels");
 }
