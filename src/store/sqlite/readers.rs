@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Statement};
 
+use super::in_place::InPlace;
 use super::rows::{record_from_row, state_from_row, DELIVERY_STATE_BY_ID, STATE_BY_ID};
 use super::{BUSY_TIMEOUT, MMAP_BYTES};
 use crate::store::{RequestRecord, ShowState};
@@ -45,9 +46,9 @@ pub(super) struct Reader {
     /// statement cache: hashing its text, taking it out and putting it back).
     /// Declared before `conn`, so they are dropped (finalized) before it.
     by_id: [Statement<'static>; 2],
-    /// [`STATE_BY_ID`] and [`DELIVERY_STATE_BY_ID`], prepared the same way:
-    /// what a status poll reads.
-    state: Statement<'static>,
+    /// [`STATE_BY_ID`], read in place (its id bound and its text read where
+    /// they lie), and [`DELIVERY_STATE_BY_ID`]: what a status poll reads.
+    state: InPlace<'static>,
     delivery_state: Statement<'static>,
     /// Boxed: the statements above point at it, so it must never move. Private
     /// to this module, which never moves it out nor replaces it.
@@ -64,8 +65,8 @@ impl Reader {
     }
 }
 
-// SAFETY: a `Statement` is not `Send` only because it borrows its connection,
-// which is not `Sync`. A reader's statements borrow its own connection and
+// SAFETY: a `Statement` (and an `InPlace`, which holds raw pointers) is not
+// `Send` only because it borrows its connection, which is not `Sync`. A reader's statements borrow its own connection and
 // nothing else, and all of them move together: the pool hands a reader to one
 // thread at a time, so the connection is never used from two threads at once
 // (SQLite's multi-thread mode, `SQLITE_OPEN_NO_MUTEX`, asks no more).
@@ -132,7 +133,11 @@ impl ReadPool {
             Ok(unsafe { std::mem::transmute::<Statement<'_>, Statement<'static>>(statement) })
         };
         let by_id = [prepare(ById::SQL[0])?, prepare(ById::SQL[1])?];
-        let (state, delivery_state) = (prepare(STATE_BY_ID)?, prepare(DELIVERY_STATE_BY_ID)?);
+        // SAFETY: as for `prepare` above: it borrows the boxed connection,
+        // which outlives it (field order).
+        let state =
+            unsafe { std::mem::transmute::<InPlace<'_>, InPlace<'static>>(InPlace::prepare(&conn, STATE_BY_ID)?) };
+        let delivery_state = prepare(DELIVERY_STATE_BY_ID)?;
         Ok(Reader { by_id, state, delivery_state, conn, seen: 0 })
     }
 
@@ -186,7 +191,7 @@ impl ReadPool {
     pub(super) fn state_by_id(&self, id: &str, show: &mut ShowState<'_>) -> rusqlite::Result<bool> {
         let mut reader = self.get()?;
         let Reader { state, delivery_state, .. } = &mut reader;
-        let out = state.query_row([id], |row| state_from_row(row, id, delivery_state, show)).optional();
+        let out = state.query_row(|values| values.text(id), |row| state_from_row(row, id, delivery_state, show));
         self.put(reader);
         out.map(|found| found.is_some())
     }

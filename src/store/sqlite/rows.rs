@@ -5,6 +5,8 @@ use rusqlite::types::Type;
 use rusqlite::{OptionalExtension, Row, Statement};
 use serde::de::DeserializeOwned;
 
+use super::in_place::Columns;
+
 use crate::store::{
     Delivery, ErrorInfo, Mode, RequestRecord, RequestResult, RequestState, SessionSummary, ShowState, Status,
     StoreError, StoreResult, WebhookState,
@@ -14,8 +16,32 @@ fn conversion_error(column: usize, err: impl std::error::Error + Send + Sync + '
     rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(err))
 }
 
-fn json_column<T: DeserializeOwned>(row: &Row, column: usize) -> rusqlite::Result<Option<T>> {
-    let text = opt_text_column(row, column)?;
+/// A row the decoders below read: rusqlite's `Row`, or a status poll's row
+/// read in place ([`Columns`]).
+pub(super) trait Cells {
+    /// The column's text, borrowed from the row, or `None` for NULL.
+    fn opt_text(&self, column: usize) -> rusqlite::Result<Option<&str>>;
+}
+
+impl Cells for Row<'_> {
+    fn opt_text(&self, column: usize) -> rusqlite::Result<Option<&str>> {
+        self.get_ref(column)?.as_str_or_null().map_err(|e| conversion_error(column, e))
+    }
+}
+
+impl Cells for Columns<'_> {
+    fn opt_text(&self, column: usize) -> rusqlite::Result<Option<&str>> {
+        Columns::opt_text(self, column)
+    }
+}
+
+/// A NULL where a column may not hold one.
+fn unexpected_null(column: usize) -> rusqlite::Error {
+    rusqlite::Error::InvalidColumnType(column, String::new(), Type::Null)
+}
+
+fn json_column<T: DeserializeOwned>(row: &impl Cells, column: usize) -> rusqlite::Result<Option<T>> {
+    let text = row.opt_text(column)?;
     text.map(|text| serde_json::from_str(text).map_err(|e| conversion_error(column, e))).transpose()
 }
 
@@ -26,21 +52,16 @@ struct UnknownValue(&'static str, String);
 
 /// The column's text, borrowed from the row (a status or a mode is parsed,
 /// not kept, so it need not be copied into a `String` first).
-fn text_column<'row>(row: &'row Row, column: usize) -> rusqlite::Result<&'row str> {
-    row.get_ref(column)?.as_str().map_err(|e| conversion_error(column, e))
+fn text_column(row: &impl Cells, column: usize) -> rusqlite::Result<&str> {
+    row.opt_text(column)?.ok_or_else(|| unexpected_null(column))
 }
 
-/// The column's text, borrowed, or `None` for NULL.
-fn opt_text_column<'row>(row: &'row Row, column: usize) -> rusqlite::Result<Option<&'row str>> {
-    row.get_ref(column)?.as_str_or_null().map_err(|e| conversion_error(column, e))
-}
-
-pub(super) fn status_column(row: &Row, column: usize) -> rusqlite::Result<Status> {
+pub(super) fn status_column(row: &impl Cells, column: usize) -> rusqlite::Result<Status> {
     let text = text_column(row, column)?;
     Status::parse(text).ok_or_else(|| conversion_error(column, UnknownValue("status", text.to_owned())))
 }
 
-fn mode_column(row: &Row, column: usize) -> rusqlite::Result<Mode> {
+fn mode_column(row: &impl Cells, column: usize) -> rusqlite::Result<Mode> {
     let text = text_column(row, column)?;
     Mode::parse(text).ok_or_else(|| conversion_error(column, UnknownValue("mode", text.to_owned())))
 }
@@ -81,8 +102,8 @@ pub(super) mod col {
 }
 
 /// A request's result, from its text and artifacts columns (none while the text is NULL).
-fn result_columns(row: &Row, text: usize, artifacts: usize) -> rusqlite::Result<Option<RequestResult>> {
-    match opt_text_column(row, text)? {
+fn result_columns(row: &impl Cells, text: usize, artifacts: usize) -> rusqlite::Result<Option<RequestResult>> {
+    match row.opt_text(text)? {
         Some(text) => Ok(Some(RequestResult {
             text: text.to_owned(),
             artifacts: json_column(row, artifacts)?.unwrap_or_default(),
@@ -175,7 +196,7 @@ mod state_col {
 /// (read with `delivery`, [`DELIVERY_STATE_BY_ID`]) are decoded into values of
 /// their own.
 pub(super) fn state_from_row(
-    row: &Row,
+    row: &Columns,
     id: &str,
     delivery: &mut Statement,
     show: &mut ShowState<'_>,
@@ -194,27 +215,32 @@ pub(super) fn state_from_row(
     } else {
         None
     };
+    let int = |column| row.opt_int(column)?.ok_or_else(|| unexpected_null(column));
+    let real = |column| row.opt_real(column)?.ok_or_else(|| unexpected_null(column));
+    let count =
+        |column, value: i64| u32::try_from(value).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(column, value));
+    let opt_count = |column| row.opt_int(column)?.map(|value| count(column, value)).transpose();
     show(&RequestState {
         id,
         formation_id: text_column(row, c::FORMATION_ID)?,
         formation_version: text_column(row, c::FORMATION_VERSION)?,
         user_id: text_column(row, c::USER_ID)?,
-        session_id: opt_text_column(row, c::SESSION_ID)?,
+        session_id: row.opt_text(c::SESSION_ID)?,
         agent_id: text_column(row, c::AGENT_ID)?,
         mode: mode_column(row, c::MODE)?,
-        estimated_seconds: row.get(c::ESTIMATED_SECONDS)?,
+        estimated_seconds: real(c::ESTIMATED_SECONDS)?,
         status,
-        progress: row.get(c::PROGRESS)?,
-        current_step: opt_text_column(row, c::CURRENT_STEP)?,
-        total_steps: row.get(c::TOTAL_STEPS)?,
-        completed_steps: row.get(c::COMPLETED_STEPS)?,
-        status_message: opt_text_column(row, c::STATUS_MESSAGE)?,
+        progress: real(c::PROGRESS)?,
+        current_step: row.opt_text(c::CURRENT_STEP)?,
+        total_steps: opt_count(c::TOTAL_STEPS)?,
+        completed_steps: opt_count(c::COMPLETED_STEPS)?,
+        status_message: row.opt_text(c::STATUS_MESSAGE)?,
         result: result.as_ref(),
         error: error.as_ref(),
-        attempts: row.get(c::ATTEMPTS)?,
-        created_at: row.get(c::CREATED_AT)?,
-        started_at: row.get(c::STARTED_AT)?,
-        completed_at: row.get(c::COMPLETED_AT)?,
+        attempts: count(c::ATTEMPTS, int(c::ATTEMPTS)?)?,
+        created_at: int(c::CREATED_AT)?,
+        started_at: row.opt_int(c::STARTED_AT)?,
+        completed_at: row.opt_int(c::COMPLETED_AT)?,
         webhook: webhook.as_ref(),
     });
     Ok(())
