@@ -63,6 +63,10 @@ fn written(
     body
 }
 
+/// A JSON answer. Built directly: as a `(headers, Vec<u8>)` answer, axum
+/// first gives the body a `Content-Type` of its own, then replaces it.
 fn json(body: Vec<u8>) -> Response {
-    ([(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+    let mut response = Response::new(axum::body::Body::from(body));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
