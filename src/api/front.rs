@@ -117,16 +117,18 @@ where
 async fn answer(state: AppState, hot: Hot, request: Request) -> Result<Response, Infallible> {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
-    let answer = match hot {
-        Hot::Status { formation_id, request_id } => {
-            requests::status(&state, &path[formation_id], &path[request_id], &parts.headers).await
+    let answer = async {
+        match hot {
+            Hot::Status { formation_id, request_id } => {
+                requests::status(&state, &path[formation_id], &path[request_id], &parts.headers).await
+            }
+            Hot::Chat { formation_id } => {
+                let chat = body::read_json(body).await?;
+                chat::answer(&state, &path[formation_id], &parts.headers, chat).await
+            }
         }
-        Hot::Chat { formation_id } => match body::read_json(body).await {
-            Ok(chat) => chat::answer(&state, &path[formation_id], &parts.headers, chat).await,
-            Err(e) => Err(e),
-        },
     };
-    Ok(answer.into_response())
+    Ok(answer.await.into_response())
 }
 
 #[cfg(test)]

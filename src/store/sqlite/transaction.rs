@@ -5,9 +5,9 @@
 //! `SAVEPOINT` and the rest through `execute_batch`, which parses the text
 //! again every time: about 4,000 instructions for each, twice per batch, where
 //! a batch of new requests costs about 1,500 a request in all. Here each is
-//! parsed once per connection. The guards keep rusqlite's drop behaviour: a
-//! transaction not committed is rolled back when its guard is dropped, and so
-//! is a savepoint.
+//! parsed once per connection. The guard keeps rusqlite's drop behaviour: a
+//! transaction not committed (an error, a panic in a job) is rolled back when
+//! it is dropped; a job that fails is undone alone, back to its savepoint.
 
 use rusqlite::Connection;
 
