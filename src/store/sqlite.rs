@@ -55,6 +55,7 @@ mod rows;
 mod schema;
 mod sessions;
 mod transaction;
+mod wal_writes;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -115,7 +116,8 @@ impl SqliteStore {
         let path = data_dir.join(DB_FILE);
         let opening = |e: rusqlite::Error| StoreError(format!("open {}: {e}", path.display()));
 
-        let mut conn = Connection::open(&path).map_err(opening)?;
+        // `synchronous=FULL`, which the VFS that gathers its WAL writes needs.
+        let mut conn = wal_writes::open(&path).map_err(opening)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(opening)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(opening)?;
         if !mode.eq_ignore_ascii_case("wal") {
@@ -124,7 +126,6 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        conn.pragma_update(None, "synchronous", "FULL").map_err(opening)?;
         conn.pragma_update(None, "foreign_keys", true).map_err(opening)?;
         // Pages are read through a memory map rather than copied by read(2).
         conn.pragma_update(None, "mmap_size", MMAP_BYTES).map_err(opening)?;
