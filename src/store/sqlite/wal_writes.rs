@@ -51,7 +51,7 @@ struct WalFile {
 }
 
 /// Bytes written by SQLite and not yet by the kernel: `bytes` belong at
-/// `start` in the file.
+/// `start` in the file. The buffer is kept from one commit to the next.
 struct Held {
     start: i64,
     bytes: Vec<u8>,
@@ -95,8 +95,8 @@ fn register() -> Result<Registered, String> {
         let mut ours = *real;
         ours.zName = VFS_NAME.as_ptr();
         ours.pNext = std::ptr::null_mut();
-        let wrapped = std::mem::offset_of!(WalFile, real) as c_int + (*real).szOsFile;
-        ours.szOsFile = wrapped.max((*real).szOsFile);
+        // Room for a wrapped WAL file; any other file uses the first `szOsFile` bytes.
+        ours.szOsFile = std::mem::offset_of!(WalFile, real) as c_int + (*real).szOsFile;
         ours.xOpen = Some(open_file);
         // `pAppData` stays the default VFS's: its functions read it.
         let rc = ffi::sqlite3_vfs_register(Box::leak(Box::new(ours)), 0);
@@ -140,6 +140,10 @@ unsafe extern "C" fn open_file(
 }
 
 /// The wrapped file's parts: what it holds, the inner file, and its methods.
+///
+/// Sound for every method of [`WAL_METHODS`]: SQLite calls them only on a
+/// file that `open_file` set up (its methods are set last) and not yet
+/// closed, from one thread at a time (the connection's).
 unsafe fn parts<'a>(
     file: *mut ffi::sqlite3_file,
 ) -> (&'a mut Held, *mut ffi::sqlite3_file, &'a ffi::sqlite3_io_methods) {
