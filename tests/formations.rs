@@ -213,6 +213,26 @@ async fn sigterm_shuts_down_cleanly() {
     assert_eq!(server.terminate(), Some(0));
 }
 
+#[tokio::test]
+async fn sigterm_closes_an_idle_keep_alive_connection_at_once() {
+    let fx = Fixture::new();
+    fx.write("alpha.afs", &formation_yaml("alpha", ""));
+    let server = fx.start();
+    // One request answered, then the connection stays open, idle.
+    let mut idle = std::net::TcpStream::connect(server.addr()).unwrap();
+    write!(idle, "GET /health HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut answer = [0u8; 4096];
+    let read = idle.read(&mut answer).unwrap();
+    assert!(String::from_utf8_lossy(&answer[..read]).starts_with("HTTP/1.1 200"));
+
+    let exited = std::thread::spawn(move || server.terminate());
+    // Well before the server's 10 s grace period, after which it would stop anyway.
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let closed = idle.read(&mut answer);
+    assert!(matches!(closed, Ok(0)), "the idle connection was not closed: {closed:?}");
+    assert_eq!(exited.join().unwrap(), Some(0));
+}
+
 /// Runs `validate` on one file and returns (exit code, output).
 fn validate_one(fx: &Fixture, name: &str, content: &str) -> (i32, String) {
     let path = fx.write(name, content);
