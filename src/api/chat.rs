@@ -214,23 +214,23 @@ pub fn accepted_response(
 ) -> Response {
     let status_url = ["/api/", formation_id, "/v1/requests/", &record.id].concat();
     let poll_after = (record.estimated_seconds / 10.0).clamp(1.0, 30.0).round() as u64;
-    let events_url = [&status_url, "/events"].concat();
     let estimated_time = EstimatedTime { estimate, seconds: record.estimated_seconds };
     let mut response = envelope::ok_written("chat.accepted", Some(&record.id), idempotency_key, |buf| {
         let mut data = Object::new(buf);
         data.str("request_id", &record.id)
-            .str("status", "processing")
+            .raw("status", r#""processing""#)
             .display("estimated_time", &estimated_time)
             .value("estimated_seconds", &record.estimated_seconds)
             .str("status_url", &status_url)
-            .str("events_url", &events_url)
+            .str_joined("events_url", [&status_url, "/events"])
             .str("user_id", &record.user_id)
             .opt_str("session_id", record.session_id.as_deref());
         data.end();
     });
     *response.status_mut() = StatusCode::ACCEPTED;
     let headers = response.headers_mut();
-    if let Ok(location) = HeaderValue::from_str(&status_url) {
+    // The URL's own bytes become the header's: no copy.
+    if let Ok(location) = HeaderValue::from_maybe_shared(bytes::Bytes::from(status_url)) {
         headers.insert(header::LOCATION, location);
     }
     let retry_after = RETRY_SECONDS

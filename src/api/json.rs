@@ -39,6 +39,19 @@ impl<'b> Object<'b> {
         self
     }
 
+    /// One JSON string made of `parts`, with no joined copy of them.
+    pub fn str_joined<const N: usize>(&mut self, key: &'static str, parts: [&str; N]) -> &mut Self {
+        let buf = self.key(key);
+        if parts.iter().all(|part| is_plain(part.as_bytes())) {
+            buf.push(b'"');
+            parts.iter().for_each(|part| buf.extend_from_slice(part.as_bytes()));
+            buf.push(b'"');
+        } else {
+            string(buf, &parts.concat());
+        }
+        self
+    }
+
     pub fn opt_str(&mut self, key: &'static str, value: Option<&str>) -> &mut Self {
         match value {
             Some(value) => self.str(key, value),
@@ -147,6 +160,8 @@ mod tests {
             .raw("ok", "true")
             .display("shown", &format_args!("{}-{} s", 7, 10))
             .display("escaped", &"a \"b\"\n")
+            .str_joined("joined", ["/a/", "b", "/c"])
+            .str_joined("joined_escaped", ["/a/", "\"b\"", "/c"])
             .object("inner", |inner| {
                 inner.opt_str("s", Some("x"));
             })
@@ -154,7 +169,7 @@ mod tests {
         object.end();
         assert_eq!(
             String::from_utf8(buf).unwrap(),
-            r#"{"id":"req_\"1\"","none":null,"n":1.5,"nan":null,"ok":true,"shown":"7-10 s","escaped":"a \"b\"\n","inner":{"s":"x"},"empty":{}}"#
+            r#"{"id":"req_\"1\"","none":null,"n":1.5,"nan":null,"ok":true,"shown":"7-10 s","escaped":"a \"b\"\n","joined":"/a/b/c","joined_escaped":"/a/\"b\"/c","inner":{"s":"x"},"empty":{}}"#
         );
     }
 }
