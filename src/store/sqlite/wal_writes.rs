@@ -50,16 +50,58 @@ struct WalFile {
     real: ffi::sqlite3_file,
 }
 
-/// Bytes written by SQLite and not yet by the kernel: `bytes` belong at
-/// `start` in the file. The buffer is kept from one commit to the next.
+/// Bytes written by SQLite and not yet by the kernel: `room`'s bytes belong
+/// at `start` in the file.
 struct Held {
     start: i64,
-    bytes: Vec<u8>,
+    room: Room,
 }
 
 impl Held {
     fn end(&self) -> i64 {
-        self.start + self.bytes.len() as i64
+        self.start + self.room.len as i64
+    }
+}
+
+/// Room for one run of [`MAX_HELD`] bytes, mapped straight from the OS: it
+/// is resident only as far as runs have reached, and outside the allocator's
+/// arenas (a `Vec` grown to 120 KiB there added about 3 MB to a fresh
+/// server's RSS).
+struct Room {
+    base: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl Room {
+    fn new() -> Option<Room> {
+        use libc::{mmap, MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE};
+        // SAFETY: a fresh private anonymous mapping, owned by this `Room` alone.
+        let base =
+            unsafe { mmap(std::ptr::null_mut(), MAX_HELD, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) };
+        if base == MAP_FAILED {
+            return None;
+        }
+        std::ptr::NonNull::new(base.cast()).map(|base| Room { base, len: 0 })
+    }
+
+    fn filled(&mut self) -> &mut [u8] {
+        // SAFETY: the first `len` (<= MAX_HELD) bytes of the mapping, borrowed with `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr(), self.len) }
+    }
+
+    /// Appends `data`; the caller keeps the run within [`MAX_HELD`].
+    fn push(&mut self, data: &[u8]) {
+        assert!(self.len + data.len() <= MAX_HELD, "a run past MAX_HELD");
+        // SAFETY: in bounds (checked above); `data` is SQLite's buffer, not this mapping.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.as_ptr().add(self.len), data.len()) };
+        self.len += data.len();
+    }
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `new` made, unmapped once.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), MAX_HELD) };
     }
 }
 
@@ -134,7 +176,13 @@ unsafe extern "C" fn open_file(
         }
         return rc;
     }
-    (*wal).held = Box::into_raw(Box::new(Held { start: 0, bytes: Vec::new() }));
+    let Some(room) = Room::new() else {
+        if let Some(close) = (*inner).pMethods.as_ref().and_then(|m| m.xClose) {
+            close(inner);
+        }
+        return ffi::SQLITE_NOMEM;
+    };
+    (*wal).held = Box::into_raw(Box::new(Held { start: 0, room }));
     (*wal).base.pMethods = &WAL_METHODS;
     ffi::SQLITE_OK
 }
@@ -156,15 +204,15 @@ unsafe fn parts<'a>(
 /// write fails the call that asked for it, and with it SQLite's commit, which
 /// then writes its frames again.
 unsafe fn flush(held: &mut Held, inner: *mut ffi::sqlite3_file, methods: &ffi::sqlite3_io_methods) -> c_int {
-    if held.bytes.is_empty() {
+    if held.room.len == 0 {
         return ffi::SQLITE_OK;
     }
     let Some(write) = methods.xWrite else { return ffi::SQLITE_IOERR_WRITE };
-    let rc = match c_int::try_from(held.bytes.len()) {
-        Ok(len) => write(inner, held.bytes.as_ptr().cast(), len, held.start),
+    let rc = match c_int::try_from(held.room.len) {
+        Ok(len) => write(inner, held.room.filled().as_ptr().cast(), len, held.start),
         Err(_) => ffi::SQLITE_IOERR_WRITE,
     };
-    held.bytes.clear();
+    held.room.len = 0;
     rc
 }
 
@@ -185,20 +233,21 @@ unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, data: *const c_void, am
     let Ok(len) = usize::try_from(amount) else { return ffi::SQLITE_IOERR_WRITE };
     let data = std::slice::from_raw_parts(data.cast::<u8>(), len);
     let end = offset.saturating_add(amount.into());
-    if !held.bytes.is_empty() && offset >= held.start && end <= held.end() {
+    let held_any = held.room.len > 0;
+    if held_any && offset >= held.start && end <= held.end() {
         // A frame written again within the run (a page changed twice in one transaction).
         let from = (offset - held.start) as usize;
-        held.bytes[from..from + len].copy_from_slice(data);
+        held.room.filled()[from..from + len].copy_from_slice(data);
         return ffi::SQLITE_OK;
     }
-    let continues = !held.bytes.is_empty() && offset == held.end();
-    if !continues || held.bytes.len() + len > MAX_HELD {
+    let continues = held_any && offset == held.end();
+    if !continues || held.room.len + len > MAX_HELD {
         let rc = flush(held, inner, methods);
         if rc != ffi::SQLITE_OK {
             return rc;
         }
     }
-    if held.bytes.is_empty() {
+    if held.room.len == 0 {
         if len > MAX_HELD {
             return methods
                 .xWrite
@@ -206,7 +255,7 @@ unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, data: *const c_void, am
         }
         held.start = offset;
     }
-    held.bytes.extend_from_slice(data);
+    held.room.push(data);
     ffi::SQLITE_OK
 }
 
