@@ -66,10 +66,11 @@ impl Reader {
 }
 
 // SAFETY: a `Statement` (and an `InPlace`, which holds raw pointers) is not
-// `Send` only because it borrows its connection, which is not `Sync`. A reader's statements borrow its own connection and
-// nothing else, and all of them move together: the pool hands a reader to one
-// thread at a time, so the connection is never used from two threads at once
-// (SQLite's multi-thread mode, `SQLITE_OPEN_NO_MUTEX`, asks no more).
+// `Send` only because it borrows its connection, which is not `Sync`. A
+// reader's statements borrow its own connection and nothing else, and all of
+// them move together: the pool hands a reader to one thread at a time, so the
+// connection is never used from two threads at once (SQLite's multi-thread
+// mode, `SQLITE_OPEN_NO_MUTEX`, asks no more).
 unsafe impl Send for Reader {}
 
 /// A request's record, read by id.

@@ -167,6 +167,8 @@ unsafe extern "C" fn open_file(
     let wal = file.cast::<WalFile>();
     (*wal).base.pMethods = std::ptr::null();
     (*wal).held = std::ptr::null_mut();
+    // The room first: if the file then fails to open, the room just drops.
+    let Some(room) = Room::new() else { return ffi::SQLITE_NOMEM };
     let inner = std::ptr::addr_of_mut!((*wal).real);
     let rc = real_open(real, name, inner, flags, out_flags);
     if rc != ffi::SQLITE_OK {
@@ -176,12 +178,6 @@ unsafe extern "C" fn open_file(
         }
         return rc;
     }
-    let Some(room) = Room::new() else {
-        if let Some(close) = (*inner).pMethods.as_ref().and_then(|m| m.xClose) {
-            close(inner);
-        }
-        return ffi::SQLITE_NOMEM;
-    };
     (*wal).held = Box::into_raw(Box::new(Held { start: 0, room }));
     (*wal).base.pMethods = &WAL_METHODS;
     ffi::SQLITE_OK
@@ -207,13 +203,22 @@ unsafe fn flush(held: &mut Held, inner: *mut ffi::sqlite3_file, methods: &ffi::s
     if held.room.len == 0 {
         return ffi::SQLITE_OK;
     }
-    let Some(write) = methods.xWrite else { return ffi::SQLITE_IOERR_WRITE };
-    let rc = match c_int::try_from(held.room.len) {
-        Ok(len) => write(inner, held.room.filled().as_ptr().cast(), len, held.start),
-        Err(_) => ffi::SQLITE_IOERR_WRITE,
-    };
+    let rc = write_at(inner, methods, held.room.filled(), held.start);
     held.room.len = 0;
     rc
+}
+
+/// Writes `bytes` at `offset` in the inner file.
+unsafe fn write_at(
+    inner: *mut ffi::sqlite3_file,
+    methods: &ffi::sqlite3_io_methods,
+    bytes: &[u8],
+    offset: i64,
+) -> c_int {
+    match (methods.xWrite, c_int::try_from(bytes.len())) {
+        (Some(write), Ok(len)) => write(inner, bytes.as_ptr().cast(), len, offset),
+        _ => ffi::SQLITE_IOERR_WRITE,
+    }
 }
 
 /// Runs `call` on the inner file once what is held is written.
@@ -249,9 +254,7 @@ unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, data: *const c_void, am
     }
     if held.room.len == 0 {
         if len > MAX_HELD {
-            return methods
-                .xWrite
-                .map_or(ffi::SQLITE_IOERR_WRITE, |write| write(inner, data.as_ptr().cast(), amount, offset));
+            return write_at(inner, methods, data, offset);
         }
         held.start = offset;
     }
