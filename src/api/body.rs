@@ -2,7 +2,7 @@
 //! malformed JSON, a wrong-typed field (named), a body over the limit, a body
 //! not received within the read timeout (408 `body_read_timeout`).
 
-use axum::body::{Body, Bytes, HttpBody};
+use axum::body::{Body, BodyDataStream, Bytes, HttpBody};
 use axum::extract::{FromRequest, Request};
 use axum::http::HeaderMap;
 use bytes::BytesMut;
@@ -88,30 +88,52 @@ pub fn declared_too_large(body: &Body) -> bool {
     body.size_hint().lower() > MAX_BODY_BYTES as u64
 }
 
+/// How much of a body past [`MAX_BODY_BYTES`] is read and dropped before its
+/// 413 goes out. A connection answered and closed while its body is still
+/// arriving is reset by the kernel, and a client still sending then sees a
+/// broken pipe instead of the answer.
+const DRAIN_BYTES: usize = 4 * MAX_BODY_BYTES;
+
 /// Reads `body` whole, refusing it past [`MAX_BODY_BYTES`] (by its declared
-/// length before reading any of it). A body that arrives in one piece, as a
+/// length before keeping any of it). A body that arrives in one piece, as a
 /// small JSON body does, is that piece: not copied, not collected.
 async fn read_whole(body: Body) -> Result<Bytes, ApiError> {
     let broken = |e: axum::Error| ApiError::new(Code::InvalidRequest, format!("cannot read the request body: {e}"));
     if declared_too_large(&body) {
-        return Err(too_large());
+        // Past the drain too: answered at once (the client may see a reset).
+        if body.size_hint().lower() > DRAIN_BYTES as u64 {
+            return Err(too_large());
+        }
+        return Err(refused(body.into_data_stream(), 0).await);
     }
     let mut pieces = body.into_data_stream();
     let Some(first) = pieces.next().await.transpose().map_err(broken)? else { return Ok(Bytes::new()) };
     if first.len() > MAX_BODY_BYTES {
-        return Err(too_large());
+        return Err(refused(pieces, first.len()).await);
     }
     let Some(second) = pieces.next().await.transpose().map_err(broken)? else { return Ok(first) };
     let mut whole = BytesMut::from(first);
     let mut next = Some(second);
     while let Some(piece) = next {
         if whole.len() + piece.len() > MAX_BODY_BYTES {
-            return Err(too_large());
+            return Err(refused(pieces, whole.len() + piece.len()).await);
         }
         whole.extend_from_slice(&piece);
         next = pieces.next().await.transpose().map_err(broken)?;
     }
     Ok(whole.freeze())
+}
+
+/// The 413 for a body past the limit, once the rest of it is read and
+/// dropped (`read` bytes of it are already read), up to [`DRAIN_BYTES`].
+async fn refused(mut pieces: BodyDataStream, mut read: usize) -> ApiError {
+    while read <= DRAIN_BYTES {
+        match pieces.next().await {
+            Some(Ok(piece)) => read += piece.len(),
+            _ => break,
+        }
+    }
+    too_large()
 }
 
 /// Parses a JSON body into `T`, naming the field at fault.
