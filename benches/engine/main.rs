@@ -33,7 +33,9 @@
 //!   least `ROUND_SECONDS` at muxi-rt's rate, measured before on N / rounds
 //!   requests.
 //! * **Phases.** (1) accept: `POST /api/bench/v1/chat` with
-//!   `{"message": ..., "async": true}` against bare, floor and muxi-rt;
+//!   `{"message": ..., "async": true}` against bare, floor and muxi-rt, and
+//!   muxi-rt again with the requests sent as 100 users in turn (informative:
+//!   each new request then lands in another leaf of the per-user index);
 //!   (2) status polls: `GET /api/bench/v1/requests/{id}` cycling over the
 //!   first `POLLED_IDS` ids accepted in (1), with the client key and `X-Muxi-User-ID`, against bare,
 //!   and in the same rounds polls of one request whose message is 900 KB (a
@@ -81,6 +83,9 @@ const IN_FLIGHT_SECOND: usize = 100_000;
 const FORMATION: &str = "bench";
 const CLIENT_KEY: &str = "client-bench-0123456789";
 const USER: &str = "bench-user";
+/// The users phase 1's third muxi-rt side sends as, in turn: each commit then
+/// adds to as many places of the store's per-user index as it has requests.
+const USERS: usize = 100;
 const CHAT_BODY: &str = r#"{"message": "summarise the benchmark please", "async": true}"#;
 /// The shortest round of phases 1 and 2, in seconds at muxi-rt's warm-up
 /// rate: shorter rounds (5,000 requests took under 0.1 s on a fast machine)
@@ -124,6 +129,19 @@ fn main() {
 /// The chat POST of every accept phase, to `server`.
 fn post(server: SocketAddr) -> Make {
     post_body(server, CHAT_BODY)
+}
+
+/// The chat POST to `server` as [`USERS`] users in turn (`bench-user-0`, ...).
+fn post_as_users(server: SocketAddr) -> Make {
+    let requests: Vec<Arc<[u8]>> = (0..USERS)
+        .map(|u| {
+            let user = format!("{USER}-{u}");
+            let headers =
+                [("content-type", "application/json"), ("x-muxi-client-key", CLIENT_KEY), ("x-muxi-user-id", &user)];
+            load::request("POST", server, &format!("/api/{FORMATION}/v1/chat"), &headers, CHAT_BODY)
+        })
+        .collect();
+    Arc::new(move |i| (server, requests[i % USERS].clone()))
 }
 
 /// A chat POST of `body` to `server`.
@@ -181,11 +199,17 @@ async fn run(n: usize, rounds: usize, in_flight: usize) {
     let mut sides = compare(
         n_timed,
         rounds,
-        &[(200, post(bare.addr), bare.pid()), (200, post(floor.addr), floor.pid()), (202, post(muxi.addr), muxi.pid())],
+        &[
+            (200, post(bare.addr), bare.pid()),
+            (200, post(floor.addr), floor.pid()),
+            (202, post(muxi.addr), muxi.pid()),
+            (202, post_as_users(muxi.addr), muxi.pid()),
+        ],
     )
     .await;
+    let accept_users = sides.pop().unwrap();
     let (accept, base_floor, base_post) = (sides.pop().unwrap(), sides.pop().unwrap(), sides.pop().unwrap());
-    let accepted_a = warm_ids.len() + accept.ids.len();
+    let accepted_a = warm_ids.len() + accept.ids.len() + accept_users.ids.len();
 
     eprintln!("phase 2: status polls (alternating bare and muxi-rt)");
     assert!(!accept.ids.is_empty(), "no request was accepted; cannot poll");
@@ -288,6 +312,7 @@ async fn run(n: usize, rounds: usize, in_flight: usize) {
         load_before,
         load_after: loadavg(),
         accept,
+        accept_users,
         base_post,
         base_floor,
         polls: polled,
@@ -466,6 +491,8 @@ struct Report {
     load_before: String,
     load_after: String,
     accept: Phase,
+    /// Phase 1's accept as [`USERS`] users in turn.
+    accept_users: Phase,
     base_post: Phase,
     base_floor: Phase,
     polls: Phase,
@@ -527,6 +554,7 @@ fn report(r: Report) {
     row("POST bare (axum, small JSON)", &r.base_post);
     row("POST floor (axum + SQLite rowid append, group commit)", &r.base_floor);
     row("POST /api/{id}/v1/chat async=true (muxi-rt)", &r.accept);
+    row(&format!("POST the same as {USERS} users in turn (muxi-rt)"), &r.accept_users);
     row("GET bare (axum, small JSON)", &r.base_get);
     row("GET /api/{id}/v1/requests/{rid} (muxi-rt)", &r.polls);
     row("GET the same, of a request with a 900 KB message", &r.polls_big);
@@ -560,6 +588,8 @@ fn report(r: Report) {
     };
     percent("accept / floor", accept_floor, FLOOR_TARGET);
     by_round(&r.accept.rounds, &r.base_floor.rounds);
+    let as_users = format!("accept as {USERS} users / floor");
+    println!("  {:<52} {:>11.1}%", as_users, ratio(&r.accept_users, &r.base_floor) * 100.0);
     println!("  {:<52} {:>11.1}%", "accept / bare", ratio(&r.accept, &r.base_post) * 100.0);
     println!("  {:<52} {:>11.1}%", "floor / bare", ratio(&r.base_floor, &r.base_post) * 100.0);
     if let (Some(floor), Some(accept)) = (r.base_floor.cpu_us_per_request(), r.accept.cpu_us_per_request()) {
