@@ -85,6 +85,9 @@ fn an_append_to_an_index_writes_about_one_leaf_a_commit() {
 fn splits_anywhere_with_deletes_and_random_inserts_keep_every_btree_sound() {
     let dir = tempfile::tempdir().unwrap();
     let conn = open(&dir);
+    // Keys of about 310 bytes, a dozen to a page: interior pages of this
+    // index overflow and split too, not only its leaves.
+    conn.execute_batch("CREATE INDEX t_by_long_key ON t (owner || printf('%0300d', at))").unwrap();
     // A small xorshift, seeded: the same workload every run.
     let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
     let mut next = move |bound: u64| {
@@ -134,6 +137,22 @@ fn splits_anywhere_with_deletes_and_random_inserts_keep_every_btree_sound() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(by_owner, rows.iter().cloned().collect::<Vec<_>>());
+    let by_long_key: Vec<(String, u64)> = conn
+        .prepare("SELECT owner, at FROM t INDEXED BY t_by_long_key ORDER BY owner || printf('%0300d', at)")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut expected: Vec<(String, u64)> = rows.iter().cloned().collect();
+    expected.sort_by_key(|(owner, at)| format!("{owner}{at:0300}"));
+    assert_eq!(by_long_key, expected);
+    let interior: i64 = conn
+        .query_row("SELECT count(*) FROM dbstat WHERE name = 't_by_long_key' AND pagetype = 'internal'", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert!(interior > 20, "only {interior} interior pages: the test no longer splits them");
     for (_, at) in rows.iter().step_by(97) {
         let found: u64 = conn.query_row("SELECT at FROM t WHERE id = ?1", [id(*at)], |row| row.get(0)).unwrap();
         assert_eq!(found, *at);
