@@ -130,21 +130,16 @@ fn splits_anywhere_with_deletes_and_random_inserts_keep_every_btree_sound() {
         conn.execute_batch("COMMIT").unwrap();
     }
     assert_eq!(conn.query_row("PRAGMA integrity_check", [], |row| row.get::<_, String>(0)).unwrap(), "ok");
-    let by_owner: Vec<(String, u64)> = conn
-        .prepare("SELECT owner, at FROM t INDEXED BY t_by_owner ORDER BY owner, at")
-        .unwrap()
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    // Every row, in the order of the index `sql` is forced through.
+    let rows_by = |sql: &str| -> Vec<(String, u64)> {
+        let mut statement = conn.prepare(sql).unwrap();
+        let read = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?))).unwrap();
+        read.map(Result::unwrap).collect()
+    };
+    let by_owner = rows_by("SELECT owner, at FROM t INDEXED BY t_by_owner ORDER BY owner, at");
     assert_eq!(by_owner, rows.iter().cloned().collect::<Vec<_>>());
-    let by_long_key: Vec<(String, u64)> = conn
-        .prepare("SELECT owner, at FROM t INDEXED BY t_by_long_key ORDER BY owner || printf('%0300d', at)")
-        .unwrap()
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let by_long_key =
+        rows_by("SELECT owner, at FROM t INDEXED BY t_by_long_key ORDER BY owner || printf('%0300d', at)");
     let mut expected: Vec<(String, u64)> = rows.iter().cloned().collect();
     expected.sort_by_key(|(owner, at)| format!("{owner}{at:0300}"));
     assert_eq!(by_long_key, expected);
