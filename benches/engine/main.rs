@@ -133,27 +133,21 @@ fn post(server: SocketAddr) -> Make {
 
 /// The chat POST to `server` as [`USERS`] users in turn (`bench-user-0`, ...).
 fn post_as_users(server: SocketAddr) -> Make {
-    let requests: Vec<Arc<[u8]>> = (0..USERS)
-        .map(|u| {
-            let user = format!("{USER}-{u}");
-            let headers =
-                [("content-type", "application/json"), ("x-muxi-client-key", CLIENT_KEY), ("x-muxi-user-id", &user)];
-            load::request("POST", server, &format!("/api/{FORMATION}/v1/chat"), &headers, CHAT_BODY)
-        })
-        .collect();
+    let requests: Vec<Arc<[u8]>> =
+        (0..USERS).map(|u| chat_request(server, &format!("{USER}-{u}"), CHAT_BODY)).collect();
     Arc::new(move |i| (server, requests[i % USERS].clone()))
 }
 
 /// A chat POST of `body` to `server`.
 fn post_body(server: SocketAddr, body: &str) -> Make {
-    let bytes = load::request(
-        "POST",
-        server,
-        &format!("/api/{FORMATION}/v1/chat"),
-        &[("content-type", "application/json"), ("x-muxi-client-key", CLIENT_KEY), ("x-muxi-user-id", USER)],
-        body,
-    );
+    let bytes = chat_request(server, USER, body);
     Arc::new(move |_| (server, bytes.clone()))
+}
+
+/// The bytes of a chat POST of `body` to `server` as `user`.
+fn chat_request(server: SocketAddr, user: &str, body: &str) -> Arc<[u8]> {
+    let headers = [("content-type", "application/json"), ("x-muxi-client-key", CLIENT_KEY), ("x-muxi-user-id", user)];
+    load::request("POST", server, &format!("/api/{FORMATION}/v1/chat"), &headers, body)
 }
 
 /// Status polls to `server`, cycling over `ids`.
